@@ -1,0 +1,379 @@
+"""Typed experiment configuration: dataclasses, presets, YAML loading, dotted overrides, validation.
+
+Layering, lowest to highest priority: dataclass defaults -> method preset (``moco.method``) -> YAML file ->
+overrides (``{"moco.queue_size": 1024}`` or ``["moco.queue_size=1024"]``). Every value is validated once the
+layers are merged; a bad value raises ``ValueError`` naming the dotted field and the allowed range, before any
+Ray or MLflow resource is touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
+METHODS = ("moco_v1", "moco_v2", "moco_v3", "simclr")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"
+    small_stem: bool = False  # 3x3 stride-1 conv1 and no max-pool, for 32-96 px inputs
+    head: Literal["linear", "mlp"] = "mlp"  # v1: linear, v2: 2-layer MLP
+    dim: int = 128  # output feature dimension of the projection head
+    hidden_dim: int = 0  # MLP hidden width; 0 = backbone feature width (as in MoCo v2)
+    pred_hidden_dim: int = 4096  # MoCo v3 prediction head hidden width
+
+
+@dataclass
+class MoCoConfig:
+    method: Literal["moco_v1", "moco_v2", "moco_v3", "simclr"] = "moco_v2"
+    queue_size: int = 4096  # K, number of negatives in the queue
+    momentum: float = 0.99  # m, EMA coefficient of the key encoder
+    temperature: float = 0.1  # T
+    symmetric: bool = False  # each view serves as query once (loss summed over both directions)
+    # How batch statistics are kept from leaking between query and key:
+    # "auto" -> "ddp" with >1 worker, "split" with one; "ddp" = shuffle-BN across workers;
+    # "split" = BatchNorm in `bn_splits` groups + in-batch shuffle (official CIFAR demo); "none" = off.
+    shuffle_bn: Literal["auto", "ddp", "split", "none"] = "auto"
+    bn_splits: int = 8
+
+
+@dataclass
+class AugConfig:
+    preset: Literal["v1", "v2"] = "v2"
+    image_size: int = 224
+    strength: float = 1.0  # 1.0 = the preset; 0 = no distortion; scales jitter, crop lower bound, blur prob.
+    device: Literal["cpu", "gpu"] = "cpu"  # where crop/jitter/blur run (gpu: batched on the training device)
+
+
+@dataclass
+class DataConfig:
+    # Root of ingested shards (holds manifest.json); local path or any pyarrow/fsspec URI.
+    shards: str = ""
+    # When `shards` has no manifest yet and `source` is given, ingest it there first (quickstart convenience).
+    source: str = ""
+    train_split: str = "train"
+    # Labelled splits for the kNN monitor: memory bank from `knn_train_split`, queries from `knn_test_split`.
+    knn_train_split: str = "train"
+    knn_test_split: str = "test"
+    shuffle_buffer: int = 1024  # local shuffle buffer (rows) in iter_torch_batches
+    prefetch_batches: int = 2
+    map_batch_size: int = 128  # rows per map_batches call (decode + augment)
+    limit: int = 0  # use at most this many training rows (0 = all); for quick runs and tests
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.03  # learning rate at `lr_reference_batch`; scaled linearly to the global batch
+    lr_reference_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: int = 0
+    milestones: list[int] = field(default_factory=lambda: [120, 160])  # step schedule: x0.1 at each
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 256  # global batch, split evenly across workers
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast applies on GPU only
+    channels_last: bool = True  # on GPU only
+    compile: bool = False
+    seed: int | None = 0
+    checkpoint_every: int = 1  # epochs
+    keep_checkpoints: int = 2
+    max_failures: int = 2  # worker-failure restarts from the last checkpoint
+    max_steps_per_epoch: int = 0  # 0 = full epoch; a cap for quick runs and tests
+    storage_path: str = ""  # Ray Train checkpoints; "" -> ~/moco-ray-runs
+    name: str = ""  # Ray Train run name; "" -> derived from the MLflow run id
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int = 1  # epochs between kNN evaluations (0 = off)
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_max_bank: int = 0  # cap on memory-bank rows (0 = whole split)
+    knn_max_queries: int = 0  # cap on query rows (0 = whole split)
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)
+    experiment: str = "moco-ray"
+    run_name: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params and Tune search spaces."""
+        return flatten(self.to_dict())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def lr(self) -> float:
+        """Effective learning rate: base lr scaled linearly by global batch / reference batch."""
+        return self.optim.lr * self.train.batch_size / self.optim.lr_reference_batch
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.train.batch_size // self.train.num_workers
+
+    @property
+    def uses_queue(self) -> bool:
+        return self.moco.method in ("moco_v1", "moco_v2")
+
+    @property
+    def bn_mode(self) -> str:
+        """The resolved shuffle-BN mode ("ddp", "split" or "none")."""
+        if self.moco.shuffle_bn != "auto":
+            return self.moco.shuffle_bn
+        return "ddp" if self.train.num_workers > 1 else "split"
+
+
+# Method presets: the paper settings that distinguish the methods; a YAML or override wins over them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "moco_v1": {
+        "model": {"head": "linear"},
+        "moco": {"temperature": 0.07, "symmetric": False},
+        "aug": {"preset": "v1"},
+        "optim": {"schedule": "step"},
+    },
+    "moco_v2": {
+        "model": {"head": "mlp"},
+        "moco": {"temperature": 0.2},
+        "aug": {"preset": "v2"},
+        "optim": {"schedule": "cosine"},
+    },
+    "moco_v3": {
+        "model": {"head": "mlp", "dim": 256, "hidden_dim": 4096},
+        "moco": {"temperature": 1.0, "symmetric": True},
+        "aug": {"preset": "v2"},
+        "optim": {"schedule": "cosine"},
+    },
+    "simclr": {
+        "model": {"head": "mlp"},
+        "moco": {"temperature": 0.5, "symmetric": True},
+        "aug": {"preset": "v2"},
+        "optim": {"schedule": "cosine"},
+    },
+}
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """``["moco.queue_size=1024", "train.use_gpu=true"]`` -> nested dict (values parsed as YAML scalars)."""
+    if not items:
+        return {}
+    pairs = items.items() if isinstance(items, dict) else (_split_override(s) for s in items)
+    nested: dict[str, Any] = {}
+    for key, value in pairs:
+        parts = key.split(".")
+        if len(parts) != 2:
+            raise ValueError(f"override {key!r}: expected SECTION.FIELD, e.g. moco.queue_size=1024")
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return nested
+
+
+def _split_override(s: str) -> tuple[str, Any]:
+    if "=" not in s:
+        raise ValueError(f"override {s!r}: expected KEY=VALUE, e.g. moco.queue_size=1024")
+    key, raw = s.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(
+    source: str | os.PathLike | dict[str, Any] | Config | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Config:
+    """Build a validated Config from a YAML path, a dict or a Config, plus overrides."""
+    if isinstance(source, Config):
+        raw: dict[str, Any] = source.to_dict()
+        preset_applied = True  # its values are already resolved
+    elif isinstance(source, dict):
+        raw, preset_applied = copy.deepcopy(source), False
+    elif source is None:
+        raw, preset_applied = {}, False
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of sections (model, moco, data, ...)")
+        preset_applied = False
+    over = parse_overrides(overrides)
+    user = deep_merge(raw, over)
+    method = (user.get("moco") or {}).get("method", MoCoConfig.method)
+    if method not in METHODS:
+        raise ValueError(f"moco.method: {method!r} is not one of {', '.join(METHODS)}")
+    base = Config().to_dict()
+    if not preset_applied:
+        base = deep_merge(base, PRESETS[method])
+    cfg = from_dict(deep_merge(base, user))
+    validate(cfg)
+    return cfg
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    sections = {}
+    hints = get_type_hints(Config)
+    for name, value in d.items():
+        if name not in hints:
+            raise ValueError(f"unknown config section {name!r}; known: {', '.join(hints)}")
+        cls = hints[name]
+        if not isinstance(value, dict):
+            raise ValueError(f"config section {name!r} must be a mapping")
+        sections[name] = _build_section(cls, name, value)
+    return Config(**sections)
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any]) -> Any:
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ValueError(f"unknown config field {section}.{key}; known: {', '.join(hints)}")
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, typ: Any, value: Any) -> Any:
+    origin, args = get_origin(typ), get_args(typ)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        typ = next(a for a in args if a is not type(None))
+        origin = get_origin(typ)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(name, get_args(typ)[0], v) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {value!r} is out of range; allowed: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ValueError naming the first bad field and its allowed range."""
+    m, mo, a, o, t, e = cfg.model, cfg.moco, cfg.aug, cfg.optim, cfg.train, cfg.eval
+    _check(m.arch in ARCHS, "model.arch", m.arch, ", ".join(ARCHS))
+    _check(m.dim > 0, "model.dim", m.dim, "> 0")
+    _check(m.hidden_dim >= 0, "model.hidden_dim", m.hidden_dim, ">= 0 (0 = backbone width)")
+    _check(mo.queue_size > 0, "moco.queue_size", mo.queue_size, "> 0")
+    _check(0.0 <= mo.momentum < 1.0, "moco.momentum", mo.momentum, "0 <= m < 1")
+    _check(mo.temperature > 0 and math.isfinite(mo.temperature), "moco.temperature", mo.temperature, "> 0")
+    _check(mo.bn_splits >= 1, "moco.bn_splits", mo.bn_splits, ">= 1")
+    _check(a.image_size >= 8, "aug.image_size", a.image_size, ">= 8")
+    _check(0.0 <= a.strength <= 2.0, "aug.strength", a.strength, "0 <= strength <= 2")
+    _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "> 0")
+    _check(o.lr_reference_batch > 0, "optim.lr_reference_batch", o.lr_reference_batch, "> 0")
+    _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "0 <= momentum < 1")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _check(0 <= o.warmup_epochs < max(t.epochs, 1), "optim.warmup_epochs", o.warmup_epochs, "0 <= w < epochs")
+    _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
+    _check(t.num_workers >= 1, "train.num_workers", t.num_workers, ">= 1")
+    _check(t.batch_size >= 2 * t.num_workers, "train.batch_size", t.batch_size, ">= 2 per worker")
+    _check(
+        t.batch_size % t.num_workers == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"a multiple of train.num_workers ({t.num_workers})",
+    )
+    _check(t.cpus_per_worker > 0, "train.cpus_per_worker", t.cpus_per_worker, "> 0")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
+    _check(t.max_failures >= 0, "train.max_failures", t.max_failures, ">= 0")
+    _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", t.max_steps_per_epoch, ">= 0")
+    _check(e.knn_every >= 0, "eval.knn_every", e.knn_every, ">= 0")
+    _check(e.knn_k >= 1, "eval.knn_k", e.knn_k, ">= 1")
+    _check(e.knn_t > 0, "eval.knn_t", e.knn_t, "> 0")
+    _check(cfg.data.map_batch_size >= 1, "data.map_batch_size", cfg.data.map_batch_size, ">= 1")
+    _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", cfg.data.shuffle_buffer, ">= 0")
+    _check(cfg.data.limit >= 0, "data.limit", cfg.data.limit, ">= 0")
+    if cfg.uses_queue:
+        _check(
+            mo.queue_size >= t.batch_size,
+            "moco.queue_size",
+            mo.queue_size,
+            f">= the global batch (train.batch_size = {t.batch_size})",
+        )
+    if cfg.bn_mode == "split":
+        _check(
+            cfg.per_worker_batch % mo.bn_splits == 0,
+            "moco.bn_splits",
+            mo.bn_splits,
+            f"a divisor of the per-worker batch ({cfg.per_worker_batch})",
+        )
+    if cfg.bn_mode == "ddp":
+        _check(t.num_workers > 1, "moco.shuffle_bn", mo.shuffle_bn, "'ddp' needs train.num_workers > 1")

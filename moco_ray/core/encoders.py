@@ -1,0 +1,108 @@
+"""Backbones from torchvision by name, and the projection / prediction heads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn as nn
+import torchvision
+
+from moco_ray.config import ARCHS
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch: unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+
+
+def torchvision_backbone(
+    arch: str, small_stem: bool = False, norm_layer: Callable[..., nn.Module] | None = None
+) -> nn.Module:
+    """A plain ``torchvision.models.<arch>()`` with ``fc = Identity`` (and the small stem when asked).
+
+    This is the module an exported encoder state dict loads into with ``strict=True``: the key names are
+    torchvision's, minus ``fc.*``.
+    """
+    _check_arch(arch)
+    kwargs = {"weights": None}
+    if norm_layer is not None:
+        kwargs["norm_layer"] = norm_layer
+    net = getattr(torchvision.models, arch)(**kwargs)
+    if small_stem:
+        # CIFAR-style stem for 32-96 px inputs: a 7x7/2 conv plus max-pool would shrink 32 px to 8 px at once.
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+def build_backbone(
+    arch: str, small_stem: bool = False, norm_layer: Callable[..., nn.Module] | None = None
+) -> tuple[nn.Module, int]:
+    """(backbone, feature width). The backbone maps [B,3,H,W] images to [B,feature width] pooled features."""
+    _check_arch(arch)
+    return torchvision_backbone(arch, small_stem, norm_layer), _FEAT[arch]
+
+
+_FEAT = {
+    "resnet18": 512,
+    "resnet34": 512,
+    "resnet50": 2048,
+    "resnet101": 2048,
+    "resnet152": 2048,
+    "wide_resnet50_2": 2048,
+}
+
+
+def build_mlp_head(
+    in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, last_bn: bool = False
+) -> nn.Sequential:
+    """MLP head: (Linear -> BN? -> ReLU) x (num_layers - 1) -> Linear (-> BN without affine if last_bn).
+
+    MoCo v2's head is ``Linear -> ReLU -> Linear`` (no BN); MoCo v3 adds BN after every Linear (and a final BN
+    without affine on the projector), which ``last_bn=True`` plus ``hidden_bn`` give.
+    """
+    layers: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(num_layers - 1):
+        layers += [nn.Linear(dim, hidden_dim, bias=not last_bn)]
+        if last_bn:
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        layers.append(nn.ReLU(inplace=True))
+        dim = hidden_dim
+    layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Backbone followed by a projection head; ``backbone`` is what gets exported."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def build_encoder(
+    arch: str,
+    small_stem: bool,
+    head: str,
+    dim: int,
+    hidden_dim: int = 0,
+    norm_layer: Callable[..., nn.Module] | None = None,
+    head_bn: bool = False,
+) -> Encoder:
+    """Backbone + head: ``linear`` (MoCo v1) or 2-layer ``mlp`` (MoCo v2; hidden width = feature width if 0)."""
+    backbone, feat = build_backbone(arch, small_stem, norm_layer)
+    if head == "linear":
+        proj: nn.Module = nn.Linear(feat, dim)
+    elif head == "mlp":
+        proj = build_mlp_head(feat, hidden_dim or feat, dim, num_layers=2, last_bn=head_bn)
+    else:
+        raise ValueError(f"model.head: {head!r} is not one of linear, mlp")
+    return Encoder(backbone, proj)

@@ -1,0 +1,36 @@
+"""Build the self-supervised method named in the config around a torchvision encoder."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from moco_ray.config import Config
+from moco_ray.core.encoders import build_encoder
+from moco_ray.core.moco import MoCo
+from moco_ray.core.shuffle_bn import split_bn_factory
+
+
+def build_method(cfg: Config) -> nn.Module:
+    """The method's module. Its ``forward(im_q, im_k)`` returns a dict with ``loss`` and ``acc1``."""
+    m, mo = cfg.model, cfg.moco
+    bn_mode = cfg.bn_mode
+    norm = split_bn_factory(mo.bn_splits) if bn_mode == "split" and mo.bn_splits > 1 else None
+    if mo.method in ("moco_v1", "moco_v2"):
+        head = "linear" if m.head == "linear" else "mlp"
+        enc = build_encoder(m.arch, m.small_stem, head, m.dim, m.hidden_dim, norm_layer=norm)
+        return MoCo(
+            enc,
+            dim=m.dim,
+            queue_size=mo.queue_size,
+            momentum=mo.momentum,
+            temperature=mo.temperature,
+            symmetric=mo.symmetric,
+            bn_mode=bn_mode,
+        )
+    raise ValueError(f"moco.method: {mo.method!r} is not implemented yet; use moco_v1 or moco_v2")
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The query-side backbone (no head, no DDP wrapper): what is evaluated and exported."""
+    enc = getattr(model, "query_module", None) or model.encoder_q
+    return getattr(enc, "module", enc).backbone

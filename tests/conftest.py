@@ -1,0 +1,61 @@
+"""Shared fixtures: real data (cifar10-mini when present, else scikit-learn digits), real Ray, real MLflow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_MINI = Path(os.environ.get("MOCO_RAY_TEST_DATA", REPO.parent / "shared" / "data" / "cifar10-mini"))
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory) -> Path:
+    """An ImageFolder tree (train/<class>/*, test/<class>/*) of real images.
+
+    Real CIFAR-10 JPEGs from ../shared/data/cifar10-mini when present; otherwise scikit-learn's bundled digits
+    written as PNGs, so a fresh clone without shared/ passes too.
+    """
+    if (CIFAR_MINI / "train").is_dir():
+        return CIFAR_MINI
+    from moco_ray.data.digits import write_digits_imagefolder
+
+    return write_digits_imagefolder(tmp_path_factory.mktemp("digits"), size=32)
+
+
+@pytest.fixture(scope="session")
+def small_image_root(image_root, tmp_path_factory) -> Path:
+    """A copy of a small, class-balanced part of `image_root` (40 train + 20 test images per class)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("small_images")
+    for split, per_class in (("train", 40), ("test", 20)):
+        for cls_dir in sorted((image_root / split).iterdir()):
+            if not cls_dir.is_dir():
+                continue
+            dst = out / split / cls_dir.name
+            dst.mkdir(parents=True)
+            for f in sorted(cls_dir.iterdir())[:per_class]:
+                shutil.copyfile(f, dst / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance with 2 CPUs, shared by the session's Ray tests."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path) -> str:
+    """A fresh MLflow sqlite store for one test."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
