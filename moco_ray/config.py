@@ -88,6 +88,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast applies on GPU only
     channels_last: bool = True  # on GPU only
     compile: bool = False
@@ -152,7 +153,13 @@ class Config:
 
     @property
     def bn_mode(self) -> str:
-        """The resolved shuffle-BN mode ("ddp", "split" or "none")."""
+        """The resolved shuffle-BN mode ("ddp", "split" or "none").
+
+        Only the queue methods need it: v3 and SimCLR take negatives from the same batch as the positive, so batch
+        statistics cannot single the positive out; they use plain BN.
+        """
+        if not self.uses_queue:
+            return "none"
         if self.moco.shuffle_bn != "auto":
             return self.moco.shuffle_bn
         return "ddp" if self.train.num_workers > 1 else "split"

@@ -7,7 +7,9 @@ import torch.nn as nn
 from moco_ray.config import Config
 from moco_ray.core.encoders import build_encoder
 from moco_ray.core.moco import MoCo
+from moco_ray.core.moco_v3 import MoCoV3, build_query_encoder
 from moco_ray.core.shuffle_bn import split_bn_factory
+from moco_ray.core.simclr import SimCLR
 
 
 def build_method(cfg: Config) -> nn.Module:
@@ -27,7 +29,18 @@ def build_method(cfg: Config) -> nn.Module:
             symmetric=mo.symmetric,
             bn_mode=bn_mode,
         )
-    raise ValueError(f"moco.method: {mo.method!r} is not implemented yet; use moco_v1 or moco_v2")
+    # MoCo v3 and SimCLR use plain BN (the papers use SyncBN across workers): their negatives are the other
+    # samples of the same batch, encoded by the same BN call, so no sample's positive is singled out by batch
+    # statistics the way MoCo's key (same batch) is against its queue negatives (earlier batches).
+    if mo.method == "moco_v3":
+        if m.head != "mlp":
+            raise ValueError(f"model.head: {m.head!r} is not supported by moco_v3; use mlp")
+        enc = build_query_encoder(m.arch, m.small_stem, m.dim, m.hidden_dim, m.pred_hidden_dim)
+        return MoCoV3(enc, momentum=mo.momentum, temperature=mo.temperature, symmetric=mo.symmetric)
+    if mo.method == "simclr":
+        enc = build_encoder(m.arch, m.small_stem, m.head, m.dim, m.hidden_dim)
+        return SimCLR(enc, temperature=mo.temperature)
+    raise ValueError(f"moco.method: {mo.method!r} is not one of moco_v1, moco_v2, moco_v3, simclr")
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
