@@ -1,0 +1,317 @@
+"""View augmentations on the CPU (torchvision v2 ops on uint8 tensors), presets v1/v2 scaled by ``strength``.
+
+One vectorised sampler, :func:`sample_params`, draws every random choice (crop box, flip, jitter factors and op
+order, grayscale, blur) for both this CPU path and the batched device path in ``gpu_augment``; each path only
+*applies* the drawn parameters. So "the GPU path samples the same distributions" holds by construction, and the
+two can be compared output-for-output on the same parameters.
+
+Presets (MoCo's official code):
+
+- ``v1``: RandomResizedCrop(scale=(0.2, 1)), RandomGrayscale(p=0.2), ColorJitter(0.4, 0.4, 0.4, 0.4) always,
+  horizontal flip.
+- ``v2`` ("aug+"): RandomResizedCrop(scale=(0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8,
+  RandomGrayscale(p=0.2), GaussianBlur(sigma in [0.1, 2]) with p=0.5, horizontal flip. The blur kernel is ~10% of
+  the image size (odd). Blur is used only when ``image_size >= 64``: the official CIFAR (32 px) demo omits it,
+  since a 3 px kernel on a 32 px image mostly destroys the little detail there is.
+
+``strength`` s (0..2; 1 = the preset) scales the distortions: jitter magnitudes linearly (hue capped at 0.5),
+the crop-scale lower bound ``1 - s * 0.8`` (clipped to [0.02, 1]), the log aspect-ratio range ``s * log(4/3)``,
+and the grayscale and blur probabilities (clipped to 1). At s = 0 there is no distortion at all, flip included:
+the crop is the central square at full size, so both views of an image are identical (a "no augmentation"
+baseline for sweeps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+PRESETS = ("v1", "v2")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Below this size the eval / GPU-source resize keeps the image at image_size (CIFAR-like data), and no blur is used.
+SMALL_IMAGE = 64
+CROP_TRIES = 10  # RandomResizedCrop's attempts before it falls back to a central crop
+# Indices of the jitter ops in ``order`` (torchvision ColorJitter's fn_idx convention).
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class AugParams:
+    """The distribution parameters of one preset at one strength (what :func:`sample_params` draws from)."""
+
+    preset: str
+    image_size: int
+    strength: float
+    scale: tuple[float, float]  # crop area fraction range
+    ratio: tuple[float, float]  # crop aspect ratio (w/h) range, sampled log-uniformly
+    flip_p: float
+    jitter_p: float
+    brightness: float  # factor ~ U[max(0, 1 - b), 1 + b]
+    contrast: float
+    saturation: float
+    hue: float  # shift ~ U[-hue, hue]
+    gray_p: float
+    gray_first: bool  # v1 greys before the jitter, v2 after
+    blur_p: float
+    sigma: tuple[float, float]
+    blur_kernel: int  # odd; 0 when blur is off for this image size
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """Odd kernel of ~10% of the image side (SimCLR / MoCo v2), at least 3."""
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
+def aug_params(preset: str, image_size: int, strength: float = 1.0) -> AugParams:
+    """Distribution parameters for ``preset`` ("v1" | "v2") at ``image_size`` and ``strength`` (0..2)."""
+    if preset not in PRESETS:
+        raise ValueError(f"aug.preset: {preset!r} is not one of {', '.join(PRESETS)}")
+    if not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"aug.image_size: {image_size!r} is out of range; allowed: an integer >= 8")
+    if not (0.0 <= float(strength) <= 2.0):
+        raise ValueError(f"aug.strength: {strength!r} is out of range; allowed: 0 <= strength <= 2")
+    s = float(strength)
+    jitter = (0.4, 0.4, 0.4, 0.4) if preset == "v1" else (0.4, 0.4, 0.4, 0.1)
+    b, c, sat = (j * s for j in jitter[:3])
+    hue = min(jitter[3] * s, 0.5)
+    half_log_ratio = s * math.log(4.0 / 3.0)
+    use_blur = preset == "v2" and image_size >= SMALL_IMAGE
+    return AugParams(
+        preset=preset,
+        image_size=image_size,
+        strength=s,
+        scale=(min(max(1.0 - s * (1.0 - 0.2), 0.02), 1.0), 1.0),
+        ratio=(math.exp(-half_log_ratio), math.exp(half_log_ratio)),
+        flip_p=0.5 if s > 0 else 0.0,
+        jitter_p=(1.0 if preset == "v1" else 0.8) if s > 0 else 0.0,
+        brightness=b,
+        contrast=c,
+        saturation=sat,
+        hue=hue,
+        gray_p=min(0.2 * s, 1.0),
+        gray_first=preset == "v1",
+        blur_p=min(0.5 * s, 1.0) if use_blur else 0.0,
+        sigma=(0.1, 2.0),
+        blur_kernel=blur_kernel_size(image_size) if use_blur else 0,
+    )
+
+
+def _sizes(v: int | Sequence[int] | torch.Tensor, n: int, device: torch.device, what: str) -> torch.Tensor:
+    t = torch.as_tensor(v, dtype=torch.float64).cpu()  # checked on the CPU: no device sync in the hot path
+    if t.numel() not in (1, n):
+        raise ValueError(f"sample_params: {what} has {t.numel()} entries for n={n} views")
+    if t.numel() and float(t.min()) < 1:
+        raise ValueError(f"sample_params: image {what} must be >= 1, got {float(t.min()):g}")
+    return t.reshape(-1).expand(n).to(device)
+
+
+def _uniform(lo: float, hi: float, u: torch.Tensor) -> torch.Tensor:
+    return lo + (hi - lo) * u
+
+
+def sample_params(
+    n: int,
+    params: AugParams,
+    heights: int | Sequence[int] | torch.Tensor,
+    widths: int | Sequence[int] | torch.Tensor,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Draw the random choices of ``n`` views of images of the given sizes (scalars or one per view).
+
+    Draws happen on ``device`` (default: the generator's device, else CPU) and always consume the same amount of
+    randomness for a given ``n``, so a seeded generator reproduces the views. Keys: ``top``, ``left``,
+    ``height``, ``width`` (int64 crop boxes, RandomResizedCrop's algorithm), ``flip``, ``jitter``, ``gray``,
+    ``blur`` (bool masks), ``brightness``, ``contrast``, ``saturation``, ``hue``, ``sigma`` (float32), ``order``
+    (int64 [n, 4], a permutation of BRIGHTNESS..HUE per view, as in ColorJitter).
+    """
+    if n < 0:
+        raise ValueError(f"sample_params: n must be >= 0, got {n}")
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    g, dev = generator, torch.device(device)
+
+    def rand(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.rand(*shape, generator=g, device=dev, dtype=dtype)
+
+    H, W = _sizes(heights, n, dev, "heights"), _sizes(widths, n, dev, "widths")
+    # RandomResizedCrop.get_params, vectorised: the first of 10 tries that fits, else a central crop.
+    # float64 as torchvision's Python floats, so rounding to whole pixels agrees.
+    area = (H * W)[:, None]
+    target = area * _uniform(*params.scale, rand(n, CROP_TRIES, dtype=torch.float64))
+    log_r = _uniform(math.log(params.ratio[0]), math.log(params.ratio[1]), rand(n, CROP_TRIES, dtype=torch.float64))
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first True (0 if none)
+    any_fit = fits.any(dim=1)
+    w = w.gather(1, first)[:, 0]
+    h = h.gather(1, first)[:, 0]
+    u_top, u_left = rand(n, 2, dtype=torch.float64).unbind(1)
+    top = torch.floor(u_top * (H - h + 1)).clamp_max(H - h)
+    left = torch.floor(u_left * (W - w + 1)).clamp_max(W - w)
+    in_ratio = W / H
+    fb_w = torch.where(in_ratio > params.ratio[1], torch.round(H * params.ratio[1]), W)
+    fb_h = torch.where(in_ratio < params.ratio[0], torch.round(W / params.ratio[0]), H)
+    w, h = torch.where(any_fit, w, fb_w), torch.where(any_fit, h, fb_h)
+    top = torch.where(any_fit, top, torch.div(H - h, 2, rounding_mode="floor"))
+    left = torch.where(any_fit, left, torch.div(W - w, 2, rounding_mode="floor"))
+
+    u = rand(n, 9)  # flip, jitter, gray, blur, brightness, contrast, saturation, hue, sigma
+    bri = _uniform(max(0.0, 1.0 - params.brightness), 1.0 + params.brightness, u[:, 4])
+    con = _uniform(max(0.0, 1.0 - params.contrast), 1.0 + params.contrast, u[:, 5])
+    sat = _uniform(max(0.0, 1.0 - params.saturation), 1.0 + params.saturation, u[:, 6])
+    return {
+        "top": top.long(),
+        "left": left.long(),
+        "height": h.long(),
+        "width": w.long(),
+        "flip": u[:, 0] < params.flip_p,
+        "jitter": u[:, 1] < params.jitter_p,
+        "gray": u[:, 2] < params.gray_p,
+        "blur": u[:, 3] < params.blur_p,
+        "brightness": bri,
+        "contrast": con,
+        "saturation": sat,
+        "hue": _uniform(-params.hue, params.hue, u[:, 7]),
+        "sigma": _uniform(*params.sigma, u[:, 8]),
+        "order": rand(n, 4).argsort(dim=1),
+    }
+
+
+def check_image(img: torch.Tensor, where: str) -> None:
+    if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != 3:
+        got = f"{img.dtype} {tuple(img.shape)}" if isinstance(img, torch.Tensor) else type(img).__name__
+        raise ValueError(f"{where}: expected a uint8 tensor [3, H, W], got {got}")
+    if img.shape[1] < 1 or img.shape[2] < 1:
+        raise ValueError(f"{where}: empty image {tuple(img.shape)}")
+
+
+class ViewAugment:
+    """One random view per call: uint8 [3, H, W] -> uint8 [3, S, S] (torchvision v2 ops on uint8 tensors)."""
+
+    def __init__(self, preset: str, image_size: int, strength: float = 1.0) -> None:
+        self.params = aug_params(preset, image_size, strength)
+
+    @classmethod
+    def from_config(cls, aug) -> ViewAugment:  # aug: moco_ray.config.AugConfig
+        return cls(aug.preset, aug.image_size, aug.strength)
+
+    @property
+    def image_size(self) -> int:
+        return self.params.image_size
+
+    def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.views([img], generator)[0]
+
+    def pair(self, img: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two independent views (query, key) of one image."""
+        q, k = self.views([img, img], generator)
+        return q, k
+
+    def views(self, imgs: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """One view of each image (sizes may differ), parameters drawn in one vectorised call -> [N, 3, S, S]."""
+        for im in imgs:
+            check_image(im, "ViewAugment")
+        p = sample_params(
+            len(imgs), self.params, [im.shape[1] for im in imgs], [im.shape[2] for im in imgs], generator, "cpu"
+        )
+        return self.apply(imgs, p)
+
+    def apply(self, imgs: Sequence[torch.Tensor], p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Apply drawn parameters (from :func:`sample_params`, one row per image) -> uint8 [N, 3, S, S]."""
+        rows = {k: v.detach().cpu().tolist() for k, v in p.items()}
+        S = self.params.image_size
+        if not imgs:
+            return torch.zeros(0, 3, S, S, dtype=torch.uint8)
+        return torch.stack([self._apply_one(im, {k: v[i] for k, v in rows.items()}) for i, im in enumerate(imgs)])
+
+    def _apply_one(self, img: torch.Tensor, r: dict) -> torch.Tensor:
+        P, S = self.params, self.params.image_size
+        x = TF.resized_crop(img, r["top"], r["left"], r["height"], r["width"], [S, S], antialias=True)
+        if P.gray_first and r["gray"]:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if r["jitter"]:
+            x = apply_color_jitter(x, r)
+        if not P.gray_first and r["gray"]:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if r["blur"] and P.blur_kernel:
+            x = TF.gaussian_blur(x, [P.blur_kernel, P.blur_kernel], [r["sigma"], r["sigma"]])
+        if r["flip"]:
+            x = TF.horizontal_flip(x)
+        return x.contiguous()
+
+
+def apply_color_jitter(x: torch.Tensor, r: dict) -> torch.Tensor:
+    """ColorJitter on one image with one drawn row (``{key: value}``, see :func:`sample_params`); neutral
+    factors are skipped, as ColorJitter skips a zero magnitude."""
+    for op in r["order"]:
+        if op == BRIGHTNESS and r["brightness"] != 1.0:
+            x = TF.adjust_brightness(x, r["brightness"])
+        elif op == CONTRAST and r["contrast"] != 1.0:
+            x = TF.adjust_contrast(x, r["contrast"])
+        elif op == SATURATION and r["saturation"] != 1.0:
+            x = TF.adjust_saturation(x, r["saturation"])
+        elif op == HUE and r["hue"] != 0.0:
+            x = TF.adjust_hue(x, r["hue"])
+    return x
+
+
+def build_view_augment(preset: str, image_size: int, strength: float = 1.0) -> ViewAugment:
+    return ViewAugment(preset, image_size, strength)
+
+
+def source_size(image_size: int) -> int:
+    """Shorter side before the eval centre crop / the GPU-path source square: image_size / 0.875 (256 for 224) for
+    images of 64 px and more, image_size itself for small (CIFAR-like) images, where a 12% border matters."""
+    return image_size if image_size < SMALL_IMAGE else int(round(image_size / 0.875))
+
+
+def _resize_center(img: torch.Tensor, short: int, crop: int) -> torch.Tensor:
+    if min(img.shape[1:]) != short:
+        img = TF.resize(img, [short], antialias=True)  # shorter side -> short, aspect kept
+    if tuple(img.shape[1:]) != (crop, crop):
+        img = TF.center_crop(img, [crop, crop])
+    return img.contiguous()
+
+
+def eval_view(img: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Deterministic eval view: shorter side -> :func:`source_size`, centre crop ``image_size`` (uint8)."""
+    check_image(img, "eval_view")
+    return _resize_center(img, source_size(image_size), image_size)
+
+
+def resize_for_gpu(img: torch.Tensor, image_size: int) -> torch.Tensor:
+    """The CPU part of ``aug.device=gpu``: shorter side -> P = :func:`source_size`, centre crop P x P (uint8).
+
+    The device path needs equal-sized batches, so its random crops are drawn from this fixed square instead of the
+    full image. Trade-off vs the CPU path: the sides of non-square images are never seen, and small crops are
+    upsampled from a P-px source (P = 256 for 224) rather than the full resolution, so they are a little softer;
+    in exchange each row ships as P*P*3 bytes and the crop/jitter/blur cost moves off the CPU.
+    """
+    check_image(img, "resize_for_gpu")
+    P = source_size(image_size)
+    return _resize_center(img, P, P)
+
+
+def normalize_on_device(
+    x: torch.Tensor, device: torch.device | str, dtype: torch.dtype = torch.float32, channels_last: bool = False
+) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> ImageNet-normalised ``dtype`` on ``device`` (copied non-blocking, maths in fp32)."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"normalize_on_device: expected a uint8 tensor [B, 3, H, W], got {got}")
+    x = x.to(device, non_blocking=True)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255.0)
+    out = ((x.float() - mean) * inv_std).to(dtype)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out

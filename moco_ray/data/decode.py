@@ -1,0 +1,119 @@
+"""Encoded image bytes -> uint8 tensors, ingest-time validation, and corrupt-image accounting in the stream.
+
+Corrupt images in the stream (possible when shards were written by something else than `ingest`, or damaged
+after it) are never dropped silently and never drop a row: `decode_batch` replaces each one by another image of
+the same batch and flags it in a per-row ``corrupt`` column that the training loop sums and logs. Keeping the row
+count keeps every worker's step count equal (MoCo all-gathers every step, so an uneven shard would hang DDP).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+# Formats the stream can decode (torchvision for JPEG/PNG/GIF/WEBP, PIL for the others).
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+FALLBACK_SIZE = 32  # side of the gray stand-in when a whole batch is corrupt
+
+
+class CorruptImageError(ValueError):
+    """Image bytes that no decoder accepts."""
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format from the first bytes (cheap header check), or None."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def verify_image(data: bytes) -> str:
+    """Header check plus a full PIL decode; returns the format, raises CorruptImageError with the reason."""
+    if not data:
+        raise CorruptImageError("empty file (0 bytes)")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise CorruptImageError(f"not an image (unknown header {data[:8]!r})")
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # structure and checksums (PNG CRCs), without decoding
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # full decode: catches truncated JPEG scans that verify() lets through
+            if im.width < 1 or im.height < 1:
+                raise CorruptImageError("image has no pixels")
+    except CorruptImageError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise CorruptImageError(f"undecodable {fmt} ({type(e).__name__}: {e})") from None
+    return fmt
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Encoded bytes -> uint8 [3, H, W] RGB (grayscale, palette and RGBA become RGB).
+
+    torchvision's decoders first (fast, libjpeg-turbo / libpng), PIL as the fallback for the formats they lack;
+    raises CorruptImageError when neither can decode the bytes.
+    """
+    if not data:
+        raise CorruptImageError("empty image bytes")
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
+
+    try:
+        img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except Exception:  # unsupported format or corrupt: let PIL decide
+        img = _pil_decode(data)
+    if img.ndim == 4:  # animated GIF: first frame
+        img = img[0]
+    if img.dtype != torch.uint8:  # 16-bit PNG
+        img = (img.to(torch.float32) * (255.0 / torch.iinfo(img.dtype).max)).round().to(torch.uint8)
+    return img.contiguous()
+
+
+def _pil_decode(data: bytes) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise CorruptImageError(f"corrupt image ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def decode_batch(images: Sequence[bytes | None]) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Decode a batch; each corrupt image is replaced by the nearest valid image of the batch and flagged.
+
+    Returns (images uint8 [3,H,W] each, corrupt flags int64 [B]). A batch with no valid image at all yields
+    mid-gray stand-ins (all flagged), so the row count, and hence every worker's step count, is unchanged.
+    """
+    out: list[torch.Tensor | None] = []
+    for data in images:
+        try:
+            out.append(decode_image(data) if data is not None else None)
+        except CorruptImageError:
+            out.append(None)
+    corrupt = np.array([t is None for t in out], dtype=np.int64)
+    valid = np.flatnonzero(corrupt == 0)
+    for i in np.flatnonzero(corrupt):
+        if len(valid):
+            out[i] = out[int(valid[np.argmin(np.abs(valid - i))])]
+        else:
+            out[i] = torch.full((3, FALLBACK_SIZE, FALLBACK_SIZE), 128, dtype=torch.uint8)
+    return out, corrupt  # type: ignore[return-value]

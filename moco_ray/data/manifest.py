@@ -1,0 +1,126 @@
+"""``manifest.json``: what an ingest wrote (shards, counts, classes, skipped files) and where to find it.
+
+The manifest is written last and atomically, so a directory without one is not a finished ingest. Shard paths
+are relative to the root, so a shard directory can be copied to object storage and read from there (any
+pyarrow / fsspec URI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the shard root, e.g. "train/part-00000.parquet"
+    split: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    source: str
+    classes: list[str]
+    counts: dict[str, int]  # rows per split
+    class_counts: dict[str, dict[str, int]]  # split -> class name ("unlabeled" for -1) -> rows
+    shards: list[ShardInfo]
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+    fingerprint: str = ""  # of the source and ingest options; equal fingerprints make a re-ingest a no-op
+    options: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    version: str = ""  # moco-ray version that wrote it
+    schema_version: int = 1
+    root: str = field(default="", compare=False)  # where it was read from (not serialised)
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.counts)
+
+    def rows(self, split: str) -> int:
+        self.require_split(split)
+        return self.counts[split]
+
+    def shards_of(self, split: str) -> list[ShardInfo]:
+        self.require_split(split)
+        return [s for s in self.shards if s.split == split]
+
+    def require_split(self, split: str) -> None:
+        if split not in self.counts:
+            known = ", ".join(self.counts) or "none"
+            raise ValueError(f"split {split!r} is not in the shards at {self.root or '?'} (splits: {known})")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("root")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], root: str = "") -> Manifest:
+        d = dict(d)
+        d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
+        known = set(cls.__dataclass_fields__) - {"root"}
+        return cls(**{k: v for k, v in d.items() if k in known}, root=root)
+
+
+def resolve_fs(root: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a pyarrow / fsspec URI (s3://, gs://, hdfs://, ...)."""
+    root = str(root)
+    if "://" not in root:
+        return pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(root)
+    except (ValueError, NotImplementedError) as e:  # a scheme pyarrow lacks (ArrowInvalid is a ValueError): fsspec
+        try:
+            import fsspec
+        except ImportError:
+            raise ValueError(f"{root}: pyarrow cannot open this URI ({e}) and fsspec is not installed") from None
+        fs, path = fsspec.core.url_to_fs(root)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(base: str, rel: str) -> str:
+    return f"{base.rstrip('/')}/{rel}"
+
+
+def manifest_exists(root: str | os.PathLike) -> bool:
+    fs, base = resolve_fs(root)
+    return fs.get_file_info(join(base, MANIFEST_FILE)).type == pafs.FileType.File
+
+
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    """Read ``ROOT/manifest.json``; ValueError naming the problem when it is missing or unreadable."""
+    try:
+        fs, base = resolve_fs(root)
+        path = join(base, MANIFEST_FILE)
+        kind = fs.get_file_info(path).type
+    except OSError as e:  # unreachable bucket, no credentials, ...
+        raise ValueError(f"{root}: cannot read the shard location ({str(e).splitlines()[0]})") from None
+    if kind != pafs.FileType.File:
+        raise ValueError(
+            f"{root}: no {MANIFEST_FILE} (not a finished ingest); create it with `moco-ray ingest SOURCE {root}`"
+        )
+    try:
+        with fs.open_input_stream(path) as f:
+            d = json.loads(f.read().decode("utf-8"))
+        return Manifest.from_dict(d, root=str(root))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
+
+
+def write_manifest(root: str | os.PathLike, manifest: Manifest) -> Path:
+    """Write ``ROOT/manifest.json`` atomically (temp file + ``os.replace``); local directories only."""
+    path = Path(root) / MANIFEST_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=1) + "\n")
+    os.replace(tmp, path)
+    return path

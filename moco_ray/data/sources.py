@@ -1,0 +1,230 @@
+"""What `ingest` can read: an ImageFolder tree, a torchvision dataset by name, or scikit-learn's digits.
+
+A source lists its rows (`Item`s, in a stable order so ids and shards are reproducible), loads one row's encoded
+bytes, and gives a cheap fingerprint of its content, which makes a second ingest of the same source a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+TORCHVISION = {
+    # name -> (torchvision class, {split: constructor kwargs})
+    "cifar10": ("CIFAR10", {"train": {"train": True}, "test": {"train": False}}),
+    "cifar100": ("CIFAR100", {"train": {"train": True}, "test": {"train": False}}),
+    "stl10": ("STL10", {"train": {"split": "train"}, "test": {"split": "test"}, "unlabeled": {"split": "unlabeled"}}),
+}
+DIGITS_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Item:
+    split: str
+    label: int  # -1 when unlabeled
+    id: str  # stable row id
+    path: str  # source file path, or "<scheme>:<name>:<split>:<index>"
+    file: str | None = None  # local file to read; None for in-memory datasets (see `index`)
+    index: int = -1
+
+
+class Source(Protocol):
+    name: str
+    classes: list[str]
+
+    def splits(self) -> list[str]: ...
+    def items(self, split: str) -> list[Item]: ...
+    def load(self, item: Item) -> bytes: ...
+    def fingerprint(self) -> str: ...
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _visible(p: os.DirEntry | Path) -> bool:
+    return not p.name.startswith(".")  # .DS_Store, ._foo, .ipynb_checkpoints are not data
+
+
+class ImageFolderSource:
+    """``root/split/class/file`` or ``root/class/file`` (the latter is one split, "train" unless `split` names it).
+
+    Every visible file under a class directory is a row candidate (the ingest validates and skips non-images, so
+    they show up in the manifest instead of vanishing); files directly under the root or a split (READMEs) are
+    not rows.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str | None = None) -> None:
+        self.root = Path(root).expanduser().resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{root}: no such directory (expected an ImageFolder tree split/class/image)")
+        self.name = str(self.root)
+        top = sorted(d for d in self.root.iterdir() if d.is_dir() and _visible(d))
+        if not top:
+            raise ValueError(f"{root}: no subdirectories; expected split/class/image or class/image")
+        nested = [any(c.is_dir() and _visible(c) for c in d.iterdir()) for d in top]
+        if all(nested):
+            self._split_dirs = {d.name: d for d in top}
+            if split is not None:
+                if split not in self._split_dirs:
+                    raise ValueError(f"{root}: no split {split!r} (splits: {', '.join(self._split_dirs)})")
+                self._split_dirs = {split: self._split_dirs[split]}
+        elif not any(nested):
+            self._split_dirs = {split or "train": self.root}
+        else:
+            mixed = [d.name for d, n in zip(top, nested) if n]
+            raise ValueError(
+                f"{root}: mixed layout ({', '.join(mixed)} hold subdirectories, the others hold files); "
+                "expected split/class/image or class/image"
+            )
+        self._class_dirs = {
+            s: sorted((c for c in d.iterdir() if c.is_dir() and _visible(c)), key=lambda c: c.name)
+            for s, d in self._split_dirs.items()
+        }
+        self.classes = sorted({c.name for dirs in self._class_dirs.values() for c in dirs})
+        self._files: dict[str, list[tuple[str, int, int]]] | None = None  # split -> [(relpath, size, mtime_ns)]
+
+    def _listing(self) -> dict[str, list[tuple[str, int, int]]]:
+        if self._files is None:
+            files: dict[str, list[tuple[str, int, int]]] = {}
+            for split, dirs in self._class_dirs.items():
+                rows = []
+                for c in dirs:
+                    for e in sorted(os.scandir(c), key=lambda e: e.name):
+                        if e.is_file() and _visible(e):
+                            st = e.stat()
+                            rows.append((f"{c.name}/{e.name}", st.st_size, st.st_mtime_ns))
+                files[split] = rows
+            self._files = files
+        return self._files
+
+    def splits(self) -> list[str]:
+        return list(self._split_dirs)
+
+    def items(self, split: str) -> list[Item]:
+        base = self._split_dirs[split]
+        index = {c: i for i, c in enumerate(self.classes)}
+        return [
+            Item(split, index[rel.split("/", 1)[0]], f"{split}/{rel}", str(base / rel), file=str(base / rel))
+            for rel, _, _ in self._listing()[split]
+        ]
+
+    def load(self, item: Item) -> bytes:
+        return Path(item.file).read_bytes()  # type: ignore[arg-type]
+
+    def fingerprint(self) -> str:
+        return _digest({"root": self.name, "splits": self.splits(), "files": self._listing()})
+
+
+class DatasetUnavailableError(FileNotFoundError):
+    """A named dataset is neither in the cache nor downloadable (e.g. no network)."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MOCO_RAY_CACHE", Path.home() / ".cache" / "moco-ray")) / "torchvision"
+
+
+class TorchvisionSource:
+    """``torchvision:cifar10|cifar100|stl10``: downloaded once into the cache dir, images stored as PNG."""
+
+    def __init__(self, name: str, split: str | None = None, cache_dir: str | os.PathLike | None = None) -> None:
+        if name not in TORCHVISION:
+            raise ValueError(f"torchvision:{name}: unknown dataset; known: {', '.join(TORCHVISION)}")
+        self.dataset, self.name = name, f"torchvision:{name}"
+        cls_name, split_kwargs = TORCHVISION[name]
+        if split is not None and split not in split_kwargs:
+            raise ValueError(f"{self.name}: no split {split!r} (splits: {', '.join(split_kwargs)})")
+        self._splits = [split] if split else list(split_kwargs)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._cls_name, self._split_kwargs = cls_name, split_kwargs
+        self._ds: dict[str, Any] = {}
+        self.classes = list(self._open(self._splits[0]).classes)
+
+    def _open(self, split: str) -> Any:
+        if split not in self._ds:
+            import torchvision.datasets as tvd
+
+            cls = getattr(tvd, self._cls_name)
+            kwargs = self._split_kwargs[split]
+            try:
+                self._ds[split] = cls(str(self.cache_dir), download=True, **kwargs)
+            except (urllib.error.URLError, OSError, RuntimeError) as e:
+                reason = getattr(e, "reason", None) or e
+                raise DatasetUnavailableError(
+                    f"{self.name}: not in {self.cache_dir} and the download failed ({reason}); with no network, "
+                    f"put the torchvision files there (or set MOCO_RAY_CACHE), or ingest an ImageFolder tree"
+                ) from None
+        return self._ds[split]
+
+    def splits(self) -> list[str]:
+        return list(self._splits)
+
+    def items(self, split: str) -> list[Item]:
+        ds = self._open(split)
+        labels = getattr(ds, "targets", None)
+        if labels is None:
+            labels = ds.labels  # STL10 (-1 for the unlabeled split)
+        return [
+            Item(split, int(y), f"{self.dataset}/{split}/{i}", f"{self.name}:{split}:{i}", index=i)
+            for i, y in enumerate(labels)
+        ]
+
+    def load(self, item: Item) -> bytes:
+        import io
+
+        img, _ = self._open(item.split)[item.index]  # PIL image
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="PNG")  # lossless: the stored pixels are the dataset's pixels
+        return buf.getvalue()
+
+    def fingerprint(self) -> str:
+        return _digest({"source": self.name, "splits": self._splits})
+
+
+class DigitsSource:
+    """scikit-learn's bundled 8x8 digits (offline), upscaled to 32 px PNGs; a fixed 80/20 train/test split."""
+
+    def __init__(self, split: str | None = None, size: int = DIGITS_SIZE) -> None:
+        from moco_ray.data.digits import CLASSES, digits_arrays, split_indices
+
+        self.name, self.size, self.classes = "digits", size, list(CLASSES)
+        if split is not None and split not in ("train", "test"):
+            raise ValueError(f"digits: no split {split!r} (splits: train, test)")
+        self._splits = [split] if split else ["train", "test"]
+        self._imgs, self._labels = digits_arrays(size)
+        train, test = split_indices(len(self._labels))
+        self._index = {"train": train, "test": test}
+
+    def splits(self) -> list[str]:
+        return list(self._splits)
+
+    def items(self, split: str) -> list[Item]:
+        return [
+            Item(split, int(self._labels[i]), f"digits/{split}/{i:04d}", f"sklearn:digits:{split}:{i}", index=int(i))
+            for i in self._index[split]
+        ]
+
+    def load(self, item: Item) -> bytes:
+        from moco_ray.data.digits import png_bytes
+
+        return png_bytes(self._imgs[item.index])
+
+    def fingerprint(self) -> str:
+        return _digest({"source": "digits", "size": self.size, "splits": self._splits})
+
+
+def open_source(spec: str | os.PathLike, *, split: str | None = None, cache_dir: str | None = None) -> Source:
+    """``digits``, ``torchvision:NAME`` or an ImageFolder directory."""
+    s = str(spec)
+    if s == "digits":
+        return DigitsSource(split)
+    if s.startswith("torchvision:"):
+        return TorchvisionSource(s.split(":", 1)[1], split, cache_dir)
+    if "://" in s:
+        raise ValueError(f"{s}: ingest reads local image trees; copy it locally first")
+    return ImageFolderSource(s, split)

@@ -1,0 +1,277 @@
+"""Ray Data view-pair stream: read_parquet -> file shuffle -> decode + two augmentations (map_batches) -> (q, k).
+
+Batches carry uint8 ``q``/``k`` [B,3,S,S] (or ``img`` with ``aug.device == "gpu"``: decoded, resized, one copy,
+augmented later on the training device), ``label`` int64 and ``corrupt`` int64 (1 where a corrupt image was
+replaced by another image of its batch, see `moco_ray.data.decode`). uint8 ships 4x fewer bytes than float;
+normalisation happens on the device.
+
+Randomness: with a seed, row ``id``'s views in epoch ``e`` come from a torch.Generator seeded by
+(seed, e, crc32(id)), so they are reproducible and differ between epochs. Each epoch of Ray Train is one execution
+of the dataset; Ray Data counts executions in ``DataContext._execution_idx`` (private, the counter
+``FileShuffleConfig(reseed_after_execution=True)`` uses; checked on Ray 2.60 to be visible inside map_batches tasks
+and to advance per execution, also through ``streaming_split`` and partly consumed iterators), so
+``epoch = epoch_offset + execution index`` (``epoch_offset`` is the first epoch of a resumed run). Any other
+execution of the same Dataset object (e.g. ``ds.take()`` on the driver) also advances the counter.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from moco_ray.data.decode import decode_batch
+from moco_ray.data.manifest import Manifest, join, read_manifest, resolve_fs
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from moco_ray.config import AugConfig, DataConfig
+
+READ_COLUMNS = ["image", "label", "id"]
+
+
+def check_enough_rows(manifest: Manifest, split: str, global_batch: int, limit: int = 0) -> int:
+    """Rows used per epoch; ValueError when they do not fill one global batch (drop_last would leave none)."""
+    rows = usable_rows(manifest, split, limit)
+    if rows < global_batch:
+        lim = f" (data.limit = {limit})" if limit else ""
+        raise ValueError(
+            f"split {split!r} has {rows} rows{lim}, fewer than one global batch (train.batch_size = {global_batch}); "
+            "lower train.batch_size or use more data"
+        )
+    return rows
+
+
+def usable_rows(manifest: Manifest, split: str, limit: int = 0) -> int:
+    rows = manifest.rows(split)
+    return min(rows, limit) if limit > 0 else rows
+
+
+def steps_per_epoch(manifest: Manifest, split: str, global_batch: int, limit: int = 0, max_steps: int = 0) -> int:
+    """Steps every worker takes per epoch: full global batches only (drop_last), capped by `max_steps` (0 = none).
+
+    ``streaming_split(equal=True)`` gives each of W workers floor(rows / W) rows, and
+    floor(floor(rows / W) / (global_batch / W)) == floor(rows / global_batch), so all workers can take this many.
+    """
+    steps = usable_rows(manifest, split, limit) // global_batch
+    return min(steps, max_steps) if max_steps > 0 else steps
+
+
+def iter_pairs(
+    shard: Any,
+    batch_size: int,
+    steps: int,
+    data_cfg: DataConfig | None = None,
+    *,
+    shuffle_buffer: int | None = None,
+    prefetch_batches: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Exactly `steps` full batches (fewer only if the shard runs dry) from a Ray DataIterator / Dataset.
+
+    `shard` is ``ray.train.get_dataset_shard("train")``; the local shuffle buffer and prefetch depth come from
+    `data_cfg` unless given. Stopping after `steps` keeps every worker's step count equal.
+    """
+    buf = shuffle_buffer if shuffle_buffer is not None else (data_cfg.shuffle_buffer if data_cfg else 0)
+    prefetch = prefetch_batches if prefetch_batches is not None else (data_cfg.prefetch_batches if data_cfg else 1)
+    batches = iter(
+        shard.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=buf or None,
+            prefetch_batches=prefetch,
+        )
+    )
+    try:
+        for _ in range(steps):
+            try:
+                yield next(batches)
+            except StopIteration:
+                return
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def split_files(shards: str, manifest: Manifest, split: str, limit: int = 0) -> tuple[list[str], frozenset[str]]:
+    """Shard files of `split` (full paths in the shard filesystem) and the ids to drop to honour `limit`.
+
+    The limit takes the first `limit` rows in manifest order, so the subset is the same every epoch whatever the
+    file shuffle; only the last file read may be cut, by id.
+    """
+    _, base = resolve_fs(shards)
+    infos = manifest.shards_of(split)
+    if limit <= 0 or limit >= manifest.rows(split):
+        return [join(base, s.path) for s in infos], frozenset()
+    files, total = [], 0
+    for s in infos:
+        files.append(join(base, s.path))
+        total += s.rows
+        if total >= limit:
+            break
+    keep_in_last = s.rows - (total - limit)
+    if keep_in_last == s.rows:
+        return files, frozenset()
+    import pyarrow.parquet as pq
+
+    fs, _ = resolve_fs(shards)
+    ids = pq.read_table(files[-1], columns=["id"], filesystem=fs)["id"].to_pylist()
+    return files, frozenset(ids[keep_in_last:])
+
+
+def row_seed(seed: int, epoch: int, row_id: str) -> int:
+    """A 64-bit generator seed from (seed, epoch, crc32(id)), well mixed by NumPy's SeedSequence."""
+    entropy = [seed % (1 << 64), epoch % (1 << 64), zlib.crc32(row_id.encode())]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
+def current_epoch(epoch_offset: int) -> int:
+    """epoch_offset + the index of the running execution of this Dataset (see the module docstring)."""
+    from ray.data import DataContext
+
+    return epoch_offset + int(getattr(DataContext.get_current(), "_execution_idx", 0))
+
+
+_AUG_CACHE: dict[tuple[str, int, float], Any] = {}
+
+
+def _view_augment(preset: str, image_size: int, strength: float) -> Any:
+    key = (preset, image_size, strength)
+    if key not in _AUG_CACHE:
+        from moco_ray.data.augment import build_view_augment
+
+        _AUG_CACHE[key] = build_view_augment(preset, image_size, strength)
+    return _AUG_CACHE[key]
+
+
+def _drop(batch: dict[str, np.ndarray], drop_ids: frozenset[str]) -> dict[str, np.ndarray]:
+    if not drop_ids:
+        return batch
+    keep = np.array([i not in drop_ids for i in batch["id"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def make_pairs(
+    batch: dict[str, np.ndarray],
+    *,
+    preset: str,
+    image_size: int,
+    strength: float,
+    device: str,
+    seed: int | None,
+    epoch_offset: int,
+    drop_ids: frozenset[str] = frozenset(),
+    keep_id: bool = False,
+) -> dict[str, np.ndarray]:
+    """map_batches body: decode, then two views per image (``q``, ``k``) or one resized copy (``img``, gpu)."""
+    batch = _drop(batch, drop_ids)
+    imgs, corrupt = decode_batch(list(batch["image"]))
+    ids = [str(i) for i in batch["id"]]
+    out: dict[str, np.ndarray] = {}
+    if device == "gpu":
+        from moco_ray.data.augment import resize_for_gpu, source_size
+
+        out["img"] = _stack([resize_for_gpu(im, image_size) for im in imgs], source_size(image_size))
+    else:
+        aug = _view_augment(preset, image_size, strength)
+        epoch = current_epoch(epoch_offset)
+        shared = None
+        if seed is None:  # fresh entropy: torch's default seed is the same in every Ray worker process
+            shared = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        qs, ks = [], []
+        for im, rid in zip(imgs, ids):
+            g = shared if shared is not None else torch.Generator().manual_seed(row_seed(seed, epoch, rid))
+            q, k = aug.pair(im, g)
+            qs.append(q)
+            ks.append(k)
+        out["q"], out["k"] = _stack(qs, image_size), _stack(ks, image_size)
+    out["label"] = np.asarray(batch["label"], dtype=np.int64)
+    out["corrupt"] = corrupt
+    if keep_id:
+        out["id"] = np.asarray(ids, dtype=object)
+    return out
+
+
+def make_eval(batch: dict[str, np.ndarray], *, image_size: int, drop_ids: frozenset[str] = frozenset()) -> dict:
+    """map_batches body of the eval stream: deterministic resize + center crop."""
+    from moco_ray.data.augment import eval_view
+
+    batch = _drop(batch, drop_ids)
+    imgs, corrupt = decode_batch(list(batch["image"]))
+    return {
+        "img": _stack([eval_view(im, image_size) for im in imgs], image_size),
+        "label": np.asarray(batch["label"], dtype=np.int64),
+        "corrupt": corrupt,
+    }
+
+
+def _stack(ts: list[torch.Tensor], size: int) -> np.ndarray:
+    if not ts:  # every row of the batch was cut by the limit
+        return np.zeros((0, 3, size, size), dtype=np.uint8)
+    return torch.stack(ts).numpy()
+
+
+def _read(shards: str, files: list[str], shuffle: Any) -> ray.data.Dataset:
+    import ray.data
+
+    fs, _ = resolve_fs(shards)
+    return ray.data.read_parquet(files, filesystem=fs, columns=READ_COLUMNS, shuffle=shuffle)
+
+
+def pair_dataset(
+    shards: str,
+    split: str,
+    aug: AugConfig,
+    *,
+    seed: int | None,
+    epoch_offset: int = 0,
+    limit: int = 0,
+    map_batch_size: int = 128,
+    num_cpus_per_task: float = 1,
+    keep_id: bool = False,
+) -> ray.data.Dataset:
+    """The training stream of `split`: file-shuffled per execution, views drawn in map_batches tasks.
+
+    ``keep_id`` adds the string ``id`` column (tests and debugging; ``iter_torch_batches`` cannot collate it).
+    """
+    import ray.data
+
+    manifest = read_manifest(shards)
+    files, drop_ids = split_files(shards, manifest, split, limit)
+    if seed is None:
+        shuffle: Any = "files"
+    else:  # epoch_offset in the seed: a resumed run does not replay the first run's file orders
+        shuffle_seed = (seed * 1_000_003 + epoch_offset) % (1 << 31)
+        shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    fn = partial(
+        make_pairs,
+        preset=aug.preset,
+        image_size=aug.image_size,
+        strength=aug.strength,
+        device=aug.device,
+        seed=seed,
+        epoch_offset=epoch_offset,
+        drop_ids=drop_ids,
+        keep_id=keep_id,
+    )
+    return _read(shards, files, shuffle).map_batches(
+        fn, batch_size=map_batch_size, batch_format="numpy", num_cpus=num_cpus_per_task
+    )
+
+
+def eval_dataset(
+    shards: str, split: str, image_size: int, limit: int = 0, *, map_batch_size: int = 256
+) -> ray.data.Dataset:
+    """Deterministic ``img`` (eval_view) + ``label`` of `split`, in manifest order (kNN / linear probes)."""
+    manifest = read_manifest(shards)
+    files, drop_ids = split_files(shards, manifest, split, limit)
+    fn = partial(make_eval, image_size=image_size, drop_ids=drop_ids)
+    ds = _read(shards, files, None).map_batches(fn, batch_size=map_batch_size, batch_format="numpy")
+    ds.context.execution_options.preserve_order = True  # this Dataset's own context copy
+    return ds
