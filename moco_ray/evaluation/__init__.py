@@ -1,0 +1,9 @@
+"""Evaluation and export of pretrained backbones (pure PyTorch; no Ray or MLflow imports).
+
+- ``knn``: weighted kNN monitor (``knn_predict``, ``knn_accuracy``)
+- ``features``: frozen feature extraction and an on-disk feature cache
+- ``linear``: linear probe on cached features (``train_linear_probe``, ``LinearProtocol``)
+- ``export``: torchvision state dict, TorchScript and detectron2 formats; loading an exported state dict
+
+Import the submodules directly; this package imports nothing so that ``import moco_ray.evaluation`` stays cheap.
+"""

@@ -1,0 +1,197 @@
+"""Export formats for a pretrained backbone: torchvision state dict, TorchScript, detectron2 pickle.
+
+The torchvision state dict is the reference format: its keys are exactly those of ``torchvision.models.<arch>()``
+minus ``fc.*``, so it loads with ``strict=True`` into a plain torchvision model (``fc = Identity``, plus the small
+stem when the encoder was trained with one). Training-time modules do not leak into it: ``SplitBatchNorm`` is a
+``BatchNorm2d`` subclass with the same parameters and buffers, so its keys and tensors are those of BatchNorm2d.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import pickle
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from moco_ray.core.encoders import torchvision_backbone
+
+FORMATS = ("torchvision", "torchscript", "detectron2")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def torchvision_state_dict(
+    backbone: nn.Module, arch: str | None = None, small_stem: bool = False
+) -> dict[str, torch.Tensor]:
+    """The backbone's weights in torchvision layout: wrapper prefixes stripped, ``fc.*`` dropped, CPU, contiguous.
+
+    With ``arch`` the result is also checked against ``torchvision.models.<arch>()`` (keys and shapes).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, v in backbone.state_dict().items():
+        k = _strip_prefixes(k)
+        if k.startswith("fc."):
+            continue
+        out[k] = v.detach().to("cpu", copy=True).contiguous()
+    if arch is not None:
+        check_state_dict(out, arch, small_stem)
+    return out
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], arch: str, small_stem: bool = False) -> None:
+    """Raise a one-line ValueError when ``state`` does not load strictly into the torchvision ``arch`` backbone."""
+    ref = torchvision_backbone(arch, small_stem).state_dict()
+    missing = [k for k in ref if k not in state]
+    unexpected = [k for k in state if k not in ref]
+    shapes = [
+        f"{k} {list(state[k].shape)} vs {list(ref[k].shape)}"
+        for k in ref
+        if k in state and tuple(state[k].shape) != tuple(ref[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+        raise ValueError(f"state dict does not match {arch} (small_stem={small_stem}): {'; '.join(parts)}")
+
+
+def load_torchvision_backbone_from_state(
+    state: Mapping[str, torch.Tensor], arch: str, small_stem: bool = False
+) -> nn.Module:
+    """A plain torchvision ``arch`` backbone (fc = Identity) holding ``state``, loaded strictly, in eval mode."""
+    state = {_strip_prefixes(k): v for k, v in state.items()}
+    check_state_dict(state, arch, small_stem)
+    net = torchvision_backbone(arch, small_stem)
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def load_torchvision_backbone(path: str | os.PathLike, arch: str, small_stem: bool = False) -> nn.Module:
+    """Load an exported torchvision state dict (``torch.load(weights_only=True)``) into a plain backbone."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder state dict not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, a TorchScript archive, a truncated file...
+        raise ValueError(f"{path}: not a weights-only torch state dict ({type(e).__name__})") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
+    return load_torchvision_backbone_from_state(state, arch, small_stem)
+
+
+def to_torchscript(backbone: nn.Module, example_input: torch.Tensor) -> torch.jit.ScriptModule:
+    """Trace a copy of ``backbone`` in eval mode (the source module is left untouched).
+
+    Tracing rather than scripting: a ResNet has no data-dependent control flow in eval mode, and tracing works
+    for training-time subclasses (SplitBatchNorm) that TorchScript's compiler may not accept. The traced graph
+    keeps the batch size and image size free (adaptive average pooling). torch.jit is deprecated in recent
+    torch but still loads anywhere libtorch runs; its FutureWarnings are silenced here.
+    """
+    model = copy.deepcopy(backbone).eval()
+    param = next(model.parameters(), None)
+    x = example_input.to(param.device if param is not None else "cpu")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, x)
+    return traced
+
+
+def _convert_key(k: str) -> str:
+    # Exactly the renaming of MoCo's detection/convert-pretrain-to-detectron2.py.
+    if "layer" not in k:
+        k = "stem." + k
+    for t in [1, 2, 3, 4]:
+        k = k.replace(f"layer{t}", f"res{t + 1}")
+    for t in [1, 2, 3]:
+        k = k.replace(f"bn{t}", f"conv{t}.norm")
+    k = k.replace("downsample.0", "shortcut")
+    k = k.replace("downsample.1", "shortcut.norm")
+    return k
+
+
+def to_detectron2(state: Mapping[str, torch.Tensor]) -> dict:
+    """detectron2's pickle payload: ``{"model": {d2 key: numpy array}, "__author__": "MOCO", ...}``.
+
+    Keys are renamed as the official MoCo converter does (``conv1.weight`` -> ``stem.conv1.weight``, ``bn1.*`` ->
+    ``stem.conv1.norm.*``, ``layer1.0.bn2.*`` -> ``res2.0.conv2.norm.*``, ``downsample.0/1`` ->
+    ``shortcut``/``shortcut.norm``); a full MoCo checkpoint key's ``module.encoder_q.`` prefix is stripped first.
+    """
+    model = {}
+    for k, v in state.items():
+        k = k.removeprefix("module.encoder_q.")
+        t = v.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        model[_convert_key(k)] = t.contiguous().numpy()
+    return {"model": model, "__author__": "MOCO", "matching_heuristics": True}
+
+
+@contextlib.contextmanager
+def _atomic_path(out: Path) -> Iterator[Path]:
+    """A temp path next to ``out``, renamed onto it only when the block succeeds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_export(
+    backbone: nn.Module,
+    arch: str,
+    small_stem: bool,
+    fmt: Literal["torchvision", "torchscript", "detectron2"],
+    out_path: str | os.PathLike,
+    image_size: int = 224,
+) -> Path:
+    """Write ``backbone`` to ``out_path`` in ``fmt`` (atomically) and return the path.
+
+    Every format goes through the checked torchvision state dict; TorchScript traces the plain torchvision
+    module rebuilt from it (``image_size`` only sets the example input), so no training-time class ends up in the
+    file. Conventional suffixes: ``.pt`` / ``.pth`` (torchvision), ``.pt`` (torchscript), ``.pkl`` (detectron2).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if image_size < 8:
+        raise ValueError(f"export image_size {image_size} is too small; need >= 8")
+    state = torchvision_state_dict(backbone, arch, small_stem)
+    out = Path(out_path)
+    with _atomic_path(out) as tmp:
+        if fmt == "torchvision":
+            torch.save(state, tmp)
+        elif fmt == "torchscript":
+            plain = load_torchvision_backbone_from_state(state, arch, small_stem)
+            traced = to_torchscript(plain, torch.zeros(1, 3, image_size, image_size))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.jit.save(traced, str(tmp))
+        else:
+            with open(tmp, "wb") as f:
+                pickle.dump(to_detectron2(state), f)
+    return out
