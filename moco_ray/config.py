@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -361,6 +362,7 @@ def validate(cfg: Config) -> None:
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     _check(t.max_failures >= 0, "train.max_failures", t.max_failures, ">= 0")
+    _check(re.fullmatch(r"[\w.-]*", t.name) is not None, "train.name", t.name, "letters, digits, '.', '_', '-'")
     _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", t.max_steps_per_epoch, ">= 0")
     _check(e.knn_every >= 0, "eval.knn_every", e.knn_every, ">= 0")
     _check(e.knn_k >= 1, "eval.knn_k", e.knn_k, ">= 1")

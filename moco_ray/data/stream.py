@@ -275,3 +275,28 @@ def eval_dataset(
     ds = _read(shards, files, None).map_batches(fn, batch_size=map_batch_size, batch_format="numpy")
     ds.context.execution_options.preserve_order = True  # this Dataset's own context copy
     return ds
+
+
+def eval_arrays(shards: str, split: str, image_size: int, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The labelled eval split decoded in this process: (uint8 [N,3,S,S], int64 labels [N], corrupt count).
+
+    The kNN monitor inside the training loop uses this instead of a Ray Dataset: it is read once per run and kept
+    in memory, and it takes no Ray Data resources away from the training stream it runs beside (a second
+    execution inside a Train worker can wait on the same CPU budget as the training stream).
+    """
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(shards)
+    files, drop_ids = split_files(shards, manifest, split, limit)
+    fs, _ = resolve_fs(shards)
+    imgs, labels, corrupt = [], [], 0
+    for f in files:
+        table = pq.read_table(f, columns=READ_COLUMNS, filesystem=fs)
+        batch = {c: np.asarray(table[c].to_pylist(), dtype=object) for c in READ_COLUMNS}
+        out = make_eval(batch, image_size=image_size, drop_ids=drop_ids)
+        imgs.append(torch.from_numpy(out["img"]))
+        labels.append(torch.from_numpy(out["label"]))
+        corrupt += int(out["corrupt"].sum())
+    if not imgs:
+        return torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8), torch.zeros(0, dtype=torch.long), 0
+    return torch.cat(imgs), torch.cat(labels), corrupt

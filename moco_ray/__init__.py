@@ -1,0 +1,30 @@
+"""moco-ray: MoCo self-supervised pretraining orchestrated with Ray, tracked with MLflow.
+
+The Python API (imports are lazy so ``import moco_ray`` stays cheap and Ray-free):
+
+    from moco_ray import pretrain, load_encoder, sweep, load_config
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "load_config", "load_encoder", "pretrain", "sweep", "__version__"]
+
+if TYPE_CHECKING:
+    from moco_ray.api import load_encoder, pretrain, sweep
+    from moco_ray.config import Config, load_config
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("pretrain", "load_encoder", "sweep"):
+        from moco_ray import api
+
+        return getattr(api, name)
+    if name in ("Config", "load_config"):
+        from moco_ray import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'moco_ray' has no attribute {name!r}")

@@ -1,0 +1,86 @@
+"""The Python API: pretrain, load_encoder, sweep."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from moco_ray.config import Config
+from moco_ray.train.trainer import PretrainResult
+
+
+def _kw_overrides(kw: dict[str, Any]) -> dict[str, Any]:
+    """``moco__queue_size=1024`` -> ``{"moco.queue_size": 1024}`` (dotted keys cannot be Python keywords)."""
+    return {k.replace("__", "."): v for k, v in kw.items()}
+
+
+def pretrain(
+    config: str | Path | dict | Config | None = "experiments/quickstart.yaml",
+    *,
+    resume: str | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    **kw: Any,
+) -> PretrainResult:
+    """Pretrain an encoder on the local or connected Ray cluster and record it in MLflow.
+
+    ``config``: a YAML path, a dict or a Config; overrides as ``overrides={"moco.queue_size": 1024}`` or keywords
+    ``moco__queue_size=1024``. ``resume=RUN_ID`` continues an interrupted run from its last checkpoint.
+    Returns the run id, the final metrics, the encoder URI and the checkpoint path.
+    """
+    from moco_ray.train.trainer import run_pretraining
+
+    over: dict[str, Any] = {}
+    if isinstance(overrides, list):
+        from moco_ray.config import parse_overrides
+
+        for sec, fields in parse_overrides(overrides).items():
+            over.update({f"{sec}.{k}": v for k, v in fields.items()})
+    elif overrides:
+        over.update(overrides)
+    over.update(_kw_overrides(kw))
+    if resume and config == "experiments/quickstart.yaml":
+        config = None  # the run's own config is used
+    return run_pretraining(config, over or None, resume=resume)
+
+
+def load_encoder(run_or_uri: str, tracking_uri: str = "", device: str = "cpu"):
+    """The pretrained backbone as a plain torchvision module (fc = Identity), loaded strictly.
+
+    ``run_or_uri``: an MLflow run id, ``runs:/<id>/encoder``, or a local directory with encoder.pt + encoder.json.
+    """
+    from moco_ray.tracking import mlflow_run as mt
+
+    local = Path(run_or_uri)
+    if local.is_dir():
+        return _load_dir(local, device)
+    uri = mt.resolve_tracking_uri(tracking_uri)
+    run_id = run_or_uri.split("/")[1] if run_or_uri.startswith("runs:/") else run_or_uri
+    mt.get_run(uri, run_id)  # clear error for an unknown run
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            path = mt.download_artifact(uri, run_id, mt.ENCODER_DIR, d)
+        except Exception:
+            raise ValueError(f"run {run_id} has no encoder artifact (did it finish?)") from None
+        return _load_dir(path, device)
+
+
+def _load_dir(path: Path, device: str):
+    from moco_ray.evaluation.export import load_torchvision_backbone
+    from moco_ray.tracking.mlflow_run import ENCODER_FILE, ENCODER_INFO
+
+    if not (path / ENCODER_INFO).is_file():
+        raise ValueError(f"{path}: no {ENCODER_INFO}; not a moco-ray encoder directory")
+    info = json.loads((path / ENCODER_INFO).read_text())
+    return load_torchvision_backbone(path / ENCODER_FILE, info["arch"], info["small_stem"]).to(device).eval()
+
+
+def sweep(config: str | Path | dict, *, resume: bool = False, overrides: dict | list | None = None, **kw: Any):
+    """Run a Ray Tune sweep (see moco_ray.tuning.sweep.run_sweep)."""
+    from moco_ray.tuning.sweep import run_sweep
+
+    over = dict(overrides or {}) if not isinstance(overrides, list) else overrides
+    if kw:
+        over = {**(over if isinstance(over, dict) else {}), **_kw_overrides(kw)}
+    return run_sweep(config, overrides=over or None, resume=resume)

@@ -1,0 +1,150 @@
+"""The ``moco-ray`` console script.
+
+Errors a user can fix (bad config values, missing paths, wrong shard schema, unknown runs) print one line,
+``moco-ray: error: ...``, and exit 2, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+QUICKSTART = "experiments/quickstart.yaml"
+
+
+def _default_config() -> str:
+    """experiments/quickstart.yaml, looked up from the cwd (run the quickstart from the repository root)."""
+    if Path(QUICKSTART).is_file():
+        return QUICKSTART
+    raise FileNotFoundError(f"no -c CONFIG given and {QUICKSTART} is not in {Path.cwd()}; run from the repo root")
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. moco.queue_size=1024")
+
+
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from moco_ray.train.trainer import RunInterrupted, run_pretraining
+
+    config = a.config if a.config else (None if a.resume else _default_config())
+    try:
+        res = run_pretraining(config, a.overrides, resume=a.resume)
+    except RunInterrupted as e:
+        print(f"moco-ray: {e}", file=sys.stderr)
+        return 3
+    print(f"\nrun id: {res.run_id}")
+    print("final: " + "  ".join(f"{k} {v:.4g}" for k, v in res.metrics.items() if k != "epoch"))
+    print(f"encoder: {res.encoder_uri}\ncheckpoint: {res.checkpoint_path}")
+    print(f"see it: mlflow ui --backend-store-uri {res.tracking_uri} --host 127.0.0.1 --port 5000")
+    return 0
+
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    from moco_ray.data.ingest import ingest
+
+    m = ingest(
+        a.source,
+        a.out,
+        split=a.split,
+        shard_size_mb=a.shard_size_mb,
+        strict=a.strict,
+        overwrite=a.overwrite,
+        num_workers=a.workers,
+        reencode=a.reencode,
+    )
+    counts = getattr(m, "counts", None)
+    skipped = getattr(m, "skipped", [])
+    print(f"ingested {a.source} -> {a.out}: {counts}; skipped {len(skipped)} bad file(s)")
+    return 0
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from moco_ray.tuning.sweep import run_sweep
+
+    res = run_sweep(a.config, overrides=a.overrides, resume=a.resume)
+    print(res.table.to_string(index=False))
+    print(f"\nparent run: {res.parent_run_id}\nbest trial: {res.best}")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from moco_ray.evaluation import cli as ecli
+
+    return ecli.run(a)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from moco_ray.evaluation import cli as ecli
+
+    return ecli.export(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moco-ray", description="MoCo self-supervised pretraining on Ray, tracked in MLflow."
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    pt = sub.add_parser("pretrain", help="pretrain an encoder (no arguments: the offline quickstart)")
+    pt.add_argument("-c", "--config", help=f"experiment YAML (default: {QUICKSTART})")
+    pt.add_argument("--resume", metavar="RUN_ID", help="continue a stopped run from its last checkpoint")
+    _add_overrides(pt)
+    pt.set_defaults(func=cmd_pretrain)
+
+    ing = sub.add_parser("ingest", help="turn an image tree or dataset into Parquet shards + manifest")
+    ing.add_argument("source", help="ImageFolder dir, torchvision:cifar10|cifar100|stl10, or digits (offline)")
+    ing.add_argument("out", help="output directory (or URI) for the shards")
+    ing.add_argument("--split", help="only this split")
+    ing.add_argument("--shard-size-mb", type=float, default=64.0)
+    ing.add_argument("--strict", action="store_true", help="fail on any bad image instead of skipping it")
+    ing.add_argument("--overwrite", action="store_true", help="replace an existing, different output")
+    ing.add_argument("--workers", type=int, default=None, help="parallel readers (default: CPU count)")
+    ing.add_argument("--reencode", choices=["jpeg", "png"], default=None, help="re-encode images (default: keep)")
+    ing.set_defaults(func=cmd_ingest)
+
+    sw = sub.add_parser("sweep", help="Ray Tune sweep over config keys (K, m, T, augmentation strength, ...)")
+    sw.add_argument("-c", "--config", required=True, help="sweep YAML, e.g. experiments/sweep_queue_momentum.yaml")
+    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    _add_overrides(sw)
+    sw.set_defaults(func=cmd_sweep)
+
+    ev = sub.add_parser("eval", help="evaluate a pretrained encoder (knn, linear)")
+    ev.add_argument("protocol", choices=["knn", "linear"])
+    ev.add_argument("--run", required=True, metavar="RUN_ID")
+    ev.add_argument("--data", help="shards to evaluate on (default: the run's own)")
+    ev.add_argument("--epochs", type=int, default=None, help="linear probe epochs")
+    ev.add_argument("--protocol-preset", choices=["small", "paper"], default=None)
+    ev.add_argument("--tracking-uri", default="")
+    ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="export a run's encoder (torchvision, torchscript, detectron2)")
+    ex.add_argument("--run", required=True, metavar="RUN_ID")
+    ex.add_argument("--format", choices=["torchvision", "torchscript", "detectron2"], default="torchvision")
+    ex.add_argument("--register", metavar="NAME", help="also register it in the MLflow Model Registry")
+    ex.add_argument("--tracking-uri", default="")
+    ex.add_argument("out")
+    ex.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return a.func(a)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"moco-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "moco-ray: interrupted; a pretraining continues with `moco-ray pretrain --resume RUN_ID`", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""MLflow tracking (thin): runs, params, per-epoch metrics, artifacts and plots."""
