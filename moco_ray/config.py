@@ -30,6 +30,9 @@ class ModelConfig:
     head: Literal["linear", "mlp"] = "mlp"  # v1: linear, v2: 2-layer MLP
     dim: int = 128  # output feature dimension of the projection head
     hidden_dim: int = 0  # MLP hidden width; 0 = backbone feature width (as in MoCo v2)
+    # BatchNorm in the MLP projector (MoCo v3 style) for v1/v2: spreads the embeddings of a fresh network, so
+    # training leaves the early plateau (loss ~ log(K+1)) far sooner; off = the MoCo v2 paper head.
+    head_bn: bool = False
     pred_hidden_dim: int = 4096  # MoCo v3 prediction head hidden width
 
 

@@ -1,5 +1,5 @@
 """The deployment files: cluster.yaml passes Ray's own cluster-launcher checks and says what it should about the
-head, the workers and MLflow; the KubeRay RayJob is well formed; config keys in the files and docs/cluster.md
+head, the workers and MLflow; the KubeRay RayJob is well formed; config keys in the files and the README
 exist in moco_ray.config. Offline and fast: no cloud API, no Ray instance, no server."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from moco_ray.config import Config, load_config
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster.yaml"
 RAYJOB = REPO / "deploy" / "kuberay-rayjob.yaml"
-DOCS = REPO / "docs" / "cluster.md"
+DOCS = REPO / "README.md"  # its "Running on a Ray cluster" section
 IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"
 SWEEP = "experiments/sweep_queue_momentum.yaml"
 

@@ -19,7 +19,7 @@ def build_method(cfg: Config) -> nn.Module:
     norm = split_bn_factory(mo.bn_splits) if bn_mode == "split" and mo.bn_splits > 1 else None
     if mo.method in ("moco_v1", "moco_v2"):
         head = "linear" if m.head == "linear" else "mlp"
-        enc = build_encoder(m.arch, m.small_stem, head, m.dim, m.hidden_dim, norm_layer=norm)
+        enc = build_encoder(m.arch, m.small_stem, head, m.dim, m.hidden_dim, norm_layer=norm, head_bn=m.head_bn)
         return MoCo(
             enc,
             dim=m.dim,

@@ -40,7 +40,7 @@ class RunInterrupted(RuntimeError):
 
 
 def storage_path(cfg: Config) -> str:
-    p = cfg.train.storage_path or str(Path.cwd() / "moco-ray-runs")
+    p = cfg.train.storage_path or os.environ.get("MOCO_RAY_STORAGE_PATH") or str(Path.cwd() / "moco-ray-runs")
     return p if "://" in p else str(Path(p).expanduser().resolve())
 
 
