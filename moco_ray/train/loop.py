@@ -131,6 +131,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if ckpt_dir_ctx:
             ckpt_dir_ctx.__exit__(None, None, None)
 
+    _record_worker_nodes(loop_config, rank, world)
     if world > 1:  # only what takes gradients is wrapped; the key encoder and queue stay plain
         model.encoder_q = DDP(model.encoder_q, device_ids=[device.index] if on_gpu else None)
     if cfg.train.compile:  # the encoder's graph; the queue and EMA bookkeeping stay eager
@@ -204,6 +205,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(_epoch_line(cfg, metrics), flush=True)
         if hooks.get("stop_after_epoch") == epoch and not last:
             break  # test-only: an interrupted run (the driver marks it KILLED; --resume continues it)
+
+
+def _record_worker_nodes(loop_config: dict[str, Any], rank: int, world: int) -> None:
+    """Tag the run with the Ray node of every worker, so a multi-node run shows which nodes took part."""
+    import ray
+
+    from moco_ray.tracking.mlflow_run import set_tags
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes: list[Any] = [node]
+    if world > 1:
+        nodes = [None] * world
+        dist.all_gather_object(nodes, node)
+    if rank == 0:
+        set_tags(loop_config["tracking_uri"], loop_config["run_id"], {"moco_ray.worker_nodes": ",".join(nodes)})
 
 
 def _epoch_line(cfg: Config, m: dict[str, float]) -> str:

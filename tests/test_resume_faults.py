@@ -1,0 +1,126 @@
+"""Nothing a user ran is lost: an interrupted run resumes exactly; a crashed worker restarts from its checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def shards(small_image_root, tmp_path_factory):
+    from moco_ray.data.ingest import ingest
+
+    out = tmp_path_factory.mktemp("shards")
+    ingest(str(small_image_root), str(out), progress=False)
+    return out
+
+
+def _overrides(shards, tmp_path, uri, **extra):
+    o = {
+        "data.shards": str(shards),
+        "data.limit": 128,
+        "data.map_batch_size": 32,
+        "model.arch": "resnet18",
+        "model.small_stem": True,
+        "model.dim": 16,
+        "model.hidden_dim": 32,
+        "aug.image_size": 16,
+        "moco.queue_size": 80,  # not a multiple of the global batch: the queue wraps mid-batch
+        "train.epochs": EPOCHS,
+        "train.batch_size": 32,
+        "train.num_workers": 1,
+        "train.cpus_per_worker": 1,
+        "train.storage_path": str(tmp_path / "runs"),
+        "eval.knn_every": 0,
+        "tracking.tracking_uri": uri,
+        "tracking.experiment": "test-faults",
+    }
+    o.update(extra)
+    return o
+
+
+def _metric_steps(uri, run_id, key="loss"):
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def _queue_sha(state) -> str:
+    return hashlib.sha256(state["model"]["queue.keys"].numpy().tobytes()).hexdigest()
+
+
+def test_interrupted_run_resumes_with_bit_exact_queue(ray_local, shards, tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from moco_ray.train.checkpoint import load_state
+    from moco_ray.train.trainer import RunInterrupted, run_pretraining
+
+    with pytest.raises(RunInterrupted) as info:
+        run_pretraining(None, _overrides(shards, tmp_path, mlflow_uri), test_hooks={"stop_after_epoch": 0})
+    run_id = info.value.run_id
+    c = MlflowClient(mlflow_uri)
+    assert c.get_run(run_id).info.status == "KILLED"
+    assert _metric_steps(mlflow_uri, run_id) == [0]
+    saved = load_state(c.get_run(run_id).data.tags["moco_ray.checkpoint"])
+    assert saved["epoch"] == 0
+
+    res = run_pretraining(None, {"tracking.tracking_uri": mlflow_uri}, resume=run_id)
+    assert res.run_id == run_id
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert _metric_steps(mlflow_uri, run_id) == list(range(EPOCHS))  # no epoch lost or logged twice
+    # the queue the resumed workers started from is the saved one, bit for bit
+    assert run.data.tags["moco_ray.restored_queue_sha256"] == _queue_sha(saved)
+    assert int(run.data.tags["moco_ray.restored_queue_ptr"]) == int(saved["model"]["queue.ptr"])
+    final = load_state(res.checkpoint_path)
+    assert final["epoch"] == EPOCHS - 1
+    steps = final["global_step"]
+    assert steps == EPOCHS * (128 // 32)
+    assert int(final["model"]["queue.ptr"]) == (steps * 32) % 80
+
+
+def test_worker_failure_restarts_from_checkpoint(ray_local, shards, tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from moco_ray.train.checkpoint import load_state
+    from moco_ray.train.trainer import run_pretraining
+
+    steps_per_epoch = 128 // 32
+    fail_step = steps_per_epoch + 2  # mid-way through the second epoch, after epoch 1's checkpoint
+    res = run_pretraining(
+        None,
+        _overrides(shards, tmp_path, mlflow_uri, **{"train.max_failures": 1}),
+        test_hooks={"fail_at_step": fail_step},
+    )
+    c = MlflowClient(mlflow_uri)
+    run = c.get_run(res.run_id)
+    assert run.info.status == "FINISHED"
+    assert (tmp_path / "runs" / f"injected-failure-{res.run_id}").exists()  # the failure did happen
+    assert run.data.tags["moco_ray.restored_from_epoch"] == "0"  # and the restart came from epoch 0's checkpoint
+    assert _metric_steps(mlflow_uri, res.run_id) == list(range(EPOCHS))
+    final = load_state(res.checkpoint_path)
+    assert final["epoch"] == EPOCHS - 1
+    assert final["global_step"] == EPOCHS * steps_per_epoch
+    assert int(final["model"]["queue.ptr"]) == (final["global_step"] * 32) % 80
+
+
+def test_worker_failure_without_retries_fails_the_run(ray_local, shards, tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from moco_ray.train.trainer import run_pretraining
+
+    with pytest.raises(Exception, match="injected"):
+        run_pretraining(
+            None,
+            _overrides(shards, tmp_path, mlflow_uri, **{"train.max_failures": 0, "train.epochs": 1}),
+            test_hooks={"fail_at_step": 2},
+        )
+    runs = MlflowClient(mlflow_uri).search_runs(
+        [MlflowClient(mlflow_uri).get_experiment_by_name("test-faults").experiment_id]
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]  # visible, not lost
