@@ -84,3 +84,9 @@ def sweep(config: str | Path | dict, *, resume: bool = False, overrides: dict | 
     if kw:
         over = {**(over if isinstance(over, dict) else {}), **_kw_overrides(kw)}
     return run_sweep(config, overrides=over or None, resume=resume)
+
+
+# Evaluation and export of a run's encoder (child runs in MLflow, features through Ray); see evaluation/runner.py.
+from moco_ray.evaluation.runner import evaluate_knn, evaluate_linear, export_run  # noqa: E402
+
+__all__ = ["pretrain", "load_encoder", "sweep", "evaluate_knn", "evaluate_linear", "export_run"]

@@ -1,0 +1,53 @@
+"""``moco-ray eval`` and ``moco-ray export``: argparse Namespace -> :mod:`moco_ray.evaluation.runner` -> print.
+
+Errors are raised (ValueError / FileNotFoundError) for ``moco_ray.cli.main`` to print as one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(a: argparse.Namespace) -> int:
+    """``moco-ray eval knn|linear --run ID [--data SHARDS] [--epochs N] [--protocol-preset small|paper]``."""
+    from moco_ray.evaluation import runner
+
+    uri = getattr(a, "tracking_uri", "") or ""
+    if a.protocol == "knn":
+        r = runner.evaluate_knn(a.run, getattr(a, "data", None), tracking_uri=uri)
+        print(
+            f"kNN top-1 {r['top1']:.4f}  (k={r['k']}, t={r['t']}; {r['train_rows']} train / {r['test_rows']} test "
+            f"rows at {r['image_size']} px of {r['data']})"
+        )
+    else:
+        r = runner.evaluate_linear(
+            a.run,
+            getattr(a, "data", None),
+            tracking_uri=uri,
+            protocol=getattr(a, "protocol_preset", None),
+            epochs=getattr(a, "epochs", None),
+        )
+        print(
+            f"linear top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  train top-1 {r['train_top1']:.4f}  "
+            f"(protocol {r['protocol']}, {r['settings']['epochs']} epochs; {r['train_rows']} train / "
+            f"{r['test_rows']} test rows at {r['image_size']} px of {r['data']})"
+        )
+    print(f"eval run: {r['eval_run_id']} (child of {r['run_id']})")
+    return 0
+
+
+def export(a: argparse.Namespace) -> int:
+    """``moco-ray export --run ID [--format F] [--register NAME] OUT``."""
+    from moco_ray.evaluation import runner
+
+    r = runner.export_run(
+        a.run,
+        getattr(a, "format", "torchvision"),
+        a.out,
+        register=getattr(a, "register", None),
+        tracking_uri=getattr(a, "tracking_uri", "") or "",
+    )
+    print(f"exported {r.format}: {r.path}")
+    if r.version is not None:
+        print(f"registered model {r.registered_name} version {r.version} (models:/{r.registered_name}/{r.version})")
+    return 0
