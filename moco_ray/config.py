@@ -351,8 +351,8 @@ def validate(cfg: Config) -> None:
     _check(o.lr_reference_batch > 0, "optim.lr_reference_batch", o.lr_reference_batch, "> 0")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "0 <= momentum < 1")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
-    _check(0 <= o.warmup_epochs < max(t.epochs, 1), "optim.warmup_epochs", o.warmup_epochs, "0 <= w < epochs")
     _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
+    _check(0 <= o.warmup_epochs < t.epochs, "optim.warmup_epochs", o.warmup_epochs, "0 <= w < train.epochs")
     _check(t.num_workers >= 1, "train.num_workers", t.num_workers, ">= 1")
     _check(t.batch_size >= 2 * t.num_workers, "train.batch_size", t.batch_size, ">= 2 per worker")
     _check(

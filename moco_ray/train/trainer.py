@@ -60,12 +60,20 @@ def check_gpu_request(cfg: Config) -> None:
 
 
 def check_writable(path: str) -> None:
+    """Create-and-delete a probe file in the nearest existing directory: ``os.access`` says yes to root for any
+    path, even one under a regular file or on a read-only mount, and the run would only fail at its first
+    checkpoint."""
     if "://" in path:
         return
     p = Path(path)
     probe = p if p.exists() else next((q for q in p.parents if q.exists()), Path("/"))
-    if not os.access(probe, os.W_OK):
-        raise ValueError(f"train.storage_path: cannot write to {path}")
+    if not probe.is_dir():
+        raise ValueError(f"train.storage_path: cannot write to {path} ({probe} is not a directory)")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ValueError(f"train.storage_path: cannot write to {path} ({e.strerror or e})") from None
 
 
 def init_ray() -> None:

@@ -1,0 +1,331 @@
+"""Bad input through the real CLI: one line ``moco-ray: error: ...`` naming the problem, exit code 2, no traceback,
+no Ray started (except where the check needs the cluster: a GPU asked for on a cluster without one), nothing
+half-written.
+
+All cases run in ONE fresh interpreter (`_RUNNER`), each through ``moco_ray.cli.main.main`` with its stderr
+captured: a fresh process is what tells "no Ray was started" apart from the session's shared Ray instance, and
+one process instead of one per case saves the torch/ray/mlflow import each time (tens of seconds on a busy 2-CPU
+machine). Validation of the shard checks themselves lives in test_ingest.py; here only the user-facing line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+_RUNNER = r"""
+import contextlib, io, json, sys, traceback
+import ray
+from moco_ray.cli.main import main
+
+cases = json.loads(open(sys.argv[1]).read())
+out = {}
+for name, case in cases.items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            if case["start_ray"]:  # zero GPUs whatever the hardware: the check must see a GPU-less cluster
+                ray.init(address="local", num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            rc = main(case["argv"])
+        except SystemExit as e:
+            rc = e.code
+        except BaseException:
+            rc = None
+            traceback.print_exc()
+    out[name] = {"rc": rc, "stderr": err.getvalue(), "ray_started": ray.is_initialized()}
+    if ray.is_initialized():
+        ray.shutdown()
+open(sys.argv[2], "w").write(json.dumps(out))
+"""
+
+
+@dataclass
+class Case:
+    argv: list[str]
+    expect: str  # regex searched in the last stderr line
+    must_not_exist: list[Path] = field(default_factory=list)  # outputs a failed command must not leave behind
+    start_ray: bool = False
+
+
+def _tiny_tree(image_root: Path, dst: Path, per_class: int, classes: int = 2) -> Path:
+    """An ImageFolder of real images: `per_class` train and 2 test images for each of `classes` classes."""
+    for split, n in (("train", per_class), ("test", 2)):
+        for cls_dir in sorted((image_root / split).iterdir())[:classes]:
+            (dst / split / cls_dir.name).mkdir(parents=True)
+            for f in sorted(cls_dir.iterdir())[:n]:
+                shutil.copyfile(f, dst / split / cls_dir.name / f.name)
+    return dst
+
+
+def _bad_image_tree(image_root: Path, dst: Path) -> Path:
+    root = _tiny_tree(image_root, dst, per_class=2)
+    cls = sorted((root / "train").iterdir())[0]
+    buf = io.BytesIO()
+    Image.open(next(cls.iterdir())).convert("RGB").resize((32, 32)).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    bad = {
+        "zero.jpg": b"",
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "corrupt.jpg": jpeg[:4] + bytes(range(256)) * 4,  # a JPEG header, then garbage
+        "notes.txt": b"not an image\n",
+    }
+    for name, data in bad.items():
+        (cls / name).write_bytes(data)
+    return root
+
+
+def _fix_manifest(shard: dict, path: Path) -> None:
+    """Make the manifest entry agree with the rewritten file, so only its content is wrong."""
+    data = path.read_bytes()
+    shard.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def _damaged(shards: Path, dst: Path, how: str) -> Path:
+    """A copy of `shards` with its first train shard damaged `how`; the manifest agrees unless `how` is truncate."""
+    shutil.copytree(shards, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    s = next(s for s in m["shards"] if s["split"] == "train")
+    path = dst / s["path"]
+    table = pq.read_table(path)
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif how == "missing_column":
+        pq.write_table(table.drop_columns(["path", "id"]), path)
+    elif how == "wrong_type":
+        labels = pa.array([str(v) for v in table["label"].to_pylist()])
+        pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", labels), path)
+    elif how == "empty":
+        m["shards"], m["counts"] = [], {k: 0 for k in m["counts"]}
+    if how in ("missing_column", "wrong_type"):
+        _fix_manifest(s, path)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def _closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shards(image_root, tmp_path_factory) -> Path:
+    from moco_ray.data.ingest import ingest
+
+    src = _tiny_tree(image_root, tmp_path_factory.mktemp("bad_input_src"), per_class=12)
+    out = tmp_path_factory.mktemp("bad_input_shards") / "ok"
+    ingest(src, out, progress=False)  # 24 train rows
+    return out
+
+
+@pytest.fixture(scope="module")
+def cases(image_root, shards, tmp_path_factory) -> dict[str, Case]:
+    t = tmp_path_factory.mktemp("bad_input")
+    afile = t / "a_regular_file"
+    afile.write_text("x")
+    bad_src = _bad_image_tree(image_root, t / "bad_images")
+    (t / "empty_images" / "train" / "a").mkdir(parents=True)
+
+    def pretrain(
+        name: str,
+        *over: str,
+        data: Path = shards,
+        expect: str,
+        clean: tuple[str, ...] = ("db", "runs"),
+        resume: str = "",
+        start_ray: bool = False,
+    ) -> Case:
+        """A pretrain case with its own MLflow store and storage path, which a failed run must not create."""
+        d = t / name
+        d.mkdir()
+        paths = {"db": d / "mlflow.db", "runs": d / "runs"}
+        where = [f"tracking.tracking_uri=sqlite:///{paths['db']}", f"train.storage_path={paths['runs']}"]
+        if resume:
+            argv = ["pretrain", "--resume", resume, *where]
+        else:
+            quick = ["-c", "experiments/quickstart.yaml", f"data.shards={data}", "data.source="]
+            argv = ["pretrain", *quick, "train.batch_size=8", "moco.queue_size=64", *where, *over]
+        return Case(argv, expect, [paths[k] for k in clean], start_ray)
+
+    return {
+        "ingest_bad_images_strict": Case(
+            ["ingest", str(bad_src), str(t / "ingest_out"), "--strict", "--workers", "1"],
+            r"4 bad image file\(s\) in (?=.*zero\.jpg)(?=.*truncated\.jpg)(?=.*corrupt\.jpg)(?=.*notes\.txt)",
+            [t / "ingest_out"],
+        ),
+        "ingest_empty_folder": Case(
+            ["ingest", str(t / "empty_images"), str(t / "empty_out")], "no valid images found", [t / "empty_out"]
+        ),
+        "shards_missing": pretrain("shards_missing", data=t / "nowhere", expect=r"no manifest\.json"),
+        "shard_truncated": pretrain(
+            "shard_truncated",
+            data=_damaged(shards, t / "trunc", "truncate"),
+            expect=r"part-00000\.parquet has \d+ bytes, the manifest says \d+ \(truncated\?\)",
+        ),
+        "shard_missing_columns": pretrain(
+            "shard_missing_columns",
+            data=_damaged(shards, t / "cols", "missing_column"),
+            expect=r"missing column\(s\) id, path",
+        ),
+        "shard_wrong_schema": pretrain(
+            "shard_wrong_schema",
+            data=_damaged(shards, t / "schema", "wrong_type"),
+            expect=r"column 'label' has type string, expected int64",
+        ),
+        "dataset_empty": pretrain("dataset_empty", data=_damaged(shards, t / "empty", "empty"), expect="empty dataset"),
+        "dataset_smaller_than_batch": pretrain(
+            "dataset_smaller_than_batch",
+            "train.batch_size=32",
+            expect=r"split 'train' has 24 rows, fewer than one global batch \(train\.batch_size = 32\)",
+        ),
+        "unknown_arch": pretrain(
+            "unknown_arch", "model.arch=resnet9000", expect=r"model\.arch: 'resnet9000' is out of range"
+        ),
+        "unknown_field": pretrain("unknown_field", "moco.queue=5", expect=r"unknown config field moco\.queue"),
+        "queue_size_zero": pretrain(
+            "queue_size_zero", "moco.queue_size=0", expect=r"moco\.queue_size: 0 is out of range"
+        ),
+        "queue_size_not_int": pretrain(
+            "queue_size_not_int", "moco.queue_size=lots", expect=r"moco\.queue_size: expected an integer"
+        ),
+        "momentum_negative": pretrain(
+            "momentum_negative", "moco.momentum=-0.1", expect=r"moco\.momentum: -0\.1 is out of range"
+        ),
+        "temperature_zero": pretrain(
+            "temperature_zero", "moco.temperature=0", expect=r"moco\.temperature: 0\.0 is out of range"
+        ),
+        "lr_negative": pretrain("lr_negative", "optim.lr=-1", expect=r"optim\.lr: -1\.0 is out of range"),
+        "epochs_zero": pretrain(
+            "epochs_zero", "train.epochs=0", "optim.warmup_epochs=0", expect=r"train\.epochs: 0 is out of range"
+        ),
+        "queue_smaller_than_batch": pretrain(
+            "queue_smaller_than_batch",
+            "moco.queue_size=16",
+            "train.batch_size=32",
+            expect=r"moco\.queue_size: 16 is out of range; allowed: >= the global batch \(train\.batch_size = 32\)",
+        ),
+        "mlflow_unreachable": pretrain(
+            "mlflow_unreachable",
+            f"tracking.tracking_uri=http://127.0.0.1:{_closed_port()}",
+            expect=r"tracking\.tracking_uri: MLflow server http://127\.0\.0\.1:\d+ is unreachable",
+        ),
+        "storage_under_a_file": pretrain(
+            "storage_under_a_file",
+            f"train.storage_path={afile}/sub",
+            expect=rf"train\.storage_path: cannot write to {re.escape(str(afile))}/sub \(.* is not a directory\)",
+        ),
+        "sqlite_store_under_a_file": pretrain(
+            "sqlite_store_under_a_file",
+            f"tracking.tracking_uri=sqlite:///{afile}/mlflow.db",
+            expect=r"tracking\.tracking_uri: cannot write the sqlite store",
+        ),
+        # looking the run up creates the (empty) MLflow store; nothing else may appear
+        "resume_unknown_run": pretrain(
+            "resume_unknown_run",
+            resume="0123456789abcdef0123456789abcdef",
+            expect=r"MLflow run '0123456789abcdef0123456789abcdef' not found",
+            clean=("runs",),
+        ),
+        # the one check that needs the cluster (to count its GPUs): run on a started Ray without any
+        "gpu_without_gpus": pretrain(
+            "gpu_without_gpus",
+            "train.use_gpu=true",
+            expect=r"train\.use_gpu: 2 GPU worker\(s\) asked for but the Ray cluster has 0 GPU\(s\)",
+            clean=("runs",),
+            start_ray=True,
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def results(cases, tmp_path_factory) -> dict[str, dict]:
+    t = tmp_path_factory.mktemp("bad_input_run")
+    (t / "cases.json").write_text(json.dumps({k: {"argv": v.argv, "start_ray": v.start_ray} for k, v in cases.items()}))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MOCO_RAY_ALLOW_PENDING_GPUS")}
+    env["RAY_ADDRESS"] = "local"  # should anything start Ray by mistake, it must not attach to another cluster
+    # a timeout only so a hang (e.g. waiting for a GPU forever) fails the test instead of blocking the suite
+    p = subprocess.run(
+        [sys.executable, "-c", _RUNNER, str(t / "cases.json"), str(t / "out.json")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads((t / "out.json").read_text())
+
+
+CASE_NAMES = [
+    "ingest_bad_images_strict",
+    "ingest_empty_folder",
+    "shards_missing",
+    "shard_truncated",
+    "shard_missing_columns",
+    "shard_wrong_schema",
+    "dataset_empty",
+    "dataset_smaller_than_batch",
+    "unknown_arch",
+    "unknown_field",
+    "queue_size_zero",
+    "queue_size_not_int",
+    "momentum_negative",
+    "temperature_zero",
+    "lr_negative",
+    "epochs_zero",
+    "queue_smaller_than_batch",
+    "mlflow_unreachable",
+    "storage_under_a_file",
+    "sqlite_store_under_a_file",
+    "resume_unknown_run",
+    "gpu_without_gpus",
+]
+
+
+def test_every_case_is_listed(cases):
+    assert sorted(cases) == sorted(CASE_NAMES)
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_bad_input_is_one_clear_line(name, cases, results):
+    case, r = cases[name], results[name]
+    err = r["stderr"]
+    assert r["rc"] == 2, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("moco-ray: error: "), err
+    assert re.search(case.expect, last), last
+    # checked before any cluster resource is requested; only the GPU check needs the (GPU-less) cluster
+    assert r["ray_started"] is case.start_ray
+    for p in case.must_not_exist:
+        assert not p.exists(), f"{name} left {p} behind"
+
+
+def test_gpu_request_leaves_no_running_mlflow_run(cases, results):
+    """The GPU check fails fast (a hang would hit the runner's timeout) and no MLflow run is left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    assert results["gpu_without_gpus"]["rc"] == 2
+    uri = next(a.split("=", 1)[1] for a in cases["gpu_without_gpus"].argv if a.startswith("tracking.tracking_uri="))
+    c = MlflowClient(uri)
+    exps = [e.experiment_id for e in c.search_experiments()]
+    runs = c.search_runs(exps) if exps else []
+    assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
