@@ -92,6 +92,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _device(cfg)
     on_gpu = device.type == "cuda"
+    if on_gpu:  # input shapes are fixed for the whole run: let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = True
     channels_last = cfg.train.channels_last and on_gpu
     autocast = torch.bfloat16 if (cfg.train.precision == "bf16" and on_gpu) else None
     _seed_everything(cfg.train.seed, rank)

@@ -1,0 +1,130 @@
+"""Smoke tests of the GPU benchmarks on CPU: tiny sizes, real Ray / Parquet / MLflow, no timing assertions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_step  # noqa: E402
+import common  # noqa: E402
+
+
+def _ours_to_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our Encoder's keys (backbone.*, head.*) -> the torchvision model with an MLP fc (*, fc.*)."""
+    return {k.replace("backbone.", "", 1).replace("head.", "fc.", 1): v for k, v in state.items()}
+
+
+def test_reference_step_computes_what_ours_computes():
+    """Same weights, queue and batch: the reference-style module gives our loss and enqueues our keys."""
+    from moco_ray.core.methods import build_method
+
+    cfg = bench_step.case_config(bench_step.CASES["tiny"], bn="none")
+    torch.manual_seed(0)
+    ours = build_method(cfg)
+    ref = bench_step.build_reference(cfg)
+    ref.encoder_q.load_state_dict(_ours_to_reference(ours.encoder_q.state_dict()))
+    ref.encoder_k.load_state_dict(_ours_to_reference(ours.encoder_k.state_dict()))
+    ref.queue.copy_(ours.queue.keys.T)
+    b, s = cfg.train.batch_size, cfg.aug.image_size
+    im_q, im_k = torch.randn(b, 3, s, s), torch.randn(b, 3, s, s)
+
+    loss_ours = ours(im_q, im_k)["loss"]
+    logits, labels = ref(im_q, im_k)
+    loss_ref = torch.nn.functional.cross_entropy(logits, labels)
+
+    assert loss_ref.item() == pytest.approx(loss_ours.item(), rel=1e-5)
+    torch.testing.assert_close(ref.queue[:, :b].T, ours.queue.keys[:b], rtol=1e-5, atol=1e-6)
+    assert int(ref.queue_ptr) == int(ours.queue.ptr) == b
+
+
+def test_bench_step_tiny_cpu(tmp_path):
+    out = tmp_path / "step.json"
+    res = bench_step.main(["--device", "cpu", "--tiny", "--out", str(out)])
+    case = res["cases"]["tiny"]
+    assert set(case["variants"]) == {"reference-fp32", "ours-fp32"}
+    assert all(v["img_per_s"] > 0 and v["peak_gib"] is None for v in case["variants"].values())
+    ratio = case["variants"]["ours-fp32"]["img_per_s"] / case["variants"]["reference-fp32"]["img_per_s"]
+    assert case["ratio_to_reference"]["ours-fp32"] == pytest.approx(ratio)
+    assert case["bn_mode"] == "split"
+    assert json.loads(out.read_text())["cases"]["tiny"]["case_settings"]["batch"] == 8
+    assert res["results_line"].startswith("| ") and "tiny step ceiling" in res["results_line"]
+    with pytest.raises(ValueError, match="--cases"):
+        bench_step.main(["--device", "cpu", "--cases", "r99"])
+
+
+def test_repeat_imagefolder_cycles_the_train_images(small_image_root, tmp_path):
+    src = common.train_files(small_image_root)
+    tree = common.repeat_imagefolder(small_image_root, tmp_path / "rep", len(src) + 5)
+    files = sorted((tree / "train").glob("*/*"))
+    assert len(files) == len(src) + 5
+    by_index = {int(f.stem): f for f in files}
+    assert by_index[len(src)].read_bytes() == src[0].read_bytes()  # wrapped around to the first image
+    assert by_index[len(src)].parent.name == src[0].parent.name  # and kept its class
+    with pytest.raises(FileNotFoundError, match="train/"):
+        common.repeat_imagefolder(tmp_path / "missing", tmp_path / "x", 4)
+
+
+def test_synthetic_imagefolder_writes_textured_jpegs(tmp_path):
+    root, mean_bytes = common.synthetic_imagefolder(tmp_path / "syn", 6, width=40, height=32, classes=3, workers=1)
+    files = sorted((root / "train").glob("*/*.jpg"))
+    assert len(files) == 6 and {f.parent.name for f in files} == {"c00", "c01", "c02"}
+    assert mean_bytes == pytest.approx(sum(f.stat().st_size for f in files) / 6)
+    with Image.open(files[0]) as im:
+        assert im.format == "JPEG" and im.size == (40, 32)
+        assert np.asarray(im.convert("RGB"), dtype=np.float32).std() > 5  # not a flat image
+    assert (root / "train" / "c01" / "000004.jpg").read_bytes() == common.smooth_jpeg(4, 40, 32)  # seeded
+    with pytest.raises(ValueError, match="rows >= 1"):
+        common.synthetic_imagefolder(tmp_path / "none", 0)
+
+
+def test_gpu_sampler_windows():
+    s = common.GpuSampler()
+    s.samples = [(1.0, 0.0), (2.0, 40.0), (3.0, 80.0), (4.0, 60.0), (5.0, 0.0)]
+    assert s.busy_window() == (2.0, 4.0)
+    assert s.stats(*s.busy_window()) == {"samples": 3, "mean": 60.0, "median": 60.0}
+    assert s.stats(10.0, None)["mean"] is None
+
+
+def test_time_to_accuracy_targets_and_config(tmp_path):
+    import bench_time_to_accuracy as tta
+
+    rows = [{"elapsed_s": 10.0}, {"elapsed_s": 20.0, "knn_top1": 0.55}, {"elapsed_s": 30.0, "knn_top1": 0.72}]
+    assert tta.time_to_targets(rows, [0.5, 0.7, 0.9]) == {"0.5": 20.0, "0.7": 30.0, "0.9": None}
+    a = tta.parse_args(["--device", "cpu", "--tiny", "--override", "optim.lr=0.1", "--out-dir", str(tmp_path)])
+    cfg = tta.build_config(a, tmp_path / "shards")
+    assert (cfg.optim.lr, cfg.train.epochs, cfg.eval.knn_every, cfg.train.use_gpu) == (0.1, 2, 1, False)
+    assert cfg.model.small_stem and cfg.moco.queue_size == 32  # the experiment's YAML + tiny overrides
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        tta.build_config(tta.parse_args(["--device", "cpu", "--override", "optim.lr"]), tmp_path)
+
+
+@pytest.mark.ray
+def test_bench_e2e_tiny_cpu_runs_the_real_path(ray_local, small_image_root, tmp_path):
+    import bench_e2e
+    from mlflow import MlflowClient
+
+    out = tmp_path / "out"
+    args = ["--device", "cpu", "--tiny", "--datasets", "cifar", "--aug", "cpu", "--cifar-root", str(small_image_root)]
+    res = bench_e2e.main(args + ["--workdir", str(tmp_path / "work"), "--out-dir", str(out)])
+
+    assert res["datasets"]["cifar"]["train_rows"] == 64
+    (run,) = res["runs"]
+    assert run["epochs"] == 1 and run["images_per_s_last"] > 0 and run["ceiling_img_per_s"] > 0
+    assert run["ratio_to_ceiling"] == pytest.approx(run["images_per_s_last"] / run["ceiling_img_per_s"])
+    assert run["gpu_util_busy_window"] is None  # no GPU here
+    reports = common.read_report_log(out / "reports-cifar-aug-cpu.jsonl")
+    assert [r["epoch"] for r in reports] == [0]  # the Ray Train callback ran in the controller
+    assert reports[0]["images_per_s"] == pytest.approx(run["images_per_s_last"])
+    mlflow_run = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(run["run_id"])
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.metrics["images_per_s"] == pytest.approx(run["images_per_s_last"])
+    assert json.loads((out / "e2e.json").read_text())["runs"][0]["run_id"] == run["run_id"]
