@@ -181,6 +181,9 @@ def run_pretraining(
         run_id = resume
     else:
         cfg = load_config(cfg, overrides)
+    if cfg.data.shards and "://" not in cfg.data.shards:
+        # workers run in another cwd: a relative shard path must mean the same directory there
+        cfg.data.shards = str(Path(cfg.data.shards).expanduser().resolve())
     prep = prepare(cfg)  # may raise a clear error: nothing started yet
     uri, store = prep["tracking_uri"], prep["storage_path"]
     init_ray()
