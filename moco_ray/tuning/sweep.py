@@ -1,0 +1,500 @@
+"""Ray Tune sweeps over config keys (K, m, T, augmentation strength, ...) with parent/child MLflow runs.
+
+``run_sweep(FILE)`` validates the sweep (see moco_ray.tuning.space for the YAML format) before Ray starts,
+creates the parent MLflow run, and runs one trial per search point: each a full TorchTrainer pretraining whose
+child run carries ``mlflow.parentRunId`` and ``moco_ray.trial_id``. Worker reports reach Tune through
+TuneReportCallback, so ASHA can stop poor trials early. Afterwards the driver reconciles every trial's child run
+(finished -> FINISHED; stopped by ASHA -> KILLED + ``moco_ray.trial_state=stopped_early``; failed -> FAILED +
+``moco_ray.error``) and logs the results table, plots and the best trial to the parent.
+
+``resume=True`` restores the Tune experiment (``<storage_path>/<name>``): finished and failed trials are not
+run again, unfinished ones start over, and the same parent run is reused (its id is kept in the experiment dir).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from moco_ray.tuning import report
+from moco_ray.tuning.cleanup import remove_orphaned_placement_groups
+from moco_ray.tuning.space import SweepSettings, SweepSpec, asha_horizon, load_sweep, parse_search, settings_from
+from moco_ray.tuning.trial import (
+    ERROR_TAG,
+    STATE_TAG,
+    SWEEP_NAME_TAG,
+    SWEEP_TAG,
+    TRIAL_NAME_TAG,
+    TRIAL_TAG,
+    make_trainable,
+    run_name,
+)
+
+PARENT_FILE = "moco_ray_parent_run.txt"
+STATE_FILE = "moco_ray_sweep.json"
+RESULTS_CSV = "sweep_results.csv"
+TRIAL_STATES = ("finished", "stopped_early", "failed", "interrupted", "pending", "not_started")
+TRIAL_CPU = 0.01  # the trainable only drives a TorchTrainer; its workers request their own resources
+
+
+@dataclass
+class SweepResult:
+    """One row per trial in ``table``; ``best``: trial_id, run_id, params, metric, value (empty if none)."""
+
+    table: pd.DataFrame
+    best: dict[str, Any]
+    parent_run_id: str
+    experiment_path: str = ""
+    complete: bool = True  # False when trials were left unfinished (continue with resume=True)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _abs_local(p: str) -> str:
+    return p if (not p or "://" in p) else str(Path(p).expanduser().resolve())
+
+
+def _fs(path: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(path)
+
+
+def _write(path: str, text: str) -> None:
+    fs, p = _fs(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+def _read(path: str) -> str | None:
+    import pyarrow.fs
+
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
+
+
+@contextlib.contextmanager
+def _lenient_metrics() -> Iterator[None]:
+    """knn_top1 comes every eval.knn_every epochs only; Tune would otherwise fail a trial on the first report
+    without it. The metric name itself is validated against the known metrics before Ray starts."""
+    key = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+    old = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+class _SweepCallback:
+    """Tune callback (driver side): one line per trial that ends, and freeing the placement groups of stopped
+    trials (moco_ray.tuning.cleanup). Made lazily: ray.tune imports are slow."""
+
+    @staticmethod
+    def make(metric: str, total: int):
+        import time
+
+        from ray.tune import Callback
+
+        from moco_ray.tuning.cleanup import remove_orphaned_placement_groups
+
+        class SweepCallback(Callback):
+            def __init__(self) -> None:
+                self.metric, self.total, self.ended, self.next_check = metric, total, 0, 0.0
+
+            def on_step_begin(self, iteration, trials, **info) -> None:
+                # a stopped trial's actor dies shortly after Tune's decision: look again every few seconds
+                if time.monotonic() >= self.next_check:
+                    self.next_check = time.monotonic() + 5.0
+                    remove_orphaned_placement_groups()
+
+            def _line(self, trial, what: str) -> None:
+                self.ended += 1
+                self.next_check = 0.0
+                res = trial.last_result or {}
+                value = res.get(self.metric)
+                shown = f"  {self.metric} {value:.4g}" if isinstance(value, int | float) else ""
+                epochs = f" after {int(res['epoch']) + 1} epoch(s)" if "epoch" in res else ""
+                print(
+                    f"[sweep {self.ended}/{self.total}] trial {trial.trial_id} ({run_name(trial.config)}) "
+                    f"{what}{epochs}{shown}",
+                    flush=True,
+                )
+
+            def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+                self._line(trial, "ended")
+
+            def on_trial_error(self, iteration, trials, trial, **info) -> None:
+                self._line(trial, "FAILED")
+
+        return SweepCallback()
+
+
+def _scheduler(s: SweepSettings, epochs: int):
+    if s.scheduler == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_t, stop_last = asha_horizon(s, epochs)
+    # One report per epoch, so training_iteration counts epochs (epoch itself is 0-based).
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max_t,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+        stop_last_trials=stop_last,
+    )
+
+
+def _search_alg(s: SweepSettings):
+    if s.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=s.seed)
+    if s.seed is not None:
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=s.seed)
+    return None
+
+
+def auto_concurrency(cfg) -> int:
+    """Trials the cluster can run at once when sweep.max_concurrent_trials is 0.
+
+    The trainables request almost nothing, so Tune cannot limit them by resources: without a limit every trial
+    would start and its TorchTrainer wait for workers. One trial needs its workers' GPUs (or CPUs) plus one CPU
+    for its Ray Data tasks.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    t = cfg.train
+    if t.use_gpu:
+        return max(1, int(total.get("GPU", 0) // t.num_workers))
+    return max(1, int(total.get("CPU", 1) // (t.num_workers * t.cpus_per_worker + 1)))
+
+
+def _parent_params(spec: SweepSpec) -> dict[str, Any]:
+    params = {f"sweep.{k}": v for k, v in asdict(spec.settings).items()}
+    params.update({f"search.{k}": s.describe() for k, s in spec.search.items()})
+    params.update(spec.base.flat())
+    return params
+
+
+def run_sweep(
+    config: str | os.PathLike | dict[str, Any],
+    *,
+    overrides: list[str] | dict[str, Any] | None = None,
+    resume: bool = False,
+) -> SweepResult:
+    """Run (or with ``resume=True`` continue) the sweep described by `config` (a sweep YAML path or dict)."""
+    from moco_ray.tracking import mlflow_run as mt
+    from moco_ray.train.trainer import check_gpu_request, init_ray, prepare
+
+    spec = load_sweep(config, overrides)
+    s, cfg = spec.settings, spec.base
+    prep = prepare(cfg)  # tracking store, storage, shards: one clear error before Ray starts
+    uri = prep["tracking_uri"]
+    root = _abs_local(s.storage_path) if s.storage_path else prep["storage_path"]
+    exp_dir = f"{root.rstrip('/')}/{s.name}"
+    experiment = s.experiment or cfg.tracking.experiment
+    from ray import tune
+
+    if resume:
+        parent_id = (_read(f"{exp_dir}/{PARENT_FILE}") or "").strip()
+        if not parent_id or not tune.Tuner.can_restore(exp_dir):
+            raise ValueError(f"sweep.name: nothing to resume at {exp_dir} (run the sweep without --resume first)")
+        mt.get_run(uri, parent_id)
+        # the sweep as it was started: the file may have changed since, Tune's search space cannot
+        state = json.loads(_read(f"{exp_dir}/{STATE_FILE}") or "{}")
+        base_raw, fixed = state["base_raw"], state["fixed"]
+        spec = SweepSpec(
+            spec.base, parse_search(state["search"]), settings_from(state["settings"]), spec.source, base_raw
+        )
+        s = spec.settings
+        mt.client(uri).update_run(parent_id, status="RUNNING")
+    else:
+        if _read(f"{exp_dir}/{PARENT_FILE}") is not None or tune.Tuner.can_restore(exp_dir):
+            raise ValueError(
+                f"sweep.name: a sweep already exists at {exp_dir}; continue it with --resume, or set sweep.name=NEW"
+            )
+        base_raw = spec.base_raw
+        fixed = {
+            "tracking.tracking_uri": uri,
+            "tracking.experiment": experiment,
+            "train.storage_path": prep["storage_path"],
+            "data.shards": _abs_local(cfg.data.shards),
+        }
+        if cfg.data.source and Path(cfg.data.source).exists():
+            fixed["data.source"] = _abs_local(cfg.data.source)
+        tags = {**mt.version_tags(), SWEEP_TAG: "true", SWEEP_NAME_TAG: s.name, "moco_ray.sweep_dir": exp_dir}
+        parent_id = mt.create_run(uri, experiment, s.name, _parent_params(spec), tags, cfg.to_yaml())
+        mt.log_text(uri, parent_id, spec.to_yaml(), "sweep.yaml")
+        state = {
+            "base_raw": base_raw,
+            "fixed": fixed,
+            "search": {k: {sp.kind: sp.values} for k, sp in spec.search.items()},
+            "settings": asdict(s),
+        }
+        _write(f"{exp_dir}/{STATE_FILE}", json.dumps(state, indent=1, default=str))
+        _write(f"{exp_dir}/{PARENT_FILE}", parent_id + "\n")
+    print(f"[sweep] {s.name}: parent MLflow run {parent_id}; Tune experiment {exp_dir}", flush=True)
+
+    init_ray()
+    check_gpu_request(cfg)
+    trainable = tune.with_resources(make_trainable(base_raw, fixed, parent_id, s.name), {"CPU": TRIAL_CPU})
+    if resume:
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=spec.param_space(),
+            tune_config=tune.TuneConfig(
+                metric=s.metric,
+                mode=s.mode,
+                scheduler=_scheduler(s, cfg.train.epochs),
+                search_alg=_search_alg(s),
+                num_samples=s.num_samples,
+                max_concurrent_trials=s.max_concurrent_trials or auto_concurrency(cfg),
+            ),
+            run_config=tune.RunConfig(
+                name=s.name,
+                storage_path=root,
+                # A trial is one whole TorchTrainer run; worker failures are retried inside it (train.max_failures).
+                # No fail_fast: in Ray 2.60 it marks the trials it stops TERMINATED, so a resume would not rerun them.
+                failure_config=tune.FailureConfig(max_failures=0),
+                callbacks=[_SweepCallback.make(s.metric, spec.num_trials())],
+                verbose=s.verbose,
+            ),
+        )
+    interrupted = False
+    try:
+        with _lenient_metrics():
+            tuner.fit()  # failed trials are in the results, not raised
+    except KeyboardInterrupt:
+        interrupted = True
+    remove_orphaned_placement_groups()  # the trials Tune stopped last
+    result = finalize(uri, parent_id, exp_dir, base_raw, fixed, s, experiment, spec.search, spec.num_trials())
+    if interrupted:
+        raise KeyboardInterrupt(f"sweep interrupted; continue with: moco-ray sweep -c {spec.source} --resume")
+    return result
+
+
+def finalize(
+    uri: str,
+    parent_id: str,
+    exp_dir: str,
+    base_raw: dict[str, Any],
+    fixed: dict[str, Any],
+    s: SweepSettings,
+    experiment: str,
+    search: dict[str, Any],
+    expected: int,
+) -> SweepResult:
+    """Reconcile child runs with the trials' end states, then log the table, plots and best trial to the parent."""
+    from ray.tune import ExperimentAnalysis
+
+    from moco_ray.tracking import mlflow_run as mt
+
+    trials = sorted(
+        ExperimentAnalysis(exp_dir, default_metric=s.metric, default_mode=s.mode).trials, key=lambda t: t.trial_id
+    )
+    children = _child_runs(uri, parent_id)
+    rows = [_reconcile(uri, parent_id, t, children.get(t.trial_id, []), base_raw, fixed, experiment) for t in trials]
+    hist = _histories(uri, rows, s.metric)
+    table = _table(rows, list(search), s.metric, s.mode, hist)
+    counts = {str(k): int(v) for k, v in table["state"].value_counts().items()} if not table.empty else {}
+    if len(rows) < expected:
+        counts["not_started"] = expected - len(rows)
+    # trials are generated lazily: a sweep stopped early (Ctrl-C) may not have created them all
+    complete = len(rows) >= expected and all(r["state"] in ("finished", "stopped_early", "failed") for r in rows)
+    best = report.pick_best(table, s.metric, s.mode)
+    _log_parent(uri, parent_id, table, best, rows, hist, s, search)
+    sweep_state = "finished" if complete else "interrupted"
+    mt.set_tags(
+        uri,
+        parent_id,
+        {"moco_ray.sweep_state": sweep_state, **{f"moco_ray.trials_{k}": counts.get(k, 0) for k in TRIAL_STATES}},
+    )
+    ok = counts.get("finished", 0) + counts.get("stopped_early", 0)
+    mt.finish_run(uri, parent_id, "KILLED" if not complete else ("FINISHED" if ok else "FAILED"))
+    print(
+        f"[sweep] {sweep_state}: "
+        + ", ".join(f"{v} {k}" for k, v in counts.items())
+        + (f"; best {s.metric} {best['value']:.4g} (trial {best['trial_id']})" if best else ""),
+        flush=True,
+    )
+    return SweepResult(table, best, parent_id, exp_dir, complete, counts)
+
+
+def _child_runs(uri: str, parent_id: str) -> dict[str, list]:
+    """Child runs of the parent grouped by trial id, oldest first (a trial restarted on resume has several)."""
+    from mlflow.entities import ViewType
+
+    from moco_ray.tracking.mlflow_run import client
+
+    c = client(uri)
+    exp_id = c.get_run(parent_id).info.experiment_id
+    runs = c.search_runs(
+        [exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", run_view_type=ViewType.ALL, max_results=50000
+    )
+    out: dict[str, list] = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time or 0):
+        out.setdefault(r.data.tags.get(TRIAL_TAG, ""), []).append(r)
+    return out
+
+
+def describe_error(err: BaseException | None) -> str:
+    """``Type: first line`` of the root cause, unwrapping Ray's task/actor errors and Train's worker errors."""
+    if err is None:
+        return "unknown error"
+    for _ in range(10):
+        failures = getattr(err, "worker_failures", None)
+        nxt = next(iter(failures.values()), None) if isinstance(failures, dict) and failures else None
+        nxt = nxt or getattr(err, "cause", None) or err.__cause__
+        if not isinstance(nxt, BaseException) or nxt is err:
+            break
+        err = nxt
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+def _trial_error(trial) -> str:
+    err = None
+    with contextlib.suppress(Exception):
+        err = trial.get_pickled_error()
+    if err is None:
+        with contextlib.suppress(Exception):
+            err = trial.get_error()
+    return describe_error(err)
+
+
+def _reconcile(uri, parent_id, trial, runs, base_raw, fixed, experiment) -> dict[str, Any]:
+    """Set the MLflow end state of the trial's latest child run; older ones (restarted trials) become KILLED."""
+    from moco_ray.tracking import mlflow_run as mt
+
+    for old in runs[:-1]:
+        if old.info.status == "RUNNING":
+            mt.set_tags(uri, old.info.run_id, {STATE_TAG: "interrupted"})
+            mt.finish_run(uri, old.info.run_id, "KILLED")
+    run = runs[-1] if runs else None
+    status = run.info.status if run else None
+    error = ""
+    if trial.status == "ERROR":
+        state, error = "failed", _trial_error(trial)
+        if run is None:  # failed before its run existed (e.g. a data check in the trial): record it anyway
+            run = _create_failed_child(uri, parent_id, trial, base_raw, fixed, experiment)
+        mt.set_tags(uri, run.info.run_id, {STATE_TAG: state, ERROR_TAG: error})
+        mt.finish_run(uri, run.info.run_id, "FAILED")
+    elif trial.status == "TERMINATED":
+        # The trainable returns only after run_pretraining marked the run FINISHED; anything else was stopped.
+        state = "finished" if status == "FINISHED" else "stopped_early"
+        if run is not None:
+            mt.set_tags(uri, run.info.run_id, {STATE_TAG: state})
+            if status != "FINISHED":
+                mt.finish_run(uri, run.info.run_id, "KILLED")
+    else:  # PENDING / RUNNING / PAUSED: the sweep stopped before this trial ended
+        state = "interrupted" if run is not None else "pending"
+        if run is not None and status == "RUNNING":
+            mt.set_tags(uri, run.info.run_id, {STATE_TAG: state})
+            mt.finish_run(uri, run.info.run_id, "KILLED")
+    return {
+        "trial_id": trial.trial_id,
+        "trial": trial,
+        "run_id": run.info.run_id if run else "",
+        "state": state,
+        "error": error,
+        "last_result": dict(trial.last_result or {}),
+    }
+
+
+def _create_failed_child(uri, parent_id, trial, base_raw, fixed, experiment):
+    from moco_ray.config import load_config
+    from moco_ray.tracking import mlflow_run as mt
+
+    params = dict(trial.config)
+    cfg = load_config(base_raw, {**fixed, **params, "tracking.run_name": run_name(params)})
+    tags = {TRIAL_TAG: trial.trial_id, TRIAL_NAME_TAG: str(trial), **mt.version_tags()}
+    name = cfg.tracking.run_name
+    rid = mt.create_run(uri, experiment, name, cfg.flat(), tags, cfg.to_yaml(), parent_run_id=parent_id)
+    return mt.get_run(uri, rid)
+
+
+def _histories(uri, rows, metric: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Per-trial ``{key: [(epoch, value)]}`` of loss and `metric`, read from the child runs' MLflow history."""
+    from moco_ray.tracking import mlflow_run as mt
+
+    c = mt.client(uri)
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in rows:
+        if not r["run_id"]:
+            continue
+        out[r["trial_id"]] = {
+            k: [(m.step, m.value) for m in c.get_metric_history(r["run_id"], k)] for k in {"loss", metric}
+        }
+    return out
+
+
+def _table(rows, keys: list[str], metric: str, mode: str, hist) -> pd.DataFrame:
+    """One row per trial: ids, end state, searched values, final metrics (last report), best `metric` over epochs."""
+    pick = max if mode == "max" else min
+    recs = []
+    for r in rows:
+        res, cfg = r["last_result"], r["trial"].config
+        last = res.get(metric)
+        values = [v for _, v in hist.get(r["trial_id"], {}).get(metric, [])]
+        values += [float(last)] if isinstance(last, int | float) else []
+        rec = {
+            "trial_id": r["trial_id"],
+            "run_id": r["run_id"],
+            "state": r["state"],
+            **{f"param:{k}": cfg.get(k) for k in keys},
+            "epochs_done": int(res["epoch"]) + 1 if "epoch" in res else 0,
+        }
+        for m in dict.fromkeys(("loss", "acc1", "knn_top1", metric)):
+            v = res.get(m)
+            rec[f"final_{m}"] = float(v) if isinstance(v, int | float) else float("nan")
+        rec[f"best_{metric}"] = pick(values) if values else float("nan")
+        rec["error"] = r["error"]
+        recs.append(rec)
+    return pd.DataFrame(recs)
+
+
+def _log_parent(uri, parent_id, table, best, rows, hist, s: SweepSettings, search) -> None:
+    from moco_ray.tracking import mlflow_run as mt
+
+    c = mt.client(uri)
+    with tempfile.TemporaryDirectory() as d:
+        csv = Path(d) / RESULTS_CSV
+        table.to_csv(csv, index=False)
+        c.log_artifact(parent_id, str(csv))
+        plots = Path(d) / "plots"
+        plots.mkdir()
+        made = [report.plot_metric_vs_param(table, k, s.metric, plots / f"{s.metric}_vs_{k}.png") for k in search]
+        grid = [k for k, sp in search.items() if sp.kind == "grid"]
+        if len(grid) == 2:
+            made.append(report.plot_heatmap(table, grid[0], grid[1], s.metric, plots / f"{s.metric}_heatmap.png"))
+        curves = {
+            f"{r['trial_id']} {run_name(r['trial'].config)}": hist[r["trial_id"]] for r in rows if r["trial_id"] in hist
+        }
+        made.append(report.plot_learning_curves(curves, s.metric, plots / "learning_curves.png"))
+        for p in made:
+            if p is not None:
+                c.log_artifact(parent_id, str(p), "plots")
+    if best:
+        mt.set_tags(uri, parent_id, {"best_trial_id": best["trial_id"], "best_run_id": best["run_id"]})
+        c.log_metric(parent_id, f"best_{s.metric}", best["value"])

@@ -1,0 +1,49 @@
+"""The Ray Tune trainable: one trial = one full pretraining (TorchTrainer) and one child MLflow run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+TRIAL_TAG = "moco_ray.trial_id"
+TRIAL_NAME_TAG = "moco_ray.trial_name"
+SWEEP_TAG = "moco_ray.sweep"
+SWEEP_NAME_TAG = "moco_ray.sweep_name"
+STATE_TAG = "moco_ray.trial_state"
+ERROR_TAG = "moco_ray.error"
+
+
+def run_name(params: dict[str, Any]) -> str:
+    """``{"moco.queue_size": 1024, "moco.momentum": 0.99}`` -> ``queue_size=1024,momentum=0.99``."""
+    return ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in params.items())[:250] or "trial"
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def make_trainable(base_raw: dict[str, Any], fixed: dict[str, Any], parent_run_id: str, sweep_name: str) -> Callable:
+    """A function trainable closing over the base config layers and the overrides every trial shares.
+
+    ``fixed``: dotted overrides set by the sweep (tracking store and experiment, absolute paths). The trial's
+    search values come on top. Worker reports reach Tune through TuneReportCallback on the TorchTrainer.
+    """
+
+    def moco_trial(params: dict[str, Any]) -> None:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from moco_ray.train.trainer import run_pretraining
+
+        ctx = tune.get_context()
+        overrides = {**fixed, **params, "tracking.run_name": run_name(params)}
+        tags = {
+            TRIAL_TAG: ctx.get_trial_id(),
+            TRIAL_NAME_TAG: ctx.get_trial_name(),
+            SWEEP_NAME_TAG: sweep_name,
+        }
+        run_pretraining(
+            base_raw, overrides, parent_run_id=parent_run_id, extra_tags=tags, callbacks=[TuneReportCallback()]
+        )
+
+    return moco_trial

@@ -1,0 +1,260 @@
+"""Sweeps: real local Ray Tune + TorchTrainer trials, MLflow sqlite parent/child runs read back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from moco_ray.tuning.space import load_sweep
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def shards(small_image_root, tmp_path_factory):
+    from moco_ray.data.ingest import ingest
+
+    out = tmp_path_factory.mktemp("sweep_shards")
+    ingest(str(small_image_root), str(out), progress=False)
+    return out
+
+
+def _tiny(shards, tmp_path, uri: str, **extra) -> dict:
+    """A sweep dict over a tiny CPU setting: ResNet-18 small stem at 16 px, 2 steps per epoch, 1 worker."""
+    base = {
+        "model": {"arch": "resnet18", "small_stem": True, "dim": 32, "hidden_dim": 64},
+        "moco": {"queue_size": 128, "temperature": 0.2},
+        "aug": {"image_size": 16},
+        "data": {"shards": str(shards), "limit": 64, "map_batch_size": 32, "shuffle_buffer": 0},
+        "optim": {"lr": 0.06},
+        # 0.25 CPU per worker: two trials leave a whole CPU for their Ray Data tasks (1 CPU each)
+        "train": {
+            "epochs": 2,
+            "batch_size": 32,
+            "num_workers": 1,
+            "cpus_per_worker": 0.25,
+            "max_failures": 0,
+            "storage_path": str(tmp_path / "runs"),
+        },
+        "eval": {"knn_every": 1, "knn_k": 10, "knn_max_bank": 100, "knn_max_queries": 50},
+        "tracking": {"tracking_uri": uri, "experiment": "sweep-test"},
+    }
+    for k, v in extra.items():
+        base.setdefault(k, {}).update(v)
+    return base
+
+
+def _children(uri, parent_id):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_run(parent_id).info.experiment_id
+    return c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_grid_asha_parent_child_runs(ray_local, shards, tmp_path, mlflow_uri):
+    """2x2 grid over K and the lr; ASHA on the reported lr stops the low-lr trials after one epoch.
+
+    The reported lr depends only on the config, so ASHA's decision is known in advance: Tune's grid puts
+    optim.lr (sorted after moco.queue_size) in the outer loop, so both high-lr trials start first and set the
+    bar at the first rung that both low-lr trials then miss.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from moco_ray import sweep
+
+    spec = _tiny(
+        shards,
+        tmp_path,
+        mlflow_uri,
+        eval={"knn_every": 0},
+        search={"moco.queue_size": {"grid": [128, 256]}, "optim.lr": {"grid": [0.06, 0.0006]}},
+        sweep={
+            "name": "k_lr",
+            "metric": "lr",
+            "mode": "max",
+            "scheduler": "asha",
+            "grace_period": 1,
+            "reduction_factor": 2,
+            "max_concurrent_trials": 2,
+            "verbose": 0,
+        },
+    )
+    res = sweep(spec)
+    c = MlflowClient(mlflow_uri)
+
+    parent = c.get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["moco_ray.sweep"] == "true"
+    assert parent.data.params["sweep.metric"] == "lr" and parent.data.params["moco.temperature"] == "0.2"
+    assert parent.data.params["search.moco.queue_size"] == "grid[128, 256]"
+
+    t = res.table
+    assert len(t) == 4 and set(t["param:moco.queue_size"]) == {128, 256}
+    kids = {r.info.run_id: r for r in _children(mlflow_uri, res.parent_run_id)}
+    assert set(kids) == set(t["run_id"])  # one child run per trial, found by the table's run ids
+    for row in t.to_dict("records"):
+        run = kids[row["run_id"]]
+        assert run.data.tags["moco_ray.trial_id"] == row["trial_id"]
+        assert run.data.params["moco.queue_size"] == str(row["param:moco.queue_size"])
+        assert run.data.params["optim.lr"] == str(row["param:optim.lr"])
+        expect = {"finished": "FINISHED", "stopped_early": "KILLED"}[row["state"]]
+        assert run.info.status == expect and run.data.tags["moco_ray.trial_state"] == row["state"]
+    low, high = t[t["param:optim.lr"] < 0.01], t[t["param:optim.lr"] > 0.01]
+    assert (low["state"] == "stopped_early").all() and (low["epochs_done"] == 1).all()
+    assert (high["state"] == "finished").all() and (high["epochs_done"] == 2).all()
+    assert res.best["run_id"] in set(high["run_id"]) and res.best["params"]["optim.lr"] == 0.06
+    assert parent.data.tags["best_run_id"] == res.best["run_id"]
+    assert parent.data.metrics["best_lr"] == pytest.approx(res.best["value"])
+
+    arts = {a.path for a in c.list_artifacts(res.parent_run_id)}
+    assert {"sweep_results.csv", "config.yaml", "sweep.yaml", "plots"} <= arts
+    plots = {a.path for a in c.list_artifacts(res.parent_run_id, "plots")}
+    assert plots == {
+        f"plots/{p}.png" for p in ("lr_vs_moco.queue_size", "lr_vs_optim.lr", "lr_heatmap", "learning_curves")
+    }
+    import mlflow.artifacts
+
+    csv = mlflow.artifacts.download_artifacts(
+        run_id=res.parent_run_id,
+        artifact_path="sweep_results.csv",
+        dst_path=str(tmp_path / "dl"),
+        tracking_uri=mlflow_uri,
+    )
+    back = pd.read_csv(csv)
+    assert list(back["trial_id"]) == list(t["trial_id"]) and list(back["state"]) == list(t["state"])
+
+
+def _interrupt_when_run_starts(uri: str, experiment: str, split: str) -> threading.Thread:
+    """Ctrl-C (SIGINT to this process, as a user would) once the trial training on `split` has its child run."""
+
+    def watch() -> None:
+        from mlflow.tracking import MlflowClient
+
+        c = MlflowClient(uri)
+        deadline = time.monotonic() + 900  # a safety net only: the sweep itself would then just finish
+        while time.monotonic() < deadline:
+            exp = c.get_experiment_by_name(experiment)
+            if exp and c.search_runs([exp.experiment_id], f"params.`data.train_split` = '{split}'"):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.3)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def test_failed_trial_and_resume(ray_local, shards, tmp_path, mlflow_uri):
+    """A failing trial is FAILED with its error while the next one runs; Ctrl-C, then resume runs only the rest.
+
+    kNN every 2 epochs of 2: the first report has no knn_top1, which Tune must not treat as an error.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from moco_ray.tuning import run_sweep
+
+    path = tmp_path / "sweep.yaml"
+    # data.train_split "missing" is a valid config value but no such split exists: that trial fails at run time.
+    spec = _tiny(
+        shards,
+        tmp_path,
+        mlflow_uri,
+        eval={"knn_every": 2},
+        search={"data.train_split": {"grid": ["train", "missing", "test"]}},
+        sweep={"metric": "knn_top1", "mode": "max", "scheduler": "fifo", "max_concurrent_trials": 1, "verbose": 0},
+    )
+    path.write_text(yaml.safe_dump(spec))
+    watcher = _interrupt_when_run_starts(mlflow_uri, "sweep-test", "test")  # trials run in grid order
+    first = run_sweep(path)
+    watcher.join(timeout=5)
+    assert not first.complete
+    by_split = {r["param:data.train_split"]: r for r in first.table.to_dict("records")}
+    assert by_split["train"]["state"] == "finished" and by_split["train"]["epochs_done"] == 2
+    assert by_split["train"]["final_knn_top1"] > 0
+    assert by_split["missing"]["state"] == "failed"
+    assert by_split["missing"]["error"].startswith("ValueError: split 'missing' is not in the shards")
+    assert by_split["test"]["state"] == "interrupted"
+    c = MlflowClient(mlflow_uri)
+    assert c.get_run(first.parent_run_id).info.status == "KILLED"
+    failed = c.get_run(by_split["missing"]["run_id"])
+    assert failed.info.status == "FAILED" and failed.data.tags["moco_ray.error"] == by_split["missing"]["error"]
+    assert failed.data.tags["mlflow.parentRunId"] == first.parent_run_id
+    cut = c.get_run(by_split["test"]["run_id"])
+    assert cut.info.status == "KILLED" and cut.data.tags["moco_ray.trial_state"] == "interrupted"
+
+    with pytest.raises(ValueError, match="already exists"):
+        run_sweep(path)
+    again = run_sweep(path, resume=True)
+    assert again.complete and again.parent_run_id == first.parent_run_id
+    rows = {r["param:data.train_split"]: r for r in again.table.to_dict("records")}
+    assert {k: r["state"] for k, r in rows.items()} == {"train": "finished", "missing": "failed", "test": "finished"}
+    kids = _children(mlflow_uri, first.parent_run_id)
+    per_trial: dict[str, list] = {}
+    for k in kids:
+        per_trial.setdefault(k.data.tags["moco_ray.trial_id"], []).append(k)
+    # the finished and the failed trial were not run again; the interrupted one ran anew in a new child run
+    assert len(per_trial[rows["train"]["trial_id"]]) == 1 and rows["train"]["run_id"] == by_split["train"]["run_id"]
+    assert len(per_trial[rows["missing"]["trial_id"]]) == 1
+    assert len(per_trial[rows["test"]["trial_id"]]) == 2 and rows["test"]["run_id"] != by_split["test"]["run_id"]
+    assert c.get_run(rows["test"]["run_id"]).info.status == "FINISHED"
+    assert c.get_run(first.parent_run_id).info.status == "FINISHED"
+
+
+def test_bad_search_values_rejected_before_ray(tmp_path, shards):
+    import ray
+
+    base = _tiny(shards, tmp_path, f"sqlite:///{tmp_path / 'm.db'}")
+    was_up = ray.is_initialized()
+    cases = {
+        "moco.queue_size: 16 is out of range": {"moco.queue_size": {"grid": [128, 16]}},  # K < batch 32
+        "unknown config field": {"moco.queue": {"grid": [128]}},
+        "loguniform expects lo > 0": {"optim.lr": {"loguniform": [0, 1]}},
+        "expected one of": {"moco.momentum": [0.9, 0.99]},
+        "set by the sweep itself": {"tracking.experiment": {"choice": ["a"]}},
+    }
+    for msg, search in cases.items():
+        with pytest.raises(ValueError, match=msg) as e:
+            load_sweep({**base, "search": search})
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="sweep.metric"):
+        load_sweep({**base, "search": {}}, ["sweep.metric=top5"])
+    with pytest.raises(ValueError, match="sweep.grace_period"):
+        load_sweep({**base, "search": {}}, {"sweep.grace_period": 2})  # 2 epochs: the last rung must be < 2
+    s = load_sweep({**base, "search": {"moco.momentum": {"grid": [0.9]}}}, ["train.epochs=5", "sweep.name=x"])
+    assert s.base.train.epochs == 5 and s.settings.name == "x" and s.base.moco.queue_size == 128
+    assert ray.is_initialized() == was_up
+
+
+@pytest.mark.parametrize(
+    ("name", "trials", "keys"),
+    [
+        ("sweep_queue_momentum", 12, {"moco.queue_size", "moco.momentum"}),
+        ("sweep_temperature_aug", 12, {"moco.temperature", "aug.strength"}),
+        ("sweep_batch_robustness", 8, {"moco.method", "train.batch_size"}),
+    ],
+)
+def test_shipped_sweeps_validate(name, trials, keys):
+    """Every combination of each shipped sweep builds a valid config (checked without Ray)."""
+    from pathlib import Path
+
+    s = load_sweep(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml")
+    assert s.num_trials() == trials and set(s.search) == keys and s.settings.name == name
+
+
+def test_method_search_applies_each_methods_preset():
+    """moco.method as a searched key: a SimCLR trial gets SimCLR's model, the file's explicit values still win."""
+    from pathlib import Path
+
+    from moco_ray.config import load_config
+
+    s = load_sweep(Path(__file__).resolve().parents[1] / "experiments" / "sweep_batch_robustness.yaml")
+    simclr = load_config(s.base_raw, {"moco.method": "simclr", "train.batch_size": 64})
+    assert simclr.moco.method == "simclr" and simclr.moco.temperature == 0.2 and simclr.train.batch_size == 64
+    assert simclr.moco.queue_size == s.base.moco.queue_size  # unused by SimCLR, kept for a like-for-like table
