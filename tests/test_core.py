@@ -71,9 +71,7 @@ def test_key_encoder_follows_ema_exactly_after_several_steps():
         opt.step()
     for e, pk in zip(expected, model.encoder_k.parameters(), strict=True):
         torch.testing.assert_close(pk, e, rtol=1e-6, atol=1e-7)
-    moved = [
-        not torch.equal(pk, pq) for pk, pq in zip(model.encoder_k.parameters(), model.encoder_q.parameters())
-    ]
+    moved = [not torch.equal(pk, pq) for pk, pq in zip(model.encoder_k.parameters(), model.encoder_q.parameters())]
     assert any(moved)
 
 

@@ -53,9 +53,7 @@ def _run_steps(model: MoCo, rank: int, steps: int = 3) -> list[dict]:
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        records.append(
-            {"state": state, "loss": out["loss"].detach(), "queue_after": model.queue.keys.clone()}
-        )
+        records.append({"state": state, "loss": out["loss"].detach(), "queue_after": model.queue.keys.clone()})
     return records
 
 
@@ -115,9 +113,7 @@ def test_two_process_ddp(tmp_path):
     assert torch.equal(r[0]["queue"], r[1]["queue"])
     assert int(r[0]["ptr"]) == int(r[1]["ptr"]) == (3 * WORLD * B) % 20
     # parameters: BN running statistics legitimately differ, each rank normalised a different key slice
-    params = [
-        k for k in r[0]["encoder_k"] if not k.endswith(("running_mean", "running_var", "batches_tracked"))
-    ]
+    params = [k for k in r[0]["encoder_k"] if not k.endswith(("running_mean", "running_var", "batches_tracked"))]
     for key in params:
         assert torch.equal(r[0]["encoder_k"][key], r[1]["encoder_k"][key])
 

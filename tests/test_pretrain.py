@@ -35,6 +35,11 @@ def _overrides(shards, tmp_path, uri, **extra):
         "model.hidden_dim": 256,
         "model.head_bn": True,  # leaves the early plateau within dozens of steps (see test_core_learns)
         "aug.image_size": 32,
+        # Milder views and a faster-following key encoder: the loss falls within 80 steps (measured on CIFAR at
+        # 32 px with the core alone: 5.40 -> 4.8 at strength 0.5, m 0.99; the v2 views at m 0.999 stay near
+        # log(K+1) = 5.55 for hundreds of steps, too long for a CPU test).
+        "aug.strength": 0.5,
+        "moco.momentum": 0.99,
         "moco.queue_size": 256,
         "moco.temperature": 0.2,
         "train.epochs": EPOCHS,
@@ -75,8 +80,9 @@ def test_pretrain_end_to_end(ray_local, shards, tmp_path, mlflow_uri):
     assert all(0 < v < 20 for v in losses), losses  # finite, and on the InfoNCE scale (log(K+1) = 5.5)
     knn = [m.value for m in c.get_metric_history(res.run_id, "knn_top1")]
     assert all(0.0 <= v <= 1.0 for v in knn), knn
-    # Not asserted: that the epoch loss falls. Through the whole Ray path on 2 CPUs, 80 steps stay on MoCo's early
-    # plateau (seen: CIFAR 5.64 -> 6.01 -> 5.85, digits 5.78 -> 6.55); test_core_learns shows the fall on the core.
+    # the loss goes down: the last two epochs below the first two (the queue holds 8 steps' keys, so it is full
+    # of real keys from the first epoch on)
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.15, losses
     arts = {a.path for a in c.list_artifacts(res.run_id)}
     assert {"config.yaml", "encoder", "plots"} <= arts
     assert [a.path for a in c.list_artifacts(res.run_id, "plots")] == ["plots/training_curves.png"]
