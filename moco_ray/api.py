@@ -80,9 +80,10 @@ def sweep(config: str | Path | dict, *, resume: bool = False, overrides: dict | 
     """Run a Ray Tune sweep (see moco_ray.tuning.sweep.run_sweep)."""
     from moco_ray.tuning.sweep import run_sweep
 
-    over = dict(overrides or {}) if not isinstance(overrides, list) else overrides
-    if kw:
-        over = {**(over if isinstance(over, dict) else {}), **_kw_overrides(kw)}
+    over: dict | list = dict(overrides or {}) if not isinstance(overrides, list) else list(overrides)
+    if kw:  # keyword overrides (moco__queue_size=...) go after the others, whichever form those take
+        extra = _kw_overrides(kw)
+        over = [*over, *(f"{k}={v}" for k, v in extra.items())] if isinstance(over, list) else {**over, **extra}
     return run_sweep(config, overrides=over or None, resume=resume)
 
 

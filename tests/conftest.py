@@ -57,3 +57,13 @@ def ray_local():
 def mlflow_uri(tmp_path) -> str:
     """A fresh MLflow sqlite store for one test."""
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def small_shards(small_image_root, tmp_path_factory) -> Path:
+    """`small_image_root` ingested once into Parquet shards (read-only for the tests that share it)."""
+    from moco_ray.data.ingest import ingest
+
+    out = tmp_path_factory.mktemp("small_shards")
+    ingest(str(small_image_root), str(out), progress=False)
+    return out

@@ -128,3 +128,24 @@ def test_bench_e2e_tiny_cpu_runs_the_real_path(ray_local, small_image_root, tmp_
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.metrics["images_per_s"] == pytest.approx(run["images_per_s_last"])
     assert json.loads((out / "e2e.json").read_text())["runs"][0]["run_id"] == run["run_id"]
+
+
+def test_bench_methods_tiny_cpu(small_image_root, tmp_path):
+    """Every (method, batch) trial trains on the same images and reports kNN before and after."""
+    import bench_methods
+
+    out = tmp_path / "methods.json"
+    args = ["--data", str(small_image_root), "--images", "64", "--test-images", "40", "--epochs", "1"]
+    res = bench_methods.main(args + ["--size", "8", "--batches", "16", "32", "--queue-size", "64", "--json", str(out)])
+    assert [(r["method"], r["batch"]) for r in res["rows"]] == [
+        ("moco_v2", 16),
+        ("moco_v2", 32),
+        ("simclr", 16),
+        ("simclr", 32),
+    ]
+    assert [r["steps"] for r in res["rows"]] == [4, 2, 4, 2]  # 64 images per epoch at each batch
+    for r in res["rows"]:
+        assert 0 <= r["knn_top1"] <= 1 and len(r["loss_per_epoch"]) == 1 and r["loss_per_epoch"][0] > 0
+    # the same seed gives the same initial encoder, so the same kNN at init for every trial of a method
+    assert res["rows"][0]["knn_top1_init"] == res["rows"][1]["knn_top1_init"]
+    assert json.loads(out.read_text())["results_line"].startswith("| ")

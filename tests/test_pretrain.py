@@ -15,18 +15,9 @@ pytestmark = pytest.mark.ray
 EPOCHS = 8
 
 
-@pytest.fixture(scope="module")
-def shards(small_image_root, tmp_path_factory):
-    from moco_ray.data.ingest import ingest
-
-    out = tmp_path_factory.mktemp("shards")
-    ingest(str(small_image_root), str(out), progress=False)
-    return out
-
-
-def _overrides(shards, tmp_path, uri, **extra):
+def _overrides(small_shards, tmp_path, uri, **extra):
     o = {
-        "data.shards": str(shards),
+        "data.shards": str(small_shards),
         "data.map_batch_size": 32,
         "data.limit": 320,
         "model.arch": "resnet18",
@@ -58,14 +49,14 @@ def _overrides(shards, tmp_path, uri, **extra):
     return o
 
 
-def test_pretrain_end_to_end(ray_local, shards, tmp_path, mlflow_uri):
+def test_pretrain_end_to_end(ray_local, small_shards, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from moco_ray import load_encoder, pretrain
     from moco_ray.core.methods import backbone_of, build_method
     from moco_ray.train.checkpoint import load_state
 
-    res = pretrain(None, overrides=_overrides(shards, tmp_path, mlflow_uri))
+    res = pretrain(None, overrides=_overrides(small_shards, tmp_path, mlflow_uri))
     c = MlflowClient(mlflow_uri)
     run = c.get_run(res.run_id)
     assert run.info.status == "FINISHED"
@@ -89,7 +80,7 @@ def test_pretrain_end_to_end(ray_local, shards, tmp_path, mlflow_uri):
 
     # the encoder loads strictly into torchvision and gives the platform's features
     net = load_encoder(res.run_id, tracking_uri=mlflow_uri)
-    cfg = load_config(None, _overrides(shards, tmp_path, mlflow_uri))
+    cfg = load_config(None, _overrides(small_shards, tmp_path, mlflow_uri))
     model = build_method(cfg)
     model.load_state_dict(load_state(res.checkpoint_path)["model"])
     x = torch.randn(4, 3, 32, 32)

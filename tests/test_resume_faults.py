@@ -11,18 +11,9 @@ pytestmark = pytest.mark.ray
 EPOCHS = 3
 
 
-@pytest.fixture(scope="module")
-def shards(small_image_root, tmp_path_factory):
-    from moco_ray.data.ingest import ingest
-
-    out = tmp_path_factory.mktemp("shards")
-    ingest(str(small_image_root), str(out), progress=False)
-    return out
-
-
-def _overrides(shards, tmp_path, uri, **extra):
+def _overrides(small_shards, tmp_path, uri, **extra):
     o = {
-        "data.shards": str(shards),
+        "data.shards": str(small_shards),
         "data.limit": 128,
         "data.map_batch_size": 32,
         "model.arch": "resnet18",
@@ -54,14 +45,14 @@ def _queue_sha(state) -> str:
     return hashlib.sha256(state["model"]["queue.keys"].numpy().tobytes()).hexdigest()
 
 
-def test_interrupted_run_resumes_with_bit_exact_queue(ray_local, shards, tmp_path, mlflow_uri):
+def test_interrupted_run_resumes_with_bit_exact_queue(ray_local, small_shards, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from moco_ray.train.checkpoint import load_state
     from moco_ray.train.trainer import RunInterrupted, run_pretraining
 
     with pytest.raises(RunInterrupted) as info:
-        run_pretraining(None, _overrides(shards, tmp_path, mlflow_uri), test_hooks={"stop_after_epoch": 0})
+        run_pretraining(None, _overrides(small_shards, tmp_path, mlflow_uri), test_hooks={"stop_after_epoch": 0})
     run_id = info.value.run_id
     c = MlflowClient(mlflow_uri)
     assert c.get_run(run_id).info.status == "KILLED"
@@ -84,7 +75,7 @@ def test_interrupted_run_resumes_with_bit_exact_queue(ray_local, shards, tmp_pat
     assert int(final["model"]["queue.ptr"]) == (steps * 32) % 80
 
 
-def test_worker_failure_restarts_from_checkpoint(ray_local, shards, tmp_path, mlflow_uri):
+def test_worker_failure_restarts_from_checkpoint(ray_local, small_shards, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from moco_ray.train.checkpoint import load_state
@@ -94,7 +85,7 @@ def test_worker_failure_restarts_from_checkpoint(ray_local, shards, tmp_path, ml
     fail_step = steps_per_epoch + 2  # mid-way through the second epoch, after epoch 1's checkpoint
     res = run_pretraining(
         None,
-        _overrides(shards, tmp_path, mlflow_uri, **{"train.max_failures": 1}),
+        _overrides(small_shards, tmp_path, mlflow_uri, **{"train.max_failures": 1}),
         test_hooks={"fail_at_step": fail_step},
     )
     c = MlflowClient(mlflow_uri)
@@ -109,7 +100,7 @@ def test_worker_failure_restarts_from_checkpoint(ray_local, shards, tmp_path, ml
     assert int(final["model"]["queue.ptr"]) == (final["global_step"] * 32) % 80
 
 
-def test_worker_failure_without_retries_fails_the_run(ray_local, shards, tmp_path, mlflow_uri):
+def test_worker_failure_without_retries_fails_the_run(ray_local, small_shards, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from moco_ray.train.trainer import run_pretraining
@@ -117,7 +108,7 @@ def test_worker_failure_without_retries_fails_the_run(ray_local, shards, tmp_pat
     with pytest.raises(Exception, match="injected"):
         run_pretraining(
             None,
-            _overrides(shards, tmp_path, mlflow_uri, **{"train.max_failures": 0, "train.epochs": 1}),
+            _overrides(small_shards, tmp_path, mlflow_uri, **{"train.max_failures": 0, "train.epochs": 1}),
             test_hooks={"fail_at_step": 2},
         )
     runs = MlflowClient(mlflow_uri).search_runs(

@@ -16,22 +16,13 @@ from moco_ray.tuning.space import load_sweep
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def shards(small_image_root, tmp_path_factory):
-    from moco_ray.data.ingest import ingest
-
-    out = tmp_path_factory.mktemp("sweep_shards")
-    ingest(str(small_image_root), str(out), progress=False)
-    return out
-
-
-def _tiny(shards, tmp_path, uri: str, **extra) -> dict:
+def _tiny(small_shards, tmp_path, uri: str, **extra) -> dict:
     """A sweep dict over a tiny CPU setting: ResNet-18 small stem at 16 px, 2 steps per epoch, 1 worker."""
     base = {
         "model": {"arch": "resnet18", "small_stem": True, "dim": 32, "hidden_dim": 64},
         "moco": {"queue_size": 128, "temperature": 0.2},
         "aug": {"image_size": 16},
-        "data": {"shards": str(shards), "limit": 64, "map_batch_size": 32, "shuffle_buffer": 0},
+        "data": {"shards": str(small_shards), "limit": 64, "map_batch_size": 32, "shuffle_buffer": 0},
         "optim": {"lr": 0.06},
         # 0.25 CPU per worker: two trials leave a whole CPU for their Ray Data tasks (1 CPU each)
         "train": {
@@ -58,7 +49,7 @@ def _children(uri, parent_id):
     return c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_grid_asha_parent_child_runs(ray_local, shards, tmp_path, mlflow_uri):
+def test_grid_asha_parent_child_runs(ray_local, small_shards, tmp_path, mlflow_uri):
     """2x2 grid over K and the lr; ASHA on the reported lr stops the low-lr trials after one epoch.
 
     The reported lr depends only on the config, so ASHA's decision is known in advance: Tune's grid puts
@@ -70,7 +61,7 @@ def test_grid_asha_parent_child_runs(ray_local, shards, tmp_path, mlflow_uri):
     from moco_ray import sweep
 
     spec = _tiny(
-        shards,
+        small_shards,
         tmp_path,
         mlflow_uri,
         eval={"knn_every": 0},
@@ -151,7 +142,7 @@ def _interrupt_when_run_starts(uri: str, experiment: str, split: str) -> threadi
     return t
 
 
-def test_failed_trial_and_resume(ray_local, shards, tmp_path, mlflow_uri):
+def test_failed_trial_and_resume(ray_local, small_shards, tmp_path, mlflow_uri):
     """A failing trial is FAILED with its error while the next one runs; Ctrl-C, then resume runs only the rest.
 
     kNN every 2 epochs of 2: the first report has no knn_top1, which Tune must not treat as an error.
@@ -163,7 +154,7 @@ def test_failed_trial_and_resume(ray_local, shards, tmp_path, mlflow_uri):
     path = tmp_path / "sweep.yaml"
     # data.train_split "missing" is a valid config value but no such split exists: that trial fails at run time.
     spec = _tiny(
-        shards,
+        small_shards,
         tmp_path,
         mlflow_uri,
         eval={"knn_every": 2},
@@ -207,10 +198,10 @@ def test_failed_trial_and_resume(ray_local, shards, tmp_path, mlflow_uri):
     assert c.get_run(first.parent_run_id).info.status == "FINISHED"
 
 
-def test_bad_search_values_rejected_before_ray(tmp_path, shards):
+def test_bad_search_values_rejected_before_ray(tmp_path, small_shards):
     import ray
 
-    base = _tiny(shards, tmp_path, f"sqlite:///{tmp_path / 'm.db'}")
+    base = _tiny(small_shards, tmp_path, f"sqlite:///{tmp_path / 'm.db'}")
     was_up = ray.is_initialized()
     cases = {
         "moco.queue_size: 16 is out of range": {"moco.queue_size": {"grid": [128, 16]}},  # K < batch 32
