@@ -81,27 +81,7 @@ def init_ray() -> None:
 
     if not ray.is_initialized():
         # RAY_ADDRESS (set by `ray job submit`) connects to the cluster; otherwise a local instance starts.
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS") or None,
-            log_to_driver=True,
-            configure_logging=False,
-            runtime_env={"worker_process_setup_hook": "moco_ray.train.trainer.quiet_worker_logs"},
-        )
-
-
-# Ray Train V2's placement-group cleaner polls the state API, which needs the dashboard (ray[default], not a
-# dependency here): without it, it warns once a second for the whole run ("Failed to query Ray Train Controller
-# actor state"), drowning the epoch lines. The cleaner only matters when a driver dies; sweeps free the placement
-# groups of stopped trials themselves (moco_ray.tuning.cleanup).
-NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
-
-
-def quiet_worker_logs() -> None:
-    """worker_process_setup_hook: runs in every Ray worker process of the job."""
-    import logging
-
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, configure_logging=False)
 
 
 def prepare(cfg: Config) -> dict[str, Any]:
