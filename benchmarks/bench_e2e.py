@@ -41,6 +41,7 @@ import torch
 from common import (
     CIFAR_MINI,
     REPO,
+    TINY_MODEL,
     GpuSampler,
     fmt_rate,
     read_report_log,
@@ -56,16 +57,6 @@ from moco_ray.config import Config, load_config
 EXPERIMENTS = {
     "cifar": REPO / "experiments" / "cifar10_mocov2_r18.yaml",
     "imagenet": REPO / "experiments" / "imagenet_mocov2_r50.yaml",
-}
-# Small enough to run on 2 busy CPU cores in seconds: the smoke test's settings.
-TINY_MODEL = {
-    "model.arch": "resnet18",
-    "model.small_stem": True,
-    "model.dim": 16,
-    "model.hidden_dim": 32,
-    "aug.image_size": 16,
-    "moco.queue_size": 32,
-    "train.batch_size": 8,
 }
 
 

@@ -24,19 +24,13 @@ from typing import Any
 
 import torch
 import yaml
-from common import REPO, read_report_log, report_logger, results_line, write_json
+from common import REPO, TINY_MODEL, read_report_log, report_logger, results_line, write_json
 
 from moco_ray.config import Config, load_config
 
 CONFIG = REPO / "experiments" / "cifar10_mocov2_r18.yaml"
 TINY = {
-    "model.arch": "resnet18",
-    "model.small_stem": True,
-    "model.dim": 16,
-    "model.hidden_dim": 32,
-    "aug.image_size": 16,
-    "moco.queue_size": 32,
-    "train.batch_size": 8,
+    **TINY_MODEL,
     "train.max_steps_per_epoch": 2,
     "eval.knn_k": 5,
     "eval.knn_max_bank": 64,

@@ -23,6 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR_MINI = Path(os.environ.get("MOCO_RAY_TEST_DATA", REPO.parent / "shared" / "data" / "cifar10-mini"))
 IMG_EXT = (".jpg", ".jpeg", ".png")
 
+# The --tiny model of the benchmark scripts: seconds on 2 busy CPU cores (the smoke tests' settings).
+TINY_MODEL = {
+    "model.arch": "resnet18",
+    "model.small_stem": True,
+    "model.dim": 16,
+    "model.hidden_dim": 32,
+    "aug.image_size": 16,
+    "moco.queue_size": 32,
+    "train.batch_size": 8,
+}
+
 
 def machine() -> str:
     """One line naming the machine: GPU (if any), CPU count and load, torch version."""
