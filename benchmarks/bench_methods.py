@@ -23,40 +23,24 @@ from typing import Any
 import common
 import numpy as np
 import torch
-from PIL import Image
 
 from moco_ray.config import load_config
 from moco_ray.core.methods import backbone_of, build_method
+from moco_ray.data.arrays import load_imagefolder_arrays
 from moco_ray.data.augment import build_view_augment, normalize_on_device
+from moco_ray.evaluation.features import extract_features
 from moco_ray.evaluation.knn import knn_accuracy
 
 
-def load_split(root: Path, split: str, size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-balanced first `limit` images (0 = all) of an ImageFolder split as uint8 [N,3,size,size]."""
-    classes = sorted(p for p in (root / split).iterdir() if p.is_dir())
-    per = math.ceil(limit / len(classes)) if limit else None
-    xs, ys = [], []
-    for ci, d in enumerate(classes):
-        for f in sorted(d.iterdir())[:per]:
-            img = Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)
-            xs.append(np.asarray(img))
-            ys.append(ci)
-    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
-    return x, torch.tensor(ys)
-
-
-@torch.no_grad()
-def features(backbone: torch.nn.Module, x: torch.Tensor, device: str) -> torch.Tensor:
-    backbone.eval()
-    out = [backbone(normalize_on_device(x[i : i + 256].to(device), device)).float() for i in range(0, len(x), 256)]
-    backbone.train()
-    return torch.nn.functional.normalize(torch.cat(out), dim=1)
+def in_batches(data: tuple[torch.Tensor, torch.Tensor], size: int = 256):
+    x, y = data
+    return ((x[i : i + size], y[i : i + size]) for i in range(0, len(x), size))
 
 
 def knn(backbone, train, test, device: str, k: int) -> float:
-    return knn_accuracy(
-        features(backbone, train[0], device), train[1], features(backbone, test[0], device), test[1], k=k
-    )
+    ftr, ytr = extract_features(backbone, in_batches(train), device, preprocess=normalize_on_device)
+    fte, yte = extract_features(backbone, in_batches(test), device, preprocess=normalize_on_device)
+    return knn_accuracy(ftr, ytr, fte, yte, k=k)
 
 
 def run_trial(method: str, batch: int, a: argparse.Namespace, train, test) -> dict[str, Any]:
@@ -145,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root = Path(a.data)
     if not (root / "train").is_dir():
         raise SystemExit(f"--data: no train/ split under {root}")
-    train = load_split(root, "train", a.size, a.images)
-    test = load_split(root, "test" if (root / "test").is_dir() else "train", a.size, a.test_images)
+    train = load_imagefolder_arrays(root, "train", a.size, a.images)[:2]
+    test = load_imagefolder_arrays(root, "test" if (root / "test").is_dir() else "train", a.size, a.test_images)[:2]
     print(f"{len(train[0])} train / {len(test[0])} test images at {a.size} px, {a.epochs} epochs; {common.machine()}")
     rows = [run_trial(m, b, a, train, test) for m in a.methods for b in a.batches]
     figures = "; ".join(f"{r['method']} b{r['batch']} kNN {r['knn_top1']:.3f}" for r in rows)
