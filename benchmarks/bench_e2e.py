@@ -53,6 +53,7 @@ from common import (
 )
 
 from moco_ray.config import Config, load_config
+from moco_ray.train.local_ray import local_init_kwargs
 
 EXPERIMENTS = {
     "cifar": REPO / "experiments" / "cifar10_mocov2_r18.yaml",
@@ -227,7 +228,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=a.cpus or os.cpu_count(), include_dashboard=False, configure_logging=False)
+        cpus = a.cpus or os.cpu_count()
+        ray.init(
+            address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False, **local_init_kwargs(cpus)
+        )
     results: dict[str, Any] = {"cpus": ray.cluster_resources().get("CPU"), "datasets": {}, "runs": []}
     try:
         for name in datasets:

@@ -117,7 +117,15 @@ def main() -> None:
     if not a.skip_ray:
         import ray
 
-        ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, log_to_driver=False)
+        from moco_ray.train.local_ray import local_init_kwargs
+
+        ray.init(
+            address="local",
+            num_cpus=a.cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            **local_init_kwargs(a.cpus),
+        )
     results = []
     for name, rows, _, size in cases:
         core, n_core = bench_core(shards[name], size)

@@ -27,6 +27,7 @@ import yaml
 from common import REPO, TINY_MODEL, read_report_log, report_logger, results_line, write_json
 
 from moco_ray.config import Config, load_config
+from moco_ray.train.local_ray import local_init_kwargs
 
 CONFIG = REPO / "experiments" / "cifar10_mocov2_r18.yaml"
 TINY = {
@@ -121,7 +122,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=a.cpus or os.cpu_count(), include_dashboard=False, configure_logging=False)
+        cpus = a.cpus or os.cpu_count()
+        ray.init(
+            address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False, **local_init_kwargs(cpus)
+        )
     try:
         t_run = time.time()
         res = run_pretraining(cfg, callbacks=[report_logger(jsonl, t_run, progress)])

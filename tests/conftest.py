@@ -47,8 +47,17 @@ def ray_local():
     """A real local Ray instance with 2 CPUs, shared by the session's Ray tests."""
     import ray
 
+    from moco_ray.train.local_ray import local_init_kwargs
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            **local_init_kwargs(2),
+        )
     yield ray
     ray.shutdown()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from moco_ray.config import Config, load_config
 from moco_ray.core.methods import backbone_of, build_method
 from moco_ray.train.checkpoint import load_state, rng_state, save_state, set_rng_state
 from moco_ray.train.schedule import lr_at
+
+_log = logging.getLogger(__name__)
 
 # Test-only hooks, passed as loop_config["test_hooks"] (never set by the CLI or the API):
 #   fail_at_step: rank 0 raises InjectedFailure once when the global step reaches it (a marker file next to the
@@ -32,6 +35,20 @@ def _device(cfg: Config) -> torch.device:
 
         return ray.train.torch.get_device()
     return torch.device("cpu")
+
+
+def _quiet_report_lines() -> None:
+    """Drop Ray Train's per-report INFO line from the console (it stays in the session's log files).
+
+    RunConfig's LoggingConfig(log_level="WARNING") filters ``ray.train.*`` loggers, but "Reporting training result
+    ..." comes from a logger named by its file path (``logging.getLogger(__file__)`` in Ray 2.60), which the filter
+    does not match; every epoch printed a long TrainingReport repr beside the epoch line.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray without that module does not print the line either
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _seed_everything(seed: int | None, rank: int) -> None:
@@ -88,6 +105,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from moco_ray.tracking.mlflow_run import set_tags
 
     cfg = load_config(loop_config["config"])
+    _quiet_report_lines()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _device(cfg)
@@ -204,7 +222,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         history.append(metrics)
         _report(cfg, loop_config, model, opt, epoch, global_step, history, rank, world, last)
         if rank == 0:
-            print(_epoch_line(cfg, metrics), flush=True)
+            # logged, not printed: Ray Train's patched print() on a worker both tees to stdout and logs, so a
+            # printed line reached the driver twice; the root logger's console handler forwards it once.
+            _log.info(_epoch_line(cfg, metrics))
         if hooks.get("stop_after_epoch") == epoch and not last:
             break  # test-only: an interrupted run (the driver marks it KILLED; --resume continues it)
 

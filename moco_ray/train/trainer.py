@@ -77,11 +77,28 @@ def check_writable(path: str) -> None:
 
 
 def init_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`), else to a running local one, else start one.
+
+    Only a new local instance gets moco-ray's worker-pool size and log hook (see ``local_ray``); a running cluster
+    keeps its own settings (and runs the dashboard, so the hook's warning does not occur there).
+    """
     import ray
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit`) connects to the cluster; otherwise a local instance starts.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, configure_logging=False)
+    if ray.is_initialized():
+        return
+    common = {"log_to_driver": True, "configure_logging": False}
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, **common)
+        return
+    from moco_ray.train.local_ray import local_init_kwargs
+
+    try:
+        ray.init(**common, **local_init_kwargs())
+    except ValueError as e:
+        if "existing cluster" not in str(e):
+            raise
+        ray.init(**common)  # a cluster started with `ray start` on this machine: join it as it is
 
 
 def prepare(cfg: Config) -> dict[str, Any]:
@@ -189,7 +206,7 @@ def run_pretraining(
     init_ray()
     check_gpu_request(cfg)
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train import DataConfig as RayDataConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -245,6 +262,9 @@ def run_pretraining(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks or [],
+            # Ray Train's per-report INFO lines ("Reporting training result ...", "Checkpoint successfully
+            # created ...") bury the epoch lines; they stay in the session's ray-train-sys log files.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=_datasets(cfg, prep["manifest"], epoch_offset),
         dataset_config=RayDataConfig(datasets_to_split=["train"]),

@@ -1,0 +1,47 @@
+"""How moco-ray starts a local Ray instance: a worker pool that survives between epochs, and a quiet log hook.
+
+Imports nothing but the standard library: ``quiet_worker_logs`` runs in every Ray worker process at start-up (an
+earlier version lived in the trainer module, and importing torch in every worker slowed start-up until Ray Data
+starved).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+HOOK = "moco_ray.train.local_ray.quiet_worker_logs"
+NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """``worker_process_setup_hook``: silence the placement-group cleaner's once-a-second warning.
+
+    Ray Train V2's cleaner polls the State API, which needs the dashboard (ray[default], not a dependency here).
+    Without it, it warns once a second for the whole run ("Failed to query Ray Train Controller actor state"),
+    drowning the epoch lines. The cleaner only matters when a driver dies; sweeps free the placement groups of
+    stopped trials themselves (moco_ray.tuning.cleanup).
+    """
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def worker_pool_size(num_cpus: int | None = None) -> int:
+    """Idle Ray workers to keep alive: the CPUs plus room for a run's long-lived actors.
+
+    Ray's default keeps as many worker processes as CPUs and kills idle ones after a second. A training run holds
+    a controller, the Train workers, Ray Data's coordinator and dataset manager and the cleaner: on a small machine
+    that is above the limit, so every epoch's Ray Data tasks started fresh processes and paid the torch and
+    torchvision imports again (measured on 2 CPUs: 7.3 s -> 3.5 s per epoch's execution, 128 images).
+    """
+    cpus = num_cpus or os.cpu_count() or 1
+    return max(2 * cpus, cpus + 8)
+
+
+def local_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
+    """``ray.init`` keyword arguments for a new local instance (not valid when joining a running cluster)."""
+    return {
+        "_system_config": {"num_workers_soft_limit": worker_pool_size(num_cpus)},
+        "runtime_env": {"worker_process_setup_hook": HOOK},
+    }
