@@ -12,19 +12,25 @@ import os
 from typing import Any
 
 HOOK = "moco_ray.train.local_ray.quiet_worker_logs"
-NOISY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# logger -> the lowest level still shown
+NOISY_LOGGERS = {
+    # warns once a second for the whole run without the dashboard (see quiet_worker_logs)
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    # "Dataset ... execution finished in N seconds" from the SplitCoordinator after every epoch; warnings stay
+    "ray.data._internal.execution.streaming_executor": logging.WARNING,
+}
 
 
 def quiet_worker_logs() -> None:
-    """``worker_process_setup_hook``: silence the placement-group cleaner's once-a-second warning.
+    """``worker_process_setup_hook``: keep the epoch lines readable among the workers' log lines.
 
     Ray Train V2's cleaner polls the State API, which needs the dashboard (ray[default], not a dependency here).
     Without it, it warns once a second for the whole run ("Failed to query Ray Train Controller actor state"),
     drowning the epoch lines. The cleaner only matters when a driver dies; sweeps free the placement groups of
     stopped trials themselves (moco_ray.tuning.cleanup).
     """
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name, level in NOISY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def worker_pool_size(num_cpus: int | None = None) -> int:
