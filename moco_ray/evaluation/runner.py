@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from moco_ray.config import Config
 
 EVAL_TAG = "moco_ray.eval"
-MODEL_URI_TAG = "moco_ray.encoder_model_uri"
 CACHE_ENV = "MOCO_RAY_CACHE"
 DEFAULT_IMAGE_SIZE = 224  # when the run has no config.yaml to take aug.image_size from
 SMALL_IMAGE_MAX = 96  # image_size up to this -> the `small` linear protocol by default
@@ -381,10 +380,10 @@ def _register(uri: str, run, net, enc: RunEncoder, name: str) -> str:
     from moco_ray.tracking import mlflow_run as mt
 
     run_id = run.info.run_id
-    model_uri = run.data.tags.get(MODEL_URI_TAG)
+    model_uri = run.data.tags.get(mt.ENCODER_MODEL_URI_TAG)
     if not model_uri:  # e.g. a run logged before the trainer logged mlflow.pytorch models
         model_uri = mt.log_pytorch_model(uri, run_id, net)
-        mt.set_tags(uri, run_id, {MODEL_URI_TAG: model_uri})
+        mt.set_tags(uri, run_id, {mt.ENCODER_MODEL_URI_TAG: model_uri})
     mlflow.set_tracking_uri(uri)
     tags = {"moco_ray.run_id": run_id, "arch": enc.arch, "small_stem": str(enc.small_stem)}
     mv = mlflow.register_model(model_uri, name, tags=tags)

@@ -198,6 +198,25 @@ def log_pytorch_model(uri: str, run_id: str, module) -> str | None:
     return info.model_uri
 
 
+ENCODER_MODEL_URI_TAG = "moco_ray.encoder_model_uri"
+
+
+def log_trained_encoder(uri: str, run_id: str, backbone, arch: str, small_stem: bool) -> str:
+    """Everything a finished run logs of its encoder: ``encoder/`` (state dict + info), the mlflow.pytorch model of
+    the plain torchvision module, and the tag pointing at that model (what export --register registers).
+
+    Returns the ``encoder/`` artifact URI. One function, so the trainer and the tests' hand-made runs log alike.
+    """
+    from moco_ray.core.encoders import build_backbone
+    from moco_ray.evaluation.export import load_torchvision_backbone_from_state, torchvision_state_dict
+
+    _, feat = build_backbone(arch, small_stem)
+    encoder_uri = log_encoder(uri, run_id, backbone, arch, small_stem, feat)
+    plain = load_torchvision_backbone_from_state(torchvision_state_dict(backbone), arch, small_stem)
+    set_tags(uri, run_id, {ENCODER_MODEL_URI_TAG: log_pytorch_model(uri, run_id, plain)})
+    return encoder_uri
+
+
 def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path:
     import mlflow.artifacts
 

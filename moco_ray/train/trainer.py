@@ -284,7 +284,6 @@ def run_pretraining(
 
 def _finish(cfg: Config, uri: str, run_id: str, result) -> PretrainResult:
     """Load the final checkpoint on the driver and log the encoder, plots and the checkpoint location."""
-    from moco_ray.core.encoders import build_backbone
     from moco_ray.core.methods import backbone_of, build_method
     from moco_ray.tracking import mlflow_run as mt
     from moco_ray.tracking.plots import plot_training_curves
@@ -312,13 +311,7 @@ def _finish(cfg: Config, uri: str, run_id: str, result) -> PretrainResult:
     model = build_method(cfg)
     model.load_state_dict(state["model"])
     backbone = backbone_of(model).eval()
-    _, feat = build_backbone(cfg.model.arch, cfg.model.small_stem)
-    encoder_uri = mt.log_encoder(uri, run_id, backbone, cfg.model.arch, cfg.model.small_stem, feat)
-    from moco_ray.evaluation.export import load_torchvision_backbone_from_state, torchvision_state_dict
-
-    plain = load_torchvision_backbone_from_state(torchvision_state_dict(backbone), cfg.model.arch, cfg.model.small_stem)
-    model_uri = mt.log_pytorch_model(uri, run_id, plain)
-    mt.set_tags(uri, run_id, {"moco_ray.encoder_model_uri": model_uri})
+    encoder_uri = mt.log_trained_encoder(uri, run_id, backbone, cfg.model.arch, cfg.model.small_stem)
     mt.finish_run(uri, run_id, "FINISHED")
     metrics = {k: float(v) for k, v in history[-1].items()}
     return PretrainResult(run_id, uri, metrics, history, encoder_uri, ckpt_path)

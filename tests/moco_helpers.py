@@ -1,0 +1,63 @@
+"""Helpers shared by the tests that need a trained encoder in an MLflow run without a full Ray Train run.
+
+A pretraining run costs minutes on 2 CPUs; these train the platform's own MoCo core for a few hundred steps in
+the test process (same method, augmentation and normalisation as the trainer) and log the result with the
+trainer's own logging function, so `moco-ray eval` / `export` see exactly what a finished run leaves behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def copy_balanced_subset(root: Path, out: Path, per_class: dict[str, int]) -> Path:
+    """Copy the first ``per_class[split]`` files (sorted) of every class of each split of ``root`` to ``out``."""
+    for split, n in per_class.items():
+        for cls_dir in sorted((root / split).iterdir()):
+            if not cls_dir.is_dir():
+                continue
+            dst = out / split / cls_dir.name
+            dst.mkdir(parents=True)
+            for f in sorted(cls_dir.iterdir())[:n]:
+                shutil.copyfile(f, dst / f.name)
+    return out
+
+
+def train_moco_steps(cfg, images: torch.Tensor, steps: int, lr: float, seed: int = 0) -> torch.nn.Module:
+    """``steps`` SGD steps of ``cfg``'s method on random batches of ``images`` (uint8 [N,3,S,S]); returns it.
+
+    Batches of ``cfg.train.batch_size`` are drawn with replacement; views come from the trainer's CPU
+    augmentation at ``cfg.aug`` and are normalised as on a training device. Deterministic given ``seed``
+    (the initial weights too: ``torch.manual_seed(seed)`` before the model is built).
+    """
+    from moco_ray.core.methods import build_method
+    from moco_ray.data.augment import build_view_augment, normalize_on_device
+
+    torch.manual_seed(seed)
+    model = build_method(cfg).train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
+    aug = build_view_augment(cfg.aug.preset, cfg.aug.image_size, cfg.aug.strength)
+    gen = torch.Generator().manual_seed(seed)
+    batch = cfg.train.batch_size
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        q, k = zip(*(aug.pair(img, gen) for img in images[idx]))
+        out = model(normalize_on_device(torch.stack(q), "cpu"), normalize_on_device(torch.stack(k), "cpu"))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+    return model
+
+
+def log_like_trainer(uri: str, cfg, backbone, name: str) -> str:
+    """A FINISHED run as the trainer leaves it: params, config.yaml and (unless ``backbone`` is None) the encoder."""
+    from moco_ray.tracking import mlflow_run as mt
+
+    rid = mt.create_run(uri, cfg.tracking.experiment, name, cfg.flat(), mt.version_tags(), cfg.to_yaml())
+    if backbone is not None:
+        mt.log_trained_encoder(uri, rid, backbone.eval(), cfg.model.arch, cfg.model.small_stem)
+    mt.finish_run(uri, rid, "FINISHED")
+    return rid
