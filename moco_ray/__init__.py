@@ -3,6 +3,7 @@
 The Python API (imports are lazy so ``import moco_ray`` stays cheap and Ray-free):
 
     from moco_ray import pretrain, load_encoder, sweep, load_config
+    from moco_ray import evaluate_knn, evaluate_linear, export_run
 """
 
 from __future__ import annotations
@@ -11,20 +12,30 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "load_config", "load_encoder", "pretrain", "sweep", "__version__"]
+__all__ = [
+    "Config",
+    "load_config",
+    "pretrain",
+    "load_encoder",
+    "sweep",
+    "evaluate_knn",
+    "evaluate_linear",
+    "export_run",
+    "__version__",
+]
 
 if TYPE_CHECKING:
-    from moco_ray.api import load_encoder, pretrain, sweep
+    from moco_ray.api import evaluate_knn, evaluate_linear, export_run, load_encoder, pretrain, sweep
     from moco_ray.config import Config, load_config
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("pretrain", "load_encoder", "sweep"):
-        from moco_ray import api
-
-        return getattr(api, name)
     if name in ("Config", "load_config"):
         from moco_ray import config
 
         return getattr(config, name)
+    if name in __all__:
+        from moco_ray import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'moco_ray' has no attribute {name!r}")

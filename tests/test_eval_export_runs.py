@@ -86,7 +86,7 @@ def runs(tmp_path_factory):
 def test_eval_separates_encoders_and_results_are_logged(ray_local, runs):
     from mlflow.tracking import MlflowClient
 
-    from moco_ray.evaluation.runner import evaluate_knn, evaluate_linear
+    from moco_ray import evaluate_knn, evaluate_linear  # the public API (lazy top-level names)
 
     uri = runs["uri"]
     knn = {r: evaluate_knn(runs[r], tracking_uri=uri, k=20) for r in ("random", "collapsed")}
