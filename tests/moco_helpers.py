@@ -26,19 +26,19 @@ def copy_balanced_subset(root: Path, out: Path, per_class: dict[str, int]) -> Pa
     return out
 
 
-def train_moco_steps(cfg, images: torch.Tensor, steps: int, lr: float, seed: int = 0) -> torch.nn.Module:
+def train_moco_steps(cfg, images: torch.Tensor, steps: int, seed: int = 0) -> torch.nn.Module:
     """``steps`` SGD steps of ``cfg``'s method on random batches of ``images`` (uint8 [N,3,S,S]); returns it.
 
-    Batches of ``cfg.train.batch_size`` are drawn with replacement; views come from the trainer's CPU
-    augmentation at ``cfg.aug`` and are normalised as on a training device. Deterministic given ``seed``
-    (the initial weights too: ``torch.manual_seed(seed)`` before the model is built).
+    Batches of ``cfg.train.batch_size`` are drawn with replacement and trained at the config's scaled ``cfg.lr``;
+    views come from the trainer's CPU augmentation at ``cfg.aug`` and are normalised as on a training device.
+    Deterministic given ``seed`` (the initial weights too: ``torch.manual_seed(seed)`` before the model is built).
     """
     from moco_ray.core.methods import build_method
     from moco_ray.data.augment import build_view_augment, normalize_on_device
 
     torch.manual_seed(seed)
     model = build_method(cfg).train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
     aug = build_view_augment(cfg.aug.preset, cfg.aug.image_size, cfg.aug.strength)
     gen = torch.Generator().manual_seed(seed)
     batch = cfg.train.batch_size

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 from moco_helpers import log_like_trainer, train_moco_steps
-from PIL import Image
 
 pytestmark = pytest.mark.ray
 
@@ -39,20 +38,13 @@ FIXTURE_CFG = {
 }
 
 
-def _load_train_images(root) -> torch.Tensor:
-    out = []
-    for cls in sorted(p for p in (root / "train").iterdir() if p.is_dir()):
-        for f in sorted(cls.iterdir()):
-            out.append(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).contiguous())
-    return torch.stack(out)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Digits shards, a sqlite store and runs: trained, random and collapsed encoders, and one without encoder."""
     from moco_ray.config import load_config
     from moco_ray.core.encoders import torchvision_backbone
     from moco_ray.core.methods import backbone_of
+    from moco_ray.data.arrays import load_imagefolder_arrays
     from moco_ray.data.digits import write_digits_imagefolder
     from moco_ray.data.ingest import ingest
 
@@ -69,7 +61,7 @@ def runs(tmp_path_factory):
     collapsed = torchvision_backbone(cfg.model.arch, cfg.model.small_stem).eval()
     with torch.no_grad():
         collapsed.conv1.weight.zero_()  # the stem sees nothing: every image gives the same feature
-    trained = backbone_of(train_moco_steps(cfg, _load_train_images(root), STEPS, cfg.lr))
+    trained = backbone_of(train_moco_steps(cfg, load_imagefolder_arrays(root, "train", SIZE)[0], STEPS))
     ids = {
         "trained": log_like_trainer(uri, cfg, trained, "trained"),
         "random": log_like_trainer(uri, cfg, rand, "random"),

@@ -9,10 +9,11 @@ features through Ray Data and a Ray task, into a real sqlite MLflow store. The r
 own initialisation (same seed), so the comparison is the training and nothing else.
 
 Measured on 2 CPUs (about 3 minutes): with these protocols random 0.244 kNN / 0.257 linear, trained 0.325 / 0.332;
-the thresholds (+0.03) leave about three standard errors of a 1,000-image test set. The curve with k 20 and a
-30-epoch probe: random 0.281 / 0.267, after 100 steps 0.303 / 0.351, 200 steps 0.329 / 0.374, 300 0.352 / 0.397.
-The small stem matters: with torchvision's ImageNet stem a 16 px image is 1x1 by layer4 and random features stay
-as good as MoCo's for the first ~50k images.
+the thresholds (+0.03 kNN, +0.05 linear, as before this test used eval's protocols) sit 3.6 and 1.8 standard
+errors of a 1,000-image test set below the measured gains. The curve with k 20 and a 30-epoch probe: random
+0.281 / 0.267, after 100 steps 0.303 / 0.351, 200 steps 0.329 / 0.374, 300 steps 0.352 / 0.397. The small stem
+matters: with torchvision's ImageNet stem a 16 px image is 1x1 by layer4 and random features stay as good as
+MoCo's for the first ~50k images.
 
 Needs natural images (skipped without cifar10-mini): on the digits fallback random conv features already score
 0.97, and two generated sets tried as a fallback (digits at random scale and position: random 0.39 kNN, trained
@@ -62,11 +63,11 @@ def scores(natural_image_root, ray_local, tmp_path_factory) -> dict[str, dict[st
     torch.set_num_threads(2)
     try:
         train_x = load_imagefolder_arrays(images, "train", SIZE)[0]
-        random = backbone_of(train_moco_steps(cfg, train_x, 0, cfg.lr))  # the trained run's initial weights
-        trained = backbone_of(train_moco_steps(cfg, train_x, STEPS, cfg.lr))
+        random = backbone_of(train_moco_steps(cfg, train_x, 0))  # the trained run's initial weights
+        trained = backbone_of(train_moco_steps(cfg, train_x, STEPS))
     finally:
         torch.set_num_threads(threads)
-    runs = {"random": log_like_trainer(uri, cfg, random, "random"), "trained": log_like_trainer(uri, cfg, trained, "t")}
+    runs = {name: log_like_trainer(uri, cfg, enc, name) for name, enc in (("random", random), ("trained", trained))}
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOCO_RAY_CACHE", str(base / "cache"))
@@ -90,4 +91,4 @@ def test_briefly_trained_encoder_beats_random_on_knn(scores):
 def test_briefly_trained_encoder_beats_random_on_linear_probe(scores):
     trained, random = scores["trained"]["linear"], scores["random"]["linear"]
     assert trained["protocol"] == "small" and trained["settings"]["epochs"] == 100  # the CIFAR-sized default
-    assert trained["top1"] > random["top1"] + 0.03, (trained["top1"], random["top1"])
+    assert trained["top1"] > random["top1"] + 0.05, (trained["top1"], random["top1"])

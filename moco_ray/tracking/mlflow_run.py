@@ -14,6 +14,7 @@ ENCODER_DIR = "encoder"
 ENCODER_FILE = "encoder.pt"
 ENCODER_INFO = "encoder.json"
 CONFIG_FILE = "config.yaml"
+ENCODER_MODEL_URI_TAG = "moco_ray.encoder_model_uri"  # run tag: the mlflow.pytorch model of the encoder
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
@@ -196,9 +197,6 @@ def log_pytorch_model(uri: str, run_id: str, module) -> str | None:
             module.cpu().eval(), name="encoder_model", pip_requirements=reqs, serialization_format="pickle"
         )
     return info.model_uri
-
-
-ENCODER_MODEL_URI_TAG = "moco_ray.encoder_model_uri"
 
 
 def log_trained_encoder(uri: str, run_id: str, backbone, arch: str, small_stem: bool) -> str:
