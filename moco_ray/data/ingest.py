@@ -33,6 +33,7 @@ from moco_ray.data.decode import CorruptImageError, verify_image
 from moco_ray.data.manifest import MANIFEST_FILE, Manifest, ShardInfo, manifest_exists, read_manifest, write_manifest
 from moco_ray.data.schema import SCHEMA_VERSION, SHARD_SCHEMA
 from moco_ray.data.sources import Item, Source, open_source
+from moco_ray.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def ingest(
         fingerprint=fp,
         options=options,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        version=_version(),
+        version=__version__,
         schema_version=SCHEMA_VERSION,
         root=str(out),
     )
@@ -370,20 +371,6 @@ class _ShardWriter:
             d = self.out / split
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
-
-
-def _version() -> str:
-    try:
-        from moco_ray import __version__
-
-        return __version__
-    except ImportError:  # a stale editable install can leave moco_ray a namespace package
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return version("moco-ray")
-        except PackageNotFoundError:
-            return "unknown"
 
 
 def _sha256(path: Path) -> str:

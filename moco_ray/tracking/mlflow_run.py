@@ -69,7 +69,7 @@ def version_tags() -> dict[str, str]:
     import torch
     import torchvision
 
-    from moco_ray import __version__
+    from moco_ray.version import __version__
 
     tags = {
         "moco_ray.version": __version__,
