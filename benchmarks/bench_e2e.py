@@ -1,7 +1,7 @@
 """End-to-end training throughput: Parquet shards -> Ray Data -> TorchTrainer (one GPU), vs the step ceiling.
 
 For each dataset and each ``aug.device`` (cpu: views drawn in Ray Data tasks; gpu: decoded images shipped and
-views drawn on the device) it runs the real path, ``moco_ray.train.trainer.run_pretraining``, with one worker
+views drawn on the device) it runs the real path, ``moco_ray.jobs.pretrain.run_pretraining``, with one worker
 (``train.cpus_per_worker`` CPUs; Ray Data gets the rest of the local Ray's CPUs), bf16 + channels_last, no kNN,
 a checkpoint only after the last epoch, and reports:
 
@@ -53,7 +53,7 @@ from common import (
 )
 
 from moco_ray.config import Config, load_config
-from moco_ray.train.local_ray import local_init_kwargs
+from moco_ray.jobs.local_ray import local_init_kwargs
 
 EXPERIMENTS = {
     "cifar": REPO / "experiments" / "cifar10_mocov2_r18.yaml",
@@ -126,7 +126,7 @@ def run_config(name: str, aug: str, shards: Path, a: argparse.Namespace, out_dir
 
 def run_one(name: str, cfg: Config, out_dir: Path, ceiling_iters: int) -> dict[str, Any]:
     """Step ceiling, then the real run under the GPU sampler; the figures of its last epoch."""
-    from moco_ray.train.trainer import run_pretraining
+    from moco_ray.jobs.pretrain import run_pretraining
 
     device = torch.device("cuda" if cfg.train.use_gpu else "cpu")
     warmup = max(1, ceiling_iters // 3)

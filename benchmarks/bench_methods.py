@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from moco_ray.config import load_config
-from moco_ray.core.methods import backbone_of, build_method
 from moco_ray.data.arrays import load_imagefolder_arrays
 from moco_ray.data.augment import build_view_augment, normalize_on_device
 from moco_ray.evaluation.features import extract_features
 from moco_ray.evaluation.knn import knn_accuracy
+from moco_ray.train.model import backbone_of, build_method
+from moco_ray.train.step import build_optimizer, set_lr, train_step
 
 
 def in_batches(data: tuple[torch.Tensor, torch.Tensor], size: int = 256):
@@ -58,12 +59,15 @@ def run_trial(method: str, batch: int, a: argparse.Namespace, train, test) -> di
             "aug.strength": a.strength,
             "train.batch_size": batch,
             "train.num_workers": 1,
+            "optim.lr": a.lr,  # at batch 256, scaled linearly to `batch` (cfg.lr)
+            "optim.lr_reference_batch": 256,
+            "optim.weight_decay": 5e-4,
         },
     )
     torch.manual_seed(a.seed)
     model = build_method(cfg).to(a.device).train()
-    lr = a.lr * batch / 256
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    lr = cfg.lr
+    opt = build_optimizer(cfg, model)
     aug = build_view_augment(cfg.aug.preset, a.size, a.strength)
     gen = torch.Generator().manual_seed(a.seed)
     n = len(train[0])
@@ -75,17 +79,12 @@ def run_trial(method: str, batch: int, a: argparse.Namespace, train, test) -> di
         order = torch.randperm(n, generator=gen)
         losses = []
         for i in range(steps_per_epoch):
-            for g in opt.param_groups:  # cosine over the whole budget, per step
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            set_lr(opt, lr * 0.5 * (1 + math.cos(math.pi * step / total)))  # cosine over the whole budget
             idx = order[i * batch : (i + 1) * batch]
             q, k = zip(*(aug.pair(img, gen) for img in train[0][idx]))
             q = normalize_on_device(torch.stack(q).to(a.device), a.device)
             k = normalize_on_device(torch.stack(k).to(a.device), a.device)
-            out = model(q, k)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt.step()
-            losses.append(out["loss"].item())
+            losses.append(train_step(model, opt, q, k)["loss"].item())
             step += 1
         curve.append(round(float(np.mean(losses)), 3))
         print(f"  {method} batch {batch} epoch {epoch + 1}/{a.epochs} loss {curve[-1]:.3f}", flush=True)

@@ -39,8 +39,9 @@ import torchvision
 from common import fmt_rate, machine, results_line, write_json
 
 from moco_ray.config import Config, load_config
-from moco_ray.core.methods import build_method
 from moco_ray.core.shuffle_bn import split_bn_factory
+from moco_ray.train.model import build_method
+from moco_ray.train.step import build_optimizer, train_step
 
 VARIANTS = ("reference-fp32", "ours-fp32", "ours-bf16-cl", "ours-bf16-cl-compile")
 
@@ -266,9 +267,7 @@ def _ours_step(
     model = build_method(cfg).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(
-        model.encoder_q.parameters(), lr=cfg.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
-    )
+    opt = build_optimizer(cfg, model)
     if compile:  # as the loop: the encoder's graph; the queue and EMA bookkeeping stay eager
         model.encoder_q = torch.compile(model.encoder_q)
     dtype = torch.bfloat16 if bf16 else None
@@ -277,11 +276,7 @@ def _ours_step(
 
     def step() -> None:
         q, k = draw() if draw is not None else (im_q, im_k)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(q, k)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
+        train_step(model, opt, q, k, autocast=dtype)
 
     return step
 

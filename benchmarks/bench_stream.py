@@ -117,7 +117,7 @@ def main() -> None:
     if not a.skip_ray:
         import ray
 
-        from moco_ray.train.local_ray import local_init_kwargs
+        from moco_ray.jobs.local_ray import local_init_kwargs
 
         ray.init(
             address="local",

@@ -27,7 +27,7 @@ import yaml
 from common import REPO, TINY_MODEL, read_report_log, report_logger, results_line, write_json
 
 from moco_ray.config import Config, load_config
-from moco_ray.train.local_ray import local_init_kwargs
+from moco_ray.jobs.local_ray import local_init_kwargs
 
 CONFIG = REPO / "experiments" / "cifar10_mocov2_r18.yaml"
 TINY = {
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from bench_e2e import default_cifar_root
 
     from moco_ray.data.ingest import ingest
-    from moco_ray.train.trainer import run_pretraining
+    from moco_ray.jobs.pretrain import run_pretraining
 
     a = parse_args(argv)
     root = Path(a.cifar_root) if a.cifar_root else default_cifar_root()

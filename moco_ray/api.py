@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from moco_ray.config import Config
-from moco_ray.train.trainer import PretrainResult
+from moco_ray.jobs.pretrain import PretrainResult
 
 
 def _kw_overrides(kw: dict[str, Any]) -> dict[str, Any]:
@@ -29,7 +28,7 @@ def pretrain(
     ``moco__queue_size=1024``. ``resume=RUN_ID`` continues an interrupted run from its last checkpoint.
     Returns the run id, the final metrics, the encoder URI and the checkpoint path.
     """
-    from moco_ray.train.trainer import run_pretraining
+    from moco_ray.jobs.pretrain import run_pretraining
 
     over: dict[str, Any] = {}
     if isinstance(overrides, list):
@@ -50,25 +49,22 @@ def load_encoder(run_or_uri: str, tracking_uri: str = "", device: str = "cpu"):
 
     ``run_or_uri``: an MLflow run id, ``runs:/<id>/encoder``, or a local directory with encoder.pt + encoder.json.
     """
-    from moco_ray.tracking import mlflow_run as mt
+    from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
+    from moco_ray.tracking.run_log import open_run
+    from moco_ray.tracking.store import open_store
 
     local = Path(run_or_uri)
     if local.is_dir():
         return _load_dir(local, device)
-    uri = mt.resolve_tracking_uri(tracking_uri)
     run_id = run_or_uri.split("/")[1] if run_or_uri.startswith("runs:/") else run_or_uri
-    mt.get_run(uri, run_id)  # clear error for an unknown run
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            path = mt.download_artifact(uri, run_id, mt.ENCODER_DIR, d)
-        except Exception:
-            raise ValueError(f"run {run_id} has no encoder artifact (did it finish?)") from None
-        return _load_dir(path, device)
+    log, _ = open_run(open_store(tracking_uri), run_id)  # clear error for an unknown run
+    enc = log.encoder()
+    return load_torchvision_backbone_from_state(enc.state, enc.arch, enc.small_stem).to(device).eval()
 
 
 def _load_dir(path: Path, device: str):
-    from moco_ray.evaluation.export import load_torchvision_backbone
-    from moco_ray.tracking.mlflow_run import ENCODER_FILE, ENCODER_INFO
+    from moco_ray.core.backbone_io import load_torchvision_backbone
+    from moco_ray.tracking.run_log import ENCODER_FILE, ENCODER_INFO
 
     if not (path / ENCODER_INFO).is_file():
         raise ValueError(f"{path}: no {ENCODER_INFO}; not a moco-ray encoder directory")
@@ -87,7 +83,8 @@ def sweep(config: str | Path | dict, *, resume: bool = False, overrides: dict | 
     return run_sweep(config, overrides=over or None, resume=resume)
 
 
-# Evaluation and export of a run's encoder (child runs in MLflow, features through Ray); see evaluation/runner.py.
-from moco_ray.evaluation.runner import evaluate_knn, evaluate_linear, export_run  # noqa: E402
+# Evaluation and export of a run's encoder (child runs in MLflow, features through Ray); see moco_ray.jobs.
+from moco_ray.jobs.evaluate import evaluate_knn, evaluate_linear  # noqa: E402
+from moco_ray.jobs.export import export_run  # noqa: E402
 
 __all__ = ["pretrain", "load_encoder", "sweep", "evaluate_knn", "evaluate_linear", "export_run"]

@@ -19,7 +19,9 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
+from moco_ray.core import defaults as D
+from moco_ray.core.defaults import ARCHS
+
 METHODS = ("moco_v1", "moco_v2", "moco_v3", "simclr")
 
 
@@ -28,7 +30,7 @@ class ModelConfig:
     arch: str = "resnet18"
     small_stem: bool = False  # 3x3 stride-1 conv1 and no max-pool, for 32-96 px inputs
     head: Literal["linear", "mlp"] = "mlp"  # v1: linear, v2: 2-layer MLP
-    dim: int = 128  # output feature dimension of the projection head
+    dim: int = D.EMBED_DIM  # output feature dimension of the projection head
     hidden_dim: int = 0  # MLP hidden width; 0 = backbone feature width (as in MoCo v2)
     # BatchNorm in the MLP projector (MoCo v3 style) for v1/v2: spreads the embeddings of a fresh network, so
     # training leaves the early plateau (loss ~ log(K+1)) far sooner; off = the MoCo v2 paper head.
@@ -39,15 +41,15 @@ class ModelConfig:
 @dataclass
 class MoCoConfig:
     method: Literal["moco_v1", "moco_v2", "moco_v3", "simclr"] = "moco_v2"
-    queue_size: int = 4096  # K, number of negatives in the queue
-    momentum: float = 0.99  # m, EMA coefficient of the key encoder
-    temperature: float = 0.1  # T
+    queue_size: int = D.QUEUE_SIZE  # K, number of negatives in the queue
+    momentum: float = D.MOMENTUM  # m, EMA coefficient of the key encoder
+    temperature: float = D.TEMPERATURE  # T
     symmetric: bool = False  # each view serves as query once (loss summed over both directions)
     # How batch statistics are kept from leaking between query and key:
     # "auto" -> "ddp" with >1 worker, "split" with one; "ddp" = shuffle-BN across workers;
     # "split" = BatchNorm in `bn_splits` groups + in-batch shuffle (official CIFAR demo); "none" = off.
     shuffle_bn: Literal["auto", "ddp", "split", "none"] = "auto"
-    bn_splits: int = 8
+    bn_splits: int = D.BN_SPLITS
 
 
 @dataclass
@@ -108,8 +110,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     knn_every: int = 1  # epochs between kNN evaluations (0 = off)
-    knn_k: int = 200
-    knn_t: float = 0.1
+    knn_k: int = D.KNN_K
+    knn_t: float = D.KNN_T
     knn_max_bank: int = 0  # cap on memory-bank rows (0 = whole split)
     knn_max_queries: int = 0  # cap on query rows (0 = whole split)
 
@@ -389,3 +391,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.bn_mode == "ddp":
         _check(t.num_workers > 1, "moco.shuffle_bn", mo.shuffle_bn, "'ddp' needs train.num_workers > 1")
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (Ray workers run in another cwd); a URI (``s3://...``) or "" unchanged."""
+    return path if (not path or "://" in path) else str(Path(path).expanduser().resolve())

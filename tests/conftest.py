@@ -54,7 +54,7 @@ def ray_local():
     """A real local Ray instance with 2 CPUs, shared by the session's Ray tests."""
     import ray
 
-    from moco_ray.train.local_ray import local_init_kwargs
+    from moco_ray.jobs.local_ray import local_init_kwargs
 
     if not ray.is_initialized():
         ray.init(

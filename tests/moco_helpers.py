@@ -33,31 +33,29 @@ def train_moco_steps(cfg, images: torch.Tensor, steps: int, seed: int = 0) -> to
     views come from the trainer's CPU augmentation at ``cfg.aug`` and are normalised as on a training device.
     Deterministic given ``seed`` (the initial weights too: ``torch.manual_seed(seed)`` before the model is built).
     """
-    from moco_ray.core.methods import build_method
     from moco_ray.data.augment import build_view_augment, normalize_on_device
+    from moco_ray.train.model import build_method
+    from moco_ray.train.step import build_optimizer, train_step
 
     torch.manual_seed(seed)
     model = build_method(cfg).train()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
+    opt = build_optimizer(cfg, model)
     aug = build_view_augment(cfg.aug.preset, cfg.aug.image_size, cfg.aug.strength)
     gen = torch.Generator().manual_seed(seed)
     batch = cfg.train.batch_size
     for _ in range(steps):
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         q, k = zip(*(aug.pair(img, gen) for img in images[idx]))
-        out = model(normalize_on_device(torch.stack(q), "cpu"), normalize_on_device(torch.stack(k), "cpu"))
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
+        train_step(model, opt, normalize_on_device(torch.stack(q), "cpu"), normalize_on_device(torch.stack(k), "cpu"))
     return model
 
 
 def log_like_trainer(uri: str, cfg, backbone, name: str) -> str:
     """A FINISHED run as the trainer leaves it: params, config.yaml and (unless ``backbone`` is None) the encoder."""
-    from moco_ray.tracking import mlflow_run as mt
+    from moco_ray.tracking.run_log import create_run, version_tags
 
-    rid = mt.create_run(uri, cfg.tracking.experiment, name, cfg.flat(), mt.version_tags(), cfg.to_yaml())
+    log = create_run(uri, cfg.tracking.experiment, name, cfg.flat(), version_tags(), cfg.to_yaml())
     if backbone is not None:
-        mt.log_trained_encoder(uri, rid, backbone.eval(), cfg.model.arch, cfg.model.small_stem)
-    mt.finish_run(uri, rid, "FINISHED")
-    return rid
+        log.log_trained_encoder(backbone.eval(), cfg.model.arch, cfg.model.small_stem)
+    log.finish("FINISHED")
+    return log.run_id

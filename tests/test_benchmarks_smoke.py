@@ -25,7 +25,7 @@ def _ours_to_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def test_reference_step_computes_what_ours_computes():
     """Same weights, queue and batch: the reference-style module gives our loss and enqueues our keys."""
-    from moco_ray.core.methods import build_method
+    from moco_ray.train.model import build_method
 
     cfg = bench_step.case_config(bench_step.CASES["tiny"], bn="none")
     torch.manual_seed(0)

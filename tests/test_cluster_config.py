@@ -168,7 +168,7 @@ def test_head_serves_mlflow_to_the_workers(cluster):
     worker_start = _one(worker_cmds, "ray start --address=$RAY_HEAD_IP:6379")
     assert f"export MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:{port};" in worker_start
     # GPU workers start at 0; the trainer refuses a GPU run on a GPU-less cluster unless this is set.
-    trainer_src = (REPO / "moco_ray" / "train" / "trainer.py").read_text()
+    trainer_src = (REPO / "moco_ray" / "jobs" / "resolve.py").read_text()
     assert "MOCO_RAY_ALLOW_PENDING_GPUS" in trainer_src
     assert "export MOCO_RAY_ALLOW_PENDING_GPUS=1;" in head_start
     health = _one(head_cmds, "/health")

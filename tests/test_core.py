@@ -11,9 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moco_ray.config import load_config
-from moco_ray.core import KeyQueue, MoCo, build_method, info_nce, momentum_update
+from moco_ray.core import KeyQueue, MoCo, info_nce, momentum_update
 from moco_ray.core.encoders import build_backbone, build_encoder, torchvision_backbone
 from moco_ray.core.shuffle_bn import SplitBatchNorm
+from moco_ray.train.model import build_method
 
 
 def test_info_nce_matches_written_out_computation():

@@ -43,10 +43,10 @@ def runs(tmp_path_factory):
     """Digits shards, a sqlite store and runs: trained, random and collapsed encoders, and one without encoder."""
     from moco_ray.config import load_config
     from moco_ray.core.encoders import torchvision_backbone
-    from moco_ray.core.methods import backbone_of
     from moco_ray.data.arrays import load_imagefolder_arrays
     from moco_ray.data.digits import write_digits_imagefolder
     from moco_ray.data.ingest import ingest
+    from moco_ray.train.model import backbone_of
 
     base = tmp_path_factory.mktemp("eval_runs")
     root = write_digits_imagefolder(base / "digits", size=SIZE)
@@ -108,7 +108,7 @@ def test_eval_separates_encoders_and_results_are_logged(ray_local, runs):
 
 
 def test_features_are_cached_once(ray_local, runs):
-    from moco_ray.evaluation.runner import evaluate_knn
+    from moco_ray.jobs.evaluate import evaluate_knn
 
     uri = runs["uri"]
     first = evaluate_knn(runs["random"], tracking_uri=uri, k=10)
@@ -122,8 +122,8 @@ def test_features_are_cached_once(ray_local, runs):
 
 def test_export_torchvision_and_torchscript_match_load_encoder(runs, tmp_path):
     from moco_ray.api import load_encoder
-    from moco_ray.evaluation.export import load_torchvision_backbone
-    from moco_ray.evaluation.runner import export_run
+    from moco_ray.core.backbone_io import load_torchvision_backbone
+    from moco_ray.jobs.export import export_run
 
     uri, rid = runs["uri"], runs["trained"]
     ref_net = load_encoder(rid, tracking_uri=uri)
@@ -145,7 +145,7 @@ def test_export_torchvision_and_torchscript_match_load_encoder(runs, tmp_path):
 
 def test_export_detectron2_layout(runs, tmp_path):
     from moco_ray.api import load_encoder
-    from moco_ray.evaluation.runner import export_run
+    from moco_ray.jobs.export import export_run
 
     uri, rid = runs["uri"], runs["trained"]
     out = export_run(rid, "detectron2", tmp_path / "enc.pkl", tracking_uri=uri).path
@@ -172,7 +172,7 @@ def test_export_detectron2_layout(runs, tmp_path):
 def test_register_creates_versions(runs, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from moco_ray.evaluation.runner import export_run
+    from moco_ray.jobs.export import export_run
 
     uri = runs["uri"]
     v1 = export_run(runs["trained"], "torchvision", tmp_path / "a.pt", register="moco-enc", tracking_uri=uri)
@@ -184,7 +184,8 @@ def test_register_creates_versions(runs, tmp_path):
 
 
 def test_clear_errors(runs, tmp_path):
-    from moco_ray.evaluation.runner import evaluate_knn, export_run
+    from moco_ray.jobs.evaluate import evaluate_knn
+    from moco_ray.jobs.export import export_run
 
     uri = runs["uri"]
     with pytest.raises(ValueError, match="'0123456789abcdef' not found"):

@@ -12,14 +12,10 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from moco_ray.core.backbone_io import load_torchvision_backbone, torchvision_state_dict
 from moco_ray.core.encoders import build_backbone
 from moco_ray.core.shuffle_bn import SplitBatchNorm
-from moco_ray.evaluation.export import (
-    load_torchvision_backbone,
-    save_export,
-    to_detectron2,
-    torchvision_state_dict,
-)
+from moco_ray.evaluation.export import save_export, to_detectron2
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -11,11 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moco_ray.config import load_config
-from moco_ray.core import MoCoV3, QueryEncoder, SimCLR, build_method, ctr_loss, nt_xent
+from moco_ray.core import MoCoV3, QueryEncoder, SimCLR, ctr_loss, nt_xent
 from moco_ray.core.encoders import Encoder, build_mlp_head, torchvision_backbone
-from moco_ray.core.methods import backbone_of
 from moco_ray.core.moco_v3 import build_query_encoder
 from moco_ray.core.shuffle_bn import SplitBatchNorm
+from moco_ray.train.model import backbone_of, build_method
 
 
 def _unit(rows: torch.Tensor) -> list[list[float]]:

@@ -36,7 +36,7 @@ try:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)  # init_ray() then does nothing
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    from moco_ray.train.trainer import run_pretraining
+    from moco_ray.jobs.pretrain import run_pretraining
 
     res = run_pretraining(None, overrides)
     open(out, "w").write(json.dumps({"run_id": res.run_id, "nodes": nodes}))

@@ -53,8 +53,8 @@ def test_pretrain_end_to_end(ray_local, small_shards, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from moco_ray import load_encoder, pretrain
-    from moco_ray.core.methods import backbone_of, build_method
     from moco_ray.train.checkpoint import load_state
+    from moco_ray.train.model import backbone_of, build_method
 
     res = pretrain(None, overrides=_overrides(small_shards, tmp_path, mlflow_uri))
     c = MlflowClient(mlflow_uri)

@@ -48,11 +48,12 @@ def _queue_sha(state) -> str:
 def test_interrupted_run_resumes_with_bit_exact_queue(ray_local, small_shards, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
+    from moco_ray.jobs.pretrain import RunInterrupted, run_pretraining
     from moco_ray.train.checkpoint import load_state
-    from moco_ray.train.trainer import RunInterrupted, run_pretraining
+    from moco_ray.train.hooks import FaultHooks
 
     with pytest.raises(RunInterrupted) as info:
-        run_pretraining(None, _overrides(small_shards, tmp_path, mlflow_uri), test_hooks={"stop_after_epoch": 0})
+        run_pretraining(None, _overrides(small_shards, tmp_path, mlflow_uri), hooks=FaultHooks(stop_after_epoch=0))
     run_id = info.value.run_id
     c = MlflowClient(mlflow_uri)
     assert c.get_run(run_id).info.status == "KILLED"
@@ -78,15 +79,16 @@ def test_interrupted_run_resumes_with_bit_exact_queue(ray_local, small_shards, t
 def test_worker_failure_restarts_from_checkpoint(ray_local, small_shards, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
+    from moco_ray.jobs.pretrain import run_pretraining
     from moco_ray.train.checkpoint import load_state
-    from moco_ray.train.trainer import run_pretraining
+    from moco_ray.train.hooks import FaultHooks
 
     steps_per_epoch = 128 // 32
     fail_step = steps_per_epoch + 2  # mid-way through the second epoch, after epoch 1's checkpoint
     res = run_pretraining(
         None,
         _overrides(small_shards, tmp_path, mlflow_uri, **{"train.max_failures": 1}),
-        test_hooks={"fail_at_step": fail_step},
+        hooks=FaultHooks(fail_at_step=fail_step),
     )
     c = MlflowClient(mlflow_uri)
     run = c.get_run(res.run_id)
@@ -103,13 +105,14 @@ def test_worker_failure_restarts_from_checkpoint(ray_local, small_shards, tmp_pa
 def test_worker_failure_without_retries_fails_the_run(ray_local, small_shards, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    from moco_ray.train.trainer import run_pretraining
+    from moco_ray.jobs.pretrain import run_pretraining
+    from moco_ray.train.hooks import FaultHooks
 
     with pytest.raises(Exception, match="injected"):
         run_pretraining(
             None,
             _overrides(small_shards, tmp_path, mlflow_uri, **{"train.max_failures": 0, "train.epochs": 1}),
-            test_hooks={"fail_at_step": 2},
+            hooks=FaultHooks(fail_at_step=2),
         )
     runs = MlflowClient(mlflow_uri).search_runs(
         [MlflowClient(mlflow_uri).get_experiment_by_name("test-faults").experiment_id]

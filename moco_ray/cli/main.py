@@ -25,7 +25,7 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
-    from moco_ray.train.trainer import RunInterrupted, run_pretraining
+    from moco_ray.jobs.pretrain import RunInterrupted, run_pretraining
 
     config = a.config if a.config else (None if a.resume else _default_config())
     try:
@@ -69,15 +69,15 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from moco_ray.evaluation import cli as ecli
+    from moco_ray.cli import evaluate
 
-    return ecli.run(a)
+    return evaluate.run(a)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from moco_ray.evaluation import cli as ecli
+    from moco_ray.cli import evaluate
 
-    return ecli.export(a)
+    return evaluate.export(a)
 
 
 def build_parser() -> argparse.ArgumentParser:

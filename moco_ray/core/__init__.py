@@ -1,26 +1,32 @@
-"""The MoCo core: pure PyTorch (no Ray or MLflow imports), usable and testable on its own."""
+"""The MoCo core: pure PyTorch (no Ray or MLflow imports), usable and testable on its own.
 
-from moco_ray.core.encoders import build_backbone, build_mlp_head, torchvision_backbone
-from moco_ray.core.loss import contrastive_accuracy, info_nce
-from moco_ray.core.methods import MoCo, build_method
-from moco_ray.core.moco_v3 import MoCoV3, QueryEncoder, ctr_loss
-from moco_ray.core.momentum import momentum_update
-from moco_ray.core.queue import KeyQueue
-from moco_ray.core.simclr import SimCLR, nt_xent
+Names are imported lazily, so ``moco_ray.core.defaults`` (plain Python) can be read without torch.
+"""
 
-__all__ = [
-    "KeyQueue",
-    "MoCo",
-    "MoCoV3",
-    "QueryEncoder",
-    "SimCLR",
-    "build_backbone",
-    "build_method",
-    "build_mlp_head",
-    "contrastive_accuracy",
-    "ctr_loss",
-    "info_nce",
-    "momentum_update",
-    "nt_xent",
-    "torchvision_backbone",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "KeyQueue": "queue",
+    "MoCo": "moco",
+    "MoCoV3": "moco_v3",
+    "QueryEncoder": "moco_v3",
+    "SimCLR": "simclr",
+    "build_backbone": "encoders",
+    "build_mlp_head": "encoders",
+    "contrastive_accuracy": "loss",
+    "ctr_loss": "moco_v3",
+    "info_nce": "loss",
+    "momentum_update": "momentum",
+    "nt_xent": "simclr",
+    "torchvision_backbone": "encoders",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"moco_ray.core.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'moco_ray.core' has no attribute {name!r}")

@@ -7,12 +7,7 @@ from collections.abc import Callable
 import torch.nn as nn
 import torchvision
 
-from moco_ray.config import ARCHS
-
-
-def _check_arch(arch: str) -> None:
-    if arch not in ARCHS:
-        raise ValueError(f"model.arch: unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+from moco_ray.core.defaults import feature_dim
 
 
 def torchvision_backbone(
@@ -23,7 +18,7 @@ def torchvision_backbone(
     This is the module an exported encoder state dict loads into with ``strict=True``: the key names are
     torchvision's, minus ``fc.*``.
     """
-    _check_arch(arch)
+    feature_dim(arch)  # a clear error for an unknown name
     kwargs = {"weights": None}
     if norm_layer is not None:
         kwargs["norm_layer"] = norm_layer
@@ -40,18 +35,7 @@ def build_backbone(
     arch: str, small_stem: bool = False, norm_layer: Callable[..., nn.Module] | None = None
 ) -> tuple[nn.Module, int]:
     """(backbone, feature width). The backbone maps [B,3,H,W] images to [B,feature width] pooled features."""
-    _check_arch(arch)
-    return torchvision_backbone(arch, small_stem, norm_layer), _FEAT[arch]
-
-
-_FEAT = {
-    "resnet18": 512,
-    "resnet34": 512,
-    "resnet50": 2048,
-    "resnet101": 2048,
-    "resnet152": 2048,
-    "wide_resnet50_2": 2048,
-}
+    return torchvision_backbone(arch, small_stem, norm_layer), feature_dim(arch)
 
 
 def build_mlp_head(

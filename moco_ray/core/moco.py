@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moco_ray.core import defaults
 from moco_ray.core.distributed import all_gather_nograd, world_size
 from moco_ray.core.loss import contrastive_accuracy, info_nce
 from moco_ray.core.momentum import momentum_update
@@ -24,6 +25,7 @@ class MoCo(nn.Module):
     ``encoder_k`` starts as an exact copy and follows the EMA in :meth:`momentum_update`, which ``forward`` runs
     first, as the reference code does (so after step t the key encoder has seen t updates).
 
+    Value ranges are checked once, by the config layer (``moco_ray.config.validate``).
     bn_mode: ``ddp`` shuffles the key batch across workers (shuffle-BN); ``split`` shuffles it within the batch,
     for encoders built with SplitBatchNorm (one process); ``none`` does neither.
     """
@@ -32,19 +34,15 @@ class MoCo(nn.Module):
         self,
         encoder_q: nn.Module,
         dim: int,
-        queue_size: int = 65536,
-        momentum: float = 0.999,
-        temperature: float = 0.07,
+        queue_size: int = defaults.QUEUE_SIZE,
+        momentum: float = defaults.MOMENTUM,
+        temperature: float = defaults.TEMPERATURE,
         symmetric: bool = False,
         bn_mode: str = "none",
     ) -> None:
         super().__init__()
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode: {bn_mode!r} is not one of {', '.join(BN_MODES)}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"moco.momentum: {momentum} is out of range; allowed: 0 <= m < 1")
-        if temperature <= 0:
-            raise ValueError(f"moco.temperature: {temperature} is out of range; allowed: > 0")
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q)
         self.encoder_k.requires_grad_(False)

@@ -83,10 +83,6 @@ class MoCoV3(nn.Module):
         self, encoder_q: QueryEncoder, momentum: float = 0.99, temperature: float = 1.0, symmetric: bool = True
     ) -> None:
         super().__init__()
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"moco.momentum: {momentum} is out of range; allowed: 0 <= m < 1")
-        if temperature <= 0:
-            raise ValueError(f"moco.temperature: {temperature} is out of range; allowed: > 0")
         self.encoder_q = encoder_q
         self.encoder_k = Encoder(copy.deepcopy(encoder_q.backbone), copy.deepcopy(encoder_q.head))
         self.encoder_k.requires_grad_(False)

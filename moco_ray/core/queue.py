@@ -17,10 +17,6 @@ class KeyQueue(nn.Module):
 
     def __init__(self, size: int, dim: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        if size <= 0:
-            raise ValueError(f"moco.queue_size: {size} is out of range; allowed: > 0")
-        if dim <= 0:
-            raise ValueError(f"model.dim: {dim} is out of range; allowed: > 0")
         # Random unit vectors: the official initialisation (early negatives are noise until the queue fills).
         self.register_buffer("keys", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))

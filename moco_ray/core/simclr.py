@@ -44,8 +44,6 @@ class SimCLR(nn.Module):
 
     def __init__(self, encoder_q: nn.Module, temperature: float = 0.5) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"moco.temperature: {temperature} is out of range; allowed: > 0")
         self.encoder_q = encoder_q
         self.T = temperature
 

@@ -235,14 +235,16 @@ def pair_dataset(
     map_batch_size: int = 128,
     num_cpus_per_task: float = 1,
     keep_id: bool = False,
+    manifest: Manifest | None = None,
 ) -> ray.data.Dataset:
     """The training stream of `split`: file-shuffled per execution, views drawn in map_batches tasks.
 
-    ``keep_id`` adds the string ``id`` column (tests and debugging; ``iter_torch_batches`` cannot collate it).
+    ``keep_id`` adds the string ``id`` column (tests and debugging; ``iter_torch_batches`` cannot collate it);
+    ``manifest``: the shards' manifest when the caller already read it.
     """
     import ray.data
 
-    manifest = read_manifest(shards)
+    manifest = manifest or read_manifest(shards)
     files, drop_ids = split_files(shards, manifest, split, limit)
     if seed is None:
         shuffle: Any = "files"
@@ -263,6 +265,15 @@ def pair_dataset(
     return _read(shards, files, shuffle).map_batches(
         fn, batch_size=map_batch_size, batch_format="numpy", num_cpus=num_cpus_per_task
     )
+
+
+def quiet_progress() -> None:
+    """Ray Data without per-operator progress bars: the epoch lines are the progress people read."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
 
 
 def eval_dataset(

@@ -21,84 +21,9 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from moco_ray.core.encoders import torchvision_backbone
+from moco_ray.core.backbone_io import load_torchvision_backbone_from_state, torchvision_state_dict
 
 FORMATS = ("torchvision", "torchscript", "detectron2")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
-
-
-def _strip_prefixes(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _WRAPPER_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
-    return key
-
-
-def torchvision_state_dict(
-    backbone: nn.Module, arch: str | None = None, small_stem: bool = False
-) -> dict[str, torch.Tensor]:
-    """The backbone's weights in torchvision layout: wrapper prefixes stripped, ``fc.*`` dropped, CPU, contiguous.
-
-    With ``arch`` the result is also checked against ``torchvision.models.<arch>()`` (keys and shapes).
-    """
-    out: dict[str, torch.Tensor] = {}
-    for k, v in backbone.state_dict().items():
-        k = _strip_prefixes(k)
-        if k.startswith("fc."):
-            continue
-        out[k] = v.detach().to("cpu", copy=True).contiguous()
-    if arch is not None:
-        check_state_dict(out, arch, small_stem)
-    return out
-
-
-def check_state_dict(state: Mapping[str, torch.Tensor], arch: str, small_stem: bool = False) -> None:
-    """Raise a one-line ValueError when ``state`` does not load strictly into the torchvision ``arch`` backbone."""
-    ref = torchvision_backbone(arch, small_stem).state_dict()
-    missing = [k for k in ref if k not in state]
-    unexpected = [k for k in state if k not in ref]
-    shapes = [
-        f"{k} {list(state[k].shape)} vs {list(ref[k].shape)}"
-        for k in ref
-        if k in state and tuple(state[k].shape) != tuple(ref[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
-        raise ValueError(f"state dict does not match {arch} (small_stem={small_stem}): {'; '.join(parts)}")
-
-
-def load_torchvision_backbone_from_state(
-    state: Mapping[str, torch.Tensor], arch: str, small_stem: bool = False
-) -> nn.Module:
-    """A plain torchvision ``arch`` backbone (fc = Identity) holding ``state``, loaded strictly, in eval mode."""
-    state = {_strip_prefixes(k): v for k, v in state.items()}
-    check_state_dict(state, arch, small_stem)
-    net = torchvision_backbone(arch, small_stem)
-    net.load_state_dict(state, strict=True)
-    return net.eval()
-
-
-def load_torchvision_backbone(path: str | os.PathLike, arch: str, small_stem: bool = False) -> nn.Module:
-    """Load an exported torchvision state dict (``torch.load(weights_only=True)``) into a plain backbone."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder state dict not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, a TorchScript archive, a truncated file...
-        raise ValueError(f"{path}: not a weights-only torch state dict ({type(e).__name__})") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
-    return load_torchvision_backbone_from_state(state, arch, small_stem)
 
 
 def to_torchscript(backbone: nn.Module, example_input: torch.Tensor) -> torch.jit.ScriptModule:

@@ -18,26 +18,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from moco_ray.core.normalize import Normalizer
 
 Preprocess = Callable[[torch.Tensor, torch.device], torch.Tensor]
 
 
-def imagenet_preprocess(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float32 ImageNet-normalised, on ``device``; float input is taken as preprocessed.
+def _normalizing(device: torch.device) -> Preprocess:
+    """uint8 [B,3,H,W] -> normalised float32 on ``device`` (the training normaliser); float input is taken as
+    already preprocessed."""
+    norm = Normalizer(device=device)
 
-    A local copy of ``moco_ray.data.augment.normalize_on_device`` so evaluation does not import the data layer;
-    pass that one (or any callable) as ``preprocess`` to share it.
-    """
-    x = x.to(device, non_blocking=True)
-    if x.is_floating_point():
-        return x
-    if x.dtype != torch.uint8:
-        raise ValueError(f"extract_features: images must be uint8 or floating point, got {x.dtype}")
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255.0
-    return (x.float() - mean) / std
+    def prep(x: torch.Tensor, _device: torch.device) -> torch.Tensor:
+        if x.is_floating_point():
+            return x.to(device, non_blocking=True)
+        if x.dtype != torch.uint8:
+            raise ValueError(f"extract_features: images must be uint8 or floating point, got {x.dtype}")
+        if x.dim() != 4:
+            raise ValueError(f"extract_features: images must be [B,C,H,W], got {list(x.shape)}")
+        return norm(x)
+
+    return prep
 
 
 def _unpack(batch: Any) -> tuple[torch.Tensor, Any]:
@@ -55,7 +55,7 @@ def extract_features(
     normalize: bool = True,
     channels_last: bool = False,
     autocast_dtype: torch.dtype | None = None,
-    preprocess: Preprocess = imagenet_preprocess,
+    preprocess: Preprocess | None = None,
     out_device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``backbone`` in eval mode over ``(images, labels)`` batches (or ``{"img", "label"}`` dicts).
@@ -65,6 +65,7 @@ def extract_features(
     backbone's train/eval mode is restored afterwards. No batches -> ``[0, 0]`` features and ``[0]`` labels.
     """
     device = torch.device(device)
+    preprocess = preprocess or _normalizing(device)
     was_training = backbone.training
     backbone.eval()
     feats: list[torch.Tensor] = []

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from moco_ray.core.defaults import KNN_K, KNN_T
+
 
 def knn_predict(
     feature: torch.Tensor,
     feature_bank: torch.Tensor,
     feature_labels: torch.Tensor,
     classes: int,
-    knn_k: int = 200,
-    knn_t: float = 0.1,
+    knn_k: int = KNN_K,
+    knn_t: float = KNN_T,
 ) -> torch.Tensor:
     """Class indices of each query, sorted by weighted vote, best first: ``[B, classes]``.
 
@@ -48,8 +50,8 @@ def knn_accuracy(
     train_labels: torch.Tensor,
     test_feats: torch.Tensor,
     test_labels: torch.Tensor,
-    k: int = 200,
-    t: float = 0.1,
+    k: int = KNN_K,
+    t: float = KNN_T,
     chunk: int = 512,
     num_classes: int | None = None,
     device: torch.device | str | None = None,

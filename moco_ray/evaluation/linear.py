@@ -9,6 +9,7 @@ up the small gain that crop augmentation brings to a linear head, so numbers can
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -218,3 +219,21 @@ def train_linear_probe(
         )
     top1, top5 = _evaluate(model, xte, yte)
     return LinearProbeResult(top1, top5, history[-1]["train_top1"], history, model.eval())
+
+
+SMALL_IMAGE_MAX = 96  # image_size up to this -> the `small` linear protocol by default
+
+
+def linear_protocol(preset: str | None, image_size: int, epochs: int | None = None):
+    """``small`` for CIFAR-sized images (<= 96 px), ``paper`` otherwise, unless ``preset`` says; ``epochs``
+    overrides, with step milestones scaled to the new length (60/80 of 100 -> 6/8 of 10)."""
+    name = preset or ("small" if image_size <= SMALL_IMAGE_MAX else "paper")
+    if name not in ("small", "paper"):
+        raise ValueError(f"linear protocol preset {name!r} is not one of small, paper")
+    proto = LinearProtocol.small() if name == "small" else LinearProtocol.paper()
+    if epochs is not None:
+        if epochs < 1:
+            raise ValueError(f"linear probe epochs {epochs} is out of range; allowed: >= 1")
+        ms = tuple(max(1, round(m * epochs / proto.epochs)) for m in proto.milestones)
+        proto = dataclasses.replace(proto, epochs=epochs, milestones=ms)
+    return name, proto

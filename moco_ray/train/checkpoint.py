@@ -31,19 +31,27 @@ def rng_state() -> dict[str, Any]:
         },
         "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this rank's own device only: with a shared CUDA_VISIBLE_DEVICES, "all" would tie the checkpoint to the
+        # number of GPUs the run happened to see
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore what :func:`rng_state` saved, wherever the checkpoint was mapped: RNG states must be CPU
+    ByteTensors (a checkpoint loaded with ``map_location="cuda"`` would put them on the GPU)."""
+    torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    keys = n["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, list | tuple):  # older checkpoints saved every visible device: take this one's
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda.cpu())
 
 
 def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
@@ -57,6 +65,7 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The state as saved, on the CPU by default: ``load_state_dict`` copies weights onto the model's device."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"not a moco-ray checkpoint (no {STATE_FILE}): {directory}")

@@ -24,6 +24,11 @@ from typing import Any
 
 import pandas as pd
 
+from moco_ray.config import absolute
+from moco_ray.jobs.local_ray import init_ray
+from moco_ray.jobs.resolve import Prepared, check_gpu_request, prepare, with_absolute_paths
+from moco_ray.tracking.run_log import RunLog, create_run, open_run, version_tags
+from moco_ray.tracking.store import client
 from moco_ray.tuning import report
 from moco_ray.tuning.cleanup import remove_orphaned_placement_groups
 from moco_ray.tuning.space import SweepSettings, SweepSpec, asha_horizon, load_sweep, parse_search, settings_from
@@ -55,10 +60,6 @@ class SweepResult:
     experiment_path: str = ""
     complete: bool = True  # False when trials were left unfinished (continue with resume=True)
     counts: dict[str, int] = field(default_factory=dict)
-
-
-def _abs_local(p: str) -> str:
-    return p if (not p or "://" in p) else str(Path(p).expanduser().resolve())
 
 
 def _fs(path: str):
@@ -195,6 +196,97 @@ def _parent_params(spec: SweepSpec) -> dict[str, Any]:
     return params
 
 
+@dataclass
+class _Sweep:
+    """A sweep resolved on the driver: its spec, checked store and shards, Tune directory and parent run."""
+
+    spec: SweepSpec
+    prep: Prepared
+    root: str
+    exp_dir: str
+    experiment: str
+    parent: RunLog
+    base_raw: dict[str, Any]
+    fixed: dict[str, Any]
+
+
+def _open_sweep(spec: SweepSpec, prep: Prepared, root: str, resume: bool) -> _Sweep:
+    """The parent run and the trials' shared overrides: created afresh, or read back for ``resume``."""
+    from ray import tune
+
+    s, cfg = spec.settings, spec.base
+    exp_dir = f"{root.rstrip('/')}/{s.name}"
+    experiment = s.experiment or cfg.tracking.experiment
+    uri = prep.tracking_uri
+    if resume:
+        parent_id = (_read(f"{exp_dir}/{PARENT_FILE}") or "").strip()
+        if not parent_id or not tune.Tuner.can_restore(exp_dir):
+            raise ValueError(f"sweep.name: nothing to resume at {exp_dir} (run the sweep without --resume first)")
+        parent, _ = open_run(uri, parent_id)
+        # the sweep as it was started: the file may have changed since, Tune's search space cannot
+        state = json.loads(_read(f"{exp_dir}/{STATE_FILE}") or "{}")
+        spec = SweepSpec(
+            spec.base, parse_search(state["search"]), settings_from(state["settings"]), spec.source, state["base_raw"]
+        )
+        parent.reopen()
+        return _Sweep(spec, prep, root, exp_dir, experiment, parent, state["base_raw"], state["fixed"])
+    if _read(f"{exp_dir}/{PARENT_FILE}") is not None or tune.Tuner.can_restore(exp_dir):
+        raise ValueError(
+            f"sweep.name: a sweep already exists at {exp_dir}; continue it with --resume, or set sweep.name=NEW"
+        )
+    fixed = {
+        "tracking.tracking_uri": uri,
+        "tracking.experiment": experiment,
+        "train.storage_path": prep.storage_path,
+        "data.shards": absolute(cfg.data.shards),
+    }
+    if cfg.data.source and Path(cfg.data.source).exists():
+        fixed["data.source"] = absolute(cfg.data.source)
+    tags = {**version_tags(), SWEEP_TAG: "true", SWEEP_NAME_TAG: s.name, "moco_ray.sweep_dir": exp_dir}
+    parent = create_run(uri, experiment, s.name, _parent_params(spec), tags, cfg.to_yaml())
+    parent.log_text(spec.to_yaml(), "sweep.yaml")
+    state = {
+        "base_raw": spec.base_raw,
+        "fixed": fixed,
+        "search": {k: {sp.kind: sp.values} for k, sp in spec.search.items()},
+        "settings": asdict(s),
+    }
+    _write(f"{exp_dir}/{STATE_FILE}", json.dumps(state, indent=1, default=str))
+    _write(f"{exp_dir}/{PARENT_FILE}", parent.run_id + "\n")
+    return _Sweep(spec, prep, root, exp_dir, experiment, parent, spec.base_raw, fixed)
+
+
+def _tuner(sw: _Sweep, resume: bool):
+    from ray import tune
+
+    s, cfg = sw.spec.settings, sw.spec.base
+    trainable = make_trainable(sw.base_raw, sw.fixed, sw.parent.run_id, s.name, sw.prep)
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
+    if resume:
+        return tune.Tuner.restore(sw.exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    return tune.Tuner(
+        trainable,
+        param_space=sw.spec.param_space(),
+        tune_config=tune.TuneConfig(
+            metric=s.metric,
+            mode=s.mode,
+            scheduler=_scheduler(s, cfg.train.epochs),
+            search_alg=_search_alg(s),
+            num_samples=s.num_samples,
+            max_concurrent_trials=s.max_concurrent_trials or auto_concurrency(cfg),
+        ),
+        run_config=tune.RunConfig(
+            name=s.name,
+            storage_path=sw.root,
+            # A trial is one whole TorchTrainer run; worker failures are retried inside it (train.max_failures).
+            # No fail_fast: in Ray 2.60 it marks the trials it stops TERMINATED, so a resume would not rerun them.
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[_SweepCallback.make(s.metric, sw.spec.num_trials())],
+            verbose=s.verbose,
+        ),
+    )
+
+
 def run_sweep(
     config: str | os.PathLike | dict[str, Any],
     *,
@@ -202,85 +294,15 @@ def run_sweep(
     resume: bool = False,
 ) -> SweepResult:
     """Run (or with ``resume=True`` continue) the sweep described by `config` (a sweep YAML path or dict)."""
-    from moco_ray.tracking import mlflow_run as mt
-    from moco_ray.train.trainer import check_gpu_request, init_ray, prepare
-
     spec = load_sweep(config, overrides)
     s, cfg = spec.settings, spec.base
-    prep = prepare(cfg)  # tracking store, storage, shards: one clear error before Ray starts
-    uri = prep["tracking_uri"]
-    root = _abs_local(s.storage_path) if s.storage_path else prep["storage_path"]
-    exp_dir = f"{root.rstrip('/')}/{s.name}"
-    experiment = s.experiment or cfg.tracking.experiment
-    from ray import tune
-
-    if resume:
-        parent_id = (_read(f"{exp_dir}/{PARENT_FILE}") or "").strip()
-        if not parent_id or not tune.Tuner.can_restore(exp_dir):
-            raise ValueError(f"sweep.name: nothing to resume at {exp_dir} (run the sweep without --resume first)")
-        mt.get_run(uri, parent_id)
-        # the sweep as it was started: the file may have changed since, Tune's search space cannot
-        state = json.loads(_read(f"{exp_dir}/{STATE_FILE}") or "{}")
-        base_raw, fixed = state["base_raw"], state["fixed"]
-        spec = SweepSpec(
-            spec.base, parse_search(state["search"]), settings_from(state["settings"]), spec.source, base_raw
-        )
-        s = spec.settings
-        mt.client(uri).update_run(parent_id, status="RUNNING")
-    else:
-        if _read(f"{exp_dir}/{PARENT_FILE}") is not None or tune.Tuner.can_restore(exp_dir):
-            raise ValueError(
-                f"sweep.name: a sweep already exists at {exp_dir}; continue it with --resume, or set sweep.name=NEW"
-            )
-        base_raw = spec.base_raw
-        fixed = {
-            "tracking.tracking_uri": uri,
-            "tracking.experiment": experiment,
-            "train.storage_path": prep["storage_path"],
-            "data.shards": _abs_local(cfg.data.shards),
-        }
-        if cfg.data.source and Path(cfg.data.source).exists():
-            fixed["data.source"] = _abs_local(cfg.data.source)
-        tags = {**mt.version_tags(), SWEEP_TAG: "true", SWEEP_NAME_TAG: s.name, "moco_ray.sweep_dir": exp_dir}
-        parent_id = mt.create_run(uri, experiment, s.name, _parent_params(spec), tags, cfg.to_yaml())
-        mt.log_text(uri, parent_id, spec.to_yaml(), "sweep.yaml")
-        state = {
-            "base_raw": base_raw,
-            "fixed": fixed,
-            "search": {k: {sp.kind: sp.values} for k, sp in spec.search.items()},
-            "settings": asdict(s),
-        }
-        _write(f"{exp_dir}/{STATE_FILE}", json.dumps(state, indent=1, default=str))
-        _write(f"{exp_dir}/{PARENT_FILE}", parent_id + "\n")
-    print(f"[sweep] {s.name}: parent MLflow run {parent_id}; Tune experiment {exp_dir}", flush=True)
-
+    prep = prepare(with_absolute_paths(cfg))  # tracking store, storage, shards: one clear error before Ray starts
+    root = absolute(s.storage_path) if s.storage_path else prep.storage_path
+    sw = _open_sweep(spec, prep, root, resume)
+    print(f"[sweep] {sw.spec.settings.name}: parent MLflow run {sw.parent.run_id}; Tune experiment {sw.exp_dir}")
     init_ray()
     check_gpu_request(cfg)
-    trainable = tune.with_resources(make_trainable(base_raw, fixed, parent_id, s.name), {"CPU": TRIAL_CPU})
-    if resume:
-        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=spec.param_space(),
-            tune_config=tune.TuneConfig(
-                metric=s.metric,
-                mode=s.mode,
-                scheduler=_scheduler(s, cfg.train.epochs),
-                search_alg=_search_alg(s),
-                num_samples=s.num_samples,
-                max_concurrent_trials=s.max_concurrent_trials or auto_concurrency(cfg),
-            ),
-            run_config=tune.RunConfig(
-                name=s.name,
-                storage_path=root,
-                # A trial is one whole TorchTrainer run; worker failures are retried inside it (train.max_failures).
-                # No fail_fast: in Ray 2.60 it marks the trials it stops TERMINATED, so a resume would not rerun them.
-                failure_config=tune.FailureConfig(max_failures=0),
-                callbacks=[_SweepCallback.make(s.metric, spec.num_trials())],
-                verbose=s.verbose,
-            ),
-        )
+    tuner = _tuner(sw, resume)
     interrupted = False
     try:
         with _lenient_metrics():
@@ -288,15 +310,17 @@ def run_sweep(
     except KeyboardInterrupt:
         interrupted = True
     remove_orphaned_placement_groups()  # the trials Tune stopped last
-    result = finalize(uri, parent_id, exp_dir, base_raw, fixed, s, experiment, spec.search, spec.num_trials())
+    s = sw.spec.settings
+    result = finalize(
+        sw.parent, sw.exp_dir, sw.base_raw, sw.fixed, s, sw.experiment, sw.spec.search, sw.spec.num_trials()
+    )
     if interrupted:
         raise KeyboardInterrupt(f"sweep interrupted; continue with: moco-ray sweep -c {spec.source} --resume")
     return result
 
 
 def finalize(
-    uri: str,
-    parent_id: str,
+    parent: RunLog,
     exp_dir: str,
     base_raw: dict[str, Any],
     fixed: dict[str, Any],
@@ -308,8 +332,7 @@ def finalize(
     """Reconcile child runs with the trials' end states, then log the table, plots and best trial to the parent."""
     from ray.tune import ExperimentAnalysis
 
-    from moco_ray.tracking import mlflow_run as mt
-
+    uri, parent_id = parent.uri, parent.run_id
     trials = sorted(
         ExperimentAnalysis(exp_dir, default_metric=s.metric, default_mode=s.mode).trials, key=lambda t: t.trial_id
     )
@@ -323,15 +346,13 @@ def finalize(
     # trials are generated lazily: a sweep stopped early (Ctrl-C) may not have created them all
     complete = len(rows) >= expected and all(r["state"] in ("finished", "stopped_early", "failed") for r in rows)
     best = report.pick_best(table, s.metric, s.mode)
-    _log_parent(uri, parent_id, table, best, rows, hist, s, search)
+    _log_parent(parent, table, best, rows, hist, s, search)
     sweep_state = "finished" if complete else "interrupted"
-    mt.set_tags(
-        uri,
-        parent_id,
-        {"moco_ray.sweep_state": sweep_state, **{f"moco_ray.trials_{k}": counts.get(k, 0) for k in TRIAL_STATES}},
+    parent.set_tags(
+        {"moco_ray.sweep_state": sweep_state, **{f"moco_ray.trials_{k}": counts.get(k, 0) for k in TRIAL_STATES}}
     )
     ok = counts.get("finished", 0) + counts.get("stopped_early", 0)
-    mt.finish_run(uri, parent_id, "KILLED" if not complete else ("FINISHED" if ok else "FAILED"))
+    parent.finish("KILLED" if not complete else ("FINISHED" if ok else "FAILED"))
     print(
         f"[sweep] {sweep_state}: "
         + ", ".join(f"{v} {k}" for k, v in counts.items())
@@ -344,8 +365,6 @@ def finalize(
 def _child_runs(uri: str, parent_id: str) -> dict[str, list]:
     """Child runs of the parent grouped by trial id, oldest first (a trial restarted on resume has several)."""
     from mlflow.entities import ViewType
-
-    from moco_ray.tracking.mlflow_run import client
 
     c = client(uri)
     exp_id = c.get_run(parent_id).info.experiment_id
@@ -385,12 +404,9 @@ def _trial_error(trial) -> str:
 
 def _reconcile(uri, parent_id, trial, runs, base_raw, fixed, experiment) -> dict[str, Any]:
     """Set the MLflow end state of the trial's latest child run; older ones (restarted trials) become KILLED."""
-    from moco_ray.tracking import mlflow_run as mt
-
     for old in runs[:-1]:
         if old.info.status == "RUNNING":
-            mt.set_tags(uri, old.info.run_id, {STATE_TAG: "interrupted"})
-            mt.finish_run(uri, old.info.run_id, "KILLED")
+            _end(uri, old.info.run_id, "KILLED", {STATE_TAG: "interrupted"})
     run = runs[-1] if runs else None
     status = run.info.status if run else None
     error = ""
@@ -398,20 +414,16 @@ def _reconcile(uri, parent_id, trial, runs, base_raw, fixed, experiment) -> dict
         state, error = "failed", _trial_error(trial)
         if run is None:  # failed before its run existed (e.g. a data check in the trial): record it anyway
             run = _create_failed_child(uri, parent_id, trial, base_raw, fixed, experiment)
-        mt.set_tags(uri, run.info.run_id, {STATE_TAG: state, ERROR_TAG: error})
-        mt.finish_run(uri, run.info.run_id, "FAILED")
+        _end(uri, run.info.run_id, "FAILED", {STATE_TAG: state, ERROR_TAG: error})
     elif trial.status == "TERMINATED":
         # The trainable returns only after run_pretraining marked the run FINISHED; anything else was stopped.
         state = "finished" if status == "FINISHED" else "stopped_early"
         if run is not None:
-            mt.set_tags(uri, run.info.run_id, {STATE_TAG: state})
-            if status != "FINISHED":
-                mt.finish_run(uri, run.info.run_id, "KILLED")
+            _end(uri, run.info.run_id, None if status == "FINISHED" else "KILLED", {STATE_TAG: state})
     else:  # PENDING / RUNNING / PAUSED: the sweep stopped before this trial ended
         state = "interrupted" if run is not None else "pending"
         if run is not None and status == "RUNNING":
-            mt.set_tags(uri, run.info.run_id, {STATE_TAG: state})
-            mt.finish_run(uri, run.info.run_id, "KILLED")
+            _end(uri, run.info.run_id, "KILLED", {STATE_TAG: state})
     return {
         "trial_id": trial.trial_id,
         "trial": trial,
@@ -422,23 +434,27 @@ def _reconcile(uri, parent_id, trial, runs, base_raw, fixed, experiment) -> dict
     }
 
 
+def _end(uri: str, run_id: str, status: str | None, tags: dict[str, str]) -> None:
+    """Tag a trial's child run with its end state and, unless ``status`` is None, terminate it so."""
+    log = RunLog(uri, run_id)
+    log.set_tags(tags)
+    if status:
+        log.finish(status)
+
+
 def _create_failed_child(uri, parent_id, trial, base_raw, fixed, experiment):
     from moco_ray.config import load_config
-    from moco_ray.tracking import mlflow_run as mt
 
     params = dict(trial.config)
     cfg = load_config(base_raw, {**fixed, **params, "tracking.run_name": run_name(params)})
-    tags = {TRIAL_TAG: trial.trial_id, TRIAL_NAME_TAG: str(trial), **mt.version_tags()}
+    tags = {TRIAL_TAG: trial.trial_id, TRIAL_NAME_TAG: str(trial), **version_tags()}
     name = cfg.tracking.run_name
-    rid = mt.create_run(uri, experiment, name, cfg.flat(), tags, cfg.to_yaml(), parent_run_id=parent_id)
-    return mt.get_run(uri, rid)
+    return create_run(uri, experiment, name, cfg.flat(), tags, cfg.to_yaml(), parent_run_id=parent_id).get()
 
 
 def _histories(uri, rows, metric: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """Per-trial ``{key: [(epoch, value)]}`` of loss and `metric`, read from the child runs' MLflow history."""
-    from moco_ray.tracking import mlflow_run as mt
-
-    c = mt.client(uri)
+    c = client(uri)
     out: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for r in rows:
         if not r["run_id"]:
@@ -474,10 +490,8 @@ def _table(rows, keys: list[str], metric: str, mode: str, hist) -> pd.DataFrame:
     return pd.DataFrame(recs)
 
 
-def _log_parent(uri, parent_id, table, best, rows, hist, s: SweepSettings, search) -> None:
-    from moco_ray.tracking import mlflow_run as mt
-
-    c = mt.client(uri)
+def _log_parent(parent: RunLog, table, best, rows, hist, s: SweepSettings, search) -> None:
+    c, parent_id = parent.client, parent.run_id
     with tempfile.TemporaryDirectory() as d:
         csv = Path(d) / RESULTS_CSV
         table.to_csv(csv, index=False)
@@ -496,5 +510,5 @@ def _log_parent(uri, parent_id, table, best, rows, hist, s: SweepSettings, searc
             if p is not None:
                 c.log_artifact(parent_id, str(p), "plots")
     if best:
-        mt.set_tags(uri, parent_id, {"best_trial_id": best["trial_id"], "best_run_id": best["run_id"]})
+        parent.set_tags({"best_trial_id": best["trial_id"], "best_run_id": best["run_id"]})
         c.log_metric(parent_id, f"best_{s.metric}", best["value"])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moco_ray.jobs.resolve import Prepared
 
 TRIAL_TAG = "moco_ray.trial_id"
 TRIAL_NAME_TAG = "moco_ray.trial_name"
@@ -22,18 +25,21 @@ def _short(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def make_trainable(base_raw: dict[str, Any], fixed: dict[str, Any], parent_run_id: str, sweep_name: str) -> Callable:
+def make_trainable(
+    base_raw: dict[str, Any], fixed: dict[str, Any], parent_run_id: str, sweep_name: str, prepared: Prepared
+) -> Callable:
     """A function trainable closing over the base config layers and the overrides every trial shares.
 
     ``fixed``: dotted overrides set by the sweep (tracking store and experiment, absolute paths). The trial's
-    search values come on top. Worker reports reach Tune through TuneReportCallback on the TorchTrainer.
+    search values come on top. ``prepared``: the store and shards the sweep checked once, reused by every trial
+    whose overrides keep them. Worker reports reach Tune through TuneReportCallback on the TorchTrainer.
     """
 
     def moco_trial(params: dict[str, Any]) -> None:
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from moco_ray.train.trainer import run_pretraining
+        from moco_ray.jobs.pretrain import run_pretraining
 
         ctx = tune.get_context()
         overrides = {**fixed, **params, "tracking.run_name": run_name(params)}
@@ -43,7 +49,12 @@ def make_trainable(base_raw: dict[str, Any], fixed: dict[str, Any], parent_run_i
             SWEEP_NAME_TAG: sweep_name,
         }
         run_pretraining(
-            base_raw, overrides, parent_run_id=parent_run_id, extra_tags=tags, callbacks=[TuneReportCallback()]
+            base_raw,
+            overrides,
+            parent_run_id=parent_run_id,
+            extra_tags=tags,
+            callbacks=[TuneReportCallback()],
+            prepared=prepared,
         )
 
     return moco_trial

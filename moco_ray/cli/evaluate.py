@@ -1,4 +1,4 @@
-"""``moco-ray eval`` and ``moco-ray export``: argparse Namespace -> :mod:`moco_ray.evaluation.runner` -> print.
+"""``moco-ray eval`` and ``moco-ray export``: argparse Namespace -> :mod:`moco_ray.jobs` -> print.
 
 Errors are raised (ValueError / FileNotFoundError) for ``moco_ray.cli.main`` to print as one line and exit 2.
 """
@@ -10,7 +10,7 @@ import argparse
 
 def run(a: argparse.Namespace) -> int:
     """``moco-ray eval knn|linear --run ID [--data SHARDS] [--epochs N] [--protocol-preset small|paper]``."""
-    from moco_ray.evaluation import runner
+    from moco_ray.jobs import evaluate as runner
 
     uri = getattr(a, "tracking_uri", "") or ""
     if a.protocol == "knn":
@@ -38,9 +38,9 @@ def run(a: argparse.Namespace) -> int:
 
 def export(a: argparse.Namespace) -> int:
     """``moco-ray export --run ID [--format F] [--register NAME] OUT``."""
-    from moco_ray.evaluation import runner
+    from moco_ray.jobs.export import export_run
 
-    r = runner.export_run(
+    r = export_run(
         a.run,
         getattr(a, "format", "torchvision"),
         a.out,

@@ -1,10 +1,11 @@
-"""Build the self-supervised method named in the config around a torchvision encoder."""
+"""Build the self-supervised method named in the config around a torchvision encoder (config -> core modules)."""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
 from moco_ray.config import Config
+from moco_ray.core.backbone_io import backbone_of
 from moco_ray.core.encoders import build_encoder
 from moco_ray.core.moco import MoCo
 from moco_ray.core.moco_v3 import MoCoV3, build_query_encoder
@@ -43,7 +44,4 @@ def build_method(cfg: Config) -> nn.Module:
     raise ValueError(f"moco.method: {mo.method!r} is not one of moco_v1, moco_v2, moco_v3, simclr")
 
 
-def backbone_of(model: nn.Module) -> nn.Module:
-    """The query-side backbone (no head, no DDP wrapper): what is evaluated and exported."""
-    enc = getattr(model, "query_module", None) or model.encoder_q
-    return getattr(enc, "module", enc).backbone
+__all__ = ["backbone_of", "build_method"]

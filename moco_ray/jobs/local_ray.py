@@ -1,4 +1,4 @@
-"""How moco-ray starts a local Ray instance: a worker pool that survives between epochs, and a quiet log hook.
+"""How moco-ray starts or joins Ray: a local worker pool that survives between epochs, and a quiet log hook.
 
 Imports nothing but the standard library: ``quiet_worker_logs`` runs in every Ray worker process at start-up (an
 earlier version lived in the trainer module, and importing torch in every worker slowed start-up until Ray Data
@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Any
 
-HOOK = "moco_ray.train.local_ray.quiet_worker_logs"
+HOOK = "moco_ray.jobs.local_ray.quiet_worker_logs"
 # logger -> the lowest level still shown
 NOISY_LOGGERS = {
     # warns once a second for the whole run without the dashboard (see quiet_worker_logs)
@@ -51,3 +51,26 @@ def local_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
         "_system_config": {"num_workers_soft_limit": worker_pool_size(num_cpus)},
         "runtime_env": {"worker_process_setup_hook": HOOK},
     }
+
+
+def init_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`), else to a running local one, else start one.
+
+    Only a new local instance gets moco-ray's worker-pool size and log hook; a running cluster keeps its own
+    settings (and runs the dashboard, so the hook's warning does not occur there).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    common = {"log_to_driver": True, "configure_logging": False}
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, **common)
+        return
+    try:
+        ray.init(**common, **local_init_kwargs())
+    except ValueError as e:
+        if "existing cluster" not in str(e):
+            raise
+        ray.init(**common)  # a cluster started with `ray start` on this machine: join it as it is

@@ -1,0 +1,39 @@
+"""The MoCo core's own defaults and constants, in one place (plain Python: the config layer reads them too).
+
+Defaults are those of the MoCo papers' ImageNet recipes; the method presets and experiment files in
+``moco_ray.config`` / ``experiments/`` set everything else. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+# torchvision backbones moco-ray builds, and the width of their pooled features (fc removed)
+FEATURE_DIMS: dict[str, int] = {
+    "resnet18": 512,
+    "resnet34": 512,
+    "resnet50": 2048,
+    "resnet101": 2048,
+    "resnet152": 2048,
+    "wide_resnet50_2": 2048,
+}
+ARCHS: tuple[str, ...] = tuple(FEATURE_DIMS)
+
+QUEUE_SIZE = 4096  # K
+MOMENTUM = 0.99  # m of the key encoder's EMA
+TEMPERATURE = 0.1  # T of InfoNCE
+EMBED_DIM = 128  # output width of the projection head
+BN_SPLITS = 8  # SplitBatchNorm groups (official CIFAR demo)
+
+# Weighted kNN monitor (official CIFAR demo: k 200, T 0.1)
+KNN_K = 200
+KNN_T = 0.1
+
+# Channel statistics the torchvision ImageNet models were trained with (0-1 scale)
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def feature_dim(arch: str) -> int:
+    """Pooled feature width of ``arch``; ValueError naming the known ones."""
+    if arch not in FEATURE_DIMS:
+        raise ValueError(f"model.arch: unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
+    return FEATURE_DIMS[arch]

@@ -1,0 +1,167 @@
+"""Evaluate a pretraining run's encoder: MLflow run in, kNN or linear-probe figures out, recorded as child runs.
+
+Where the results go (the choice, and why): every evaluation creates a **child run** of the pretraining run
+(tag ``mlflow.parentRunId``, tag ``moco_ray.eval = knn | linear``, params = the protocol settings and the data)
+holding the full record: top-1 (and top-5, the per-epoch probe curve for the linear probe). The pretraining run
+itself gets one **summary metric**, ``eval_knn_top1`` / ``eval_linear_top1``, so the runs table compares encoders
+at a glance without opening children; re-evaluating appends a new point (the latest one is what the table shows)
+and a new child run, so no earlier result is overwritten. kNN and the ``small`` probe use the cached features
+L2-normalised, the ``paper`` probe raw (its lr 30 is tuned for raw features).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moco_ray.config import Config, absolute
+from moco_ray.core.defaults import KNN_K, KNN_T
+from moco_ray.evaluation.knn import knn_accuracy
+from moco_ray.evaluation.linear import linear_protocol
+from moco_ray.jobs.eval_features import features
+from moco_ray.tracking.run_log import RunLog, open_run, version_tags
+from moco_ray.tracking.store import open_store
+
+EVAL_TAG = "moco_ray.eval"
+DEFAULT_IMAGE_SIZE = 224  # when the run has no config.yaml to take aug.image_size from
+
+
+def _resolve_data(log: RunLog, data: str | None, image_size: int | None) -> tuple[str, int, Config | None]:
+    cfg = log.config()
+    shards = data or (cfg.data.shards if cfg else "")
+    if not shards:
+        raise ValueError(f"run {log.run_id}: no data given and the run records no data.shards; pass --data SHARDS")
+    size = image_size or (cfg.aug.image_size if cfg else DEFAULT_IMAGE_SIZE)
+    if size < 8:
+        raise ValueError(f"image_size {size} is too small; need >= 8")
+    return absolute(shards), size, cfg
+
+
+def _prepare(run_id: str, data: str | None, tracking_uri: str, image_size: int | None, splits: list[str]):
+    from moco_ray.data.schema import validate_shards
+
+    log, parent = open_run(open_store(tracking_uri), run_id)  # ValueError naming the run when it does not exist
+    shards, size, _ = _resolve_data(log, data, image_size)
+    manifest = validate_shards(shards)
+    for s in splits:
+        manifest.require_split(s)
+    return log, parent, shards, size, manifest, log.encoder()
+
+
+def _log_child(
+    log: RunLog,
+    parent,
+    kind: str,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    history: list[dict[str, float]] | None = None,
+) -> str:
+    """A child run of ``parent`` with the evaluation's params and metrics; the summary metric on the parent."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    c = log.client
+    parent_id = parent.info.run_id
+    parent_name = parent.data.tags.get("mlflow.runName") or parent_id[:8]
+    tags = {"mlflow.parentRunId": parent_id, EVAL_TAG: kind, **version_tags()}
+    child = c.create_run(parent.info.experiment_id, tags=tags, run_name=f"eval-{kind}-{parent_name}")
+    cid = child.info.run_id
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for h in history or []:
+        ms += [Metric(f"probe_{k}", float(v), now, int(h["epoch"])) for k, v in h.items() if k != "epoch"]
+    c.log_batch(cid, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+    for i in range(0, len(ms), 1000):
+        c.log_batch(cid, metrics=ms[i : i + 1000])
+    c.set_terminated(cid, "FINISHED")
+    c.log_batch(
+        parent_id,
+        metrics=[Metric(f"eval_{kind}_top1", float(metrics[f"{kind}_top1"]), now, 0)],
+        tags=[RunTag(f"moco_ray.eval_{kind}_run", cid)],
+    )
+    return cid
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate_knn(
+    run_id: str,
+    data: str | None = None,
+    *,
+    tracking_uri: str = "",
+    k: int = KNN_K,
+    t: float = KNN_T,
+    split_train: str = "train",
+    split_test: str = "test",
+    image_size: int | None = None,
+    limit: int = 0,
+    use_gpu: bool | None = None,
+) -> dict[str, Any]:
+    """Weighted kNN top-1 of the run's encoder: memory bank ``split_train``, queries ``split_test``.
+
+    ``data``: shard root (default: the run's ``data.shards``); ``image_size``: default the run's
+    ``aug.image_size``; ``limit``: rows per split (0 = all). Logs a child run (see the module docstring) and
+    returns ``{"top1", "k", "t", "train_rows", "test_rows", "data", "image_size", "run_id", "eval_run_id"}``.
+    """
+    if k < 1 or t <= 0:
+        raise ValueError(f"knn: need k >= 1 and t > 0; got k={k}, t={t}")
+    log, parent, shards, size, manifest, enc = _prepare(
+        run_id, data, tracking_uri, image_size, [split_train, split_test]
+    )
+    f = features(run_id, enc, shards, [split_train, split_test], size, limit=limit, use_gpu=use_gpu)
+    (xtr, ytr), (xte, yte) = f[split_train], f[split_test]
+    top1 = knn_accuracy(
+        F.normalize(xtr, dim=1), ytr, F.normalize(xte, dim=1), yte, k=k, t=t,
+        num_classes=len(manifest.classes) or None, device=_device(),
+    )  # fmt: skip
+    params = {"protocol": "knn", "knn_k": k, "knn_t": t, "data": shards, "split_train": split_train,
+              "split_test": split_test, "image_size": size, "limit": limit,
+              "train_rows": len(ytr), "test_rows": len(yte)}  # fmt: skip
+    eval_id = _log_child(log, parent, "knn", params, {"knn_top1": top1})
+    return {"top1": top1, "k": k, "t": t, "train_rows": len(ytr), "test_rows": len(yte), "data": shards,
+            "image_size": size, "run_id": run_id, "eval_run_id": eval_id}  # fmt: skip
+
+
+def evaluate_linear(
+    run_id: str,
+    data: str | None = None,
+    *,
+    tracking_uri: str = "",
+    protocol: str | None = None,
+    epochs: int | None = None,
+    split_train: str = "train",
+    split_test: str = "test",
+    image_size: int | None = None,
+    limit: int = 0,
+    use_gpu: bool | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Linear probe on the run's frozen features (see ``linear_protocol`` for the defaults).
+
+    Returns the ``LinearProbeResult`` fields (``top1``, ``top5``, ``train_top1``, ``history``) plus
+    ``protocol``, ``settings``, ``train_rows``, ``test_rows``, ``data``, ``image_size``, ``run_id``,
+    ``eval_run_id``; the result is logged as a child run (see the module docstring).
+    """
+    log, parent, shards, size, manifest, enc = _prepare(
+        run_id, data, tracking_uri, image_size, [split_train, split_test]
+    )
+    name, proto = linear_protocol(protocol, size, epochs)
+    f = features(run_id, enc, shards, [split_train, split_test], size, limit=limit, use_gpu=use_gpu)
+    (xtr, ytr), (xte, yte) = f[split_train], f[split_test]
+    if name == "small":
+        xtr, xte = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)
+    res = proto.run(xtr, ytr, xte, yte, num_classes=len(manifest.classes) or None, device=_device(), seed=seed)
+    settings = dataclasses.asdict(proto)
+    params = {"protocol": "linear", "linear_preset": name, **{f"linear_{k}": v for k, v in settings.items()},
+              "data": shards, "split_train": split_train, "split_test": split_test, "image_size": size,
+              "limit": limit, "seed": seed, "train_rows": len(ytr), "test_rows": len(yte)}  # fmt: skip
+    metrics = {"linear_top1": res.top1, "linear_top5": res.top5, "linear_train_top1": res.train_top1}
+    eval_id = _log_child(log, parent, "linear", params, metrics, res.history)
+    return {"top1": res.top1, "top5": res.top5, "train_top1": res.train_top1, "history": res.history,
+            "protocol": name, "settings": settings, "train_rows": len(ytr), "test_rows": len(yte), "data": shards,
+            "image_size": size, "run_id": run_id, "eval_run_id": eval_id}  # fmt: skip

@@ -1,0 +1,78 @@
+"""Export a pretraining run's encoder to a file (torchvision, TorchScript, detectron2) or the Model Registry."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
+from moco_ray.evaluation.export import FORMATS, save_export
+from moco_ray.jobs.evaluate import DEFAULT_IMAGE_SIZE
+from moco_ray.tracking.run_log import ENCODER_MODEL_URI_TAG, RunEncoder, RunLog, open_run
+from moco_ray.tracking.store import open_store
+
+
+@dataclass
+class ExportResult:
+    """Where ``export_run`` wrote the file and, with ``register``, the Model Registry version it created."""
+
+    path: Path
+    format: str
+    registered_name: str | None = None
+    version: str | None = None
+
+    def __fspath__(self) -> str:  # usable wherever a path is expected
+        return str(self.path)
+
+
+_SUFFIX = {"torchvision": ".pt", "torchscript": ".pt", "detectron2": ".pkl"}
+
+
+def export_run(
+    run_id: str,
+    fmt: str,
+    out: str | os.PathLike,
+    *,
+    register: str | None = None,
+    tracking_uri: str = "",
+    image_size: int | None = None,
+) -> ExportResult:
+    """Write the run's encoder to ``out`` as ``fmt`` (torchvision | torchscript | detectron2).
+
+    ``out`` may be an existing directory (the file is then ``<run id>-<fmt><suffix>`` in it). ``register=NAME``
+    also registers the encoder (the run's mlflow.pytorch model, logged now if the run has none) as a new version
+    of NAME in the MLflow Model Registry. ``image_size`` only sets TorchScript's example input (default: the
+    run's ``aug.image_size``; the traced module accepts any size).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if register is not None and not register.strip():
+        raise ValueError("register: the registered model name must not be empty")
+    log, run = open_run(open_store(tracking_uri), run_id)
+    enc = log.encoder()
+    cfg = log.config()
+    size = image_size or (cfg.aug.image_size if cfg else DEFAULT_IMAGE_SIZE)
+    net = load_torchvision_backbone_from_state(enc.state, enc.arch, enc.small_stem)
+    path = Path(out)
+    if path.is_dir():
+        path = path / f"{run_id}-{fmt}{_SUFFIX[fmt]}"
+    written = save_export(net, enc.arch, enc.small_stem, fmt, path, image_size=size)
+    res = ExportResult(written, fmt)
+    if register:
+        res.registered_name, res.version = register, _register(log, run, net, enc, register)
+    return res
+
+
+def _register(log: RunLog, run, net, enc: RunEncoder, name: str) -> str:
+    import mlflow
+
+    run_id = run.info.run_id
+    model_uri = run.data.tags.get(ENCODER_MODEL_URI_TAG)
+    if not model_uri:  # e.g. a run logged before the trainer logged mlflow.pytorch models
+        model_uri = log.log_pytorch_model(net)
+        log.set_tags({ENCODER_MODEL_URI_TAG: model_uri})
+    mlflow.set_tracking_uri(log.uri)
+    tags = {"moco_ray.run_id": run_id, "arch": enc.arch, "small_stem": str(enc.small_stem)}
+    mv = mlflow.register_model(model_uri, name, tags=tags)
+    return str(mv.version)

@@ -1,0 +1,229 @@
+"""Driver side of a pretraining run: resolve, open the MLflow run, build the TorchTrainer, run it, log results."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moco_ray.config import Config, load_config
+from moco_ray.jobs.local_ray import init_ray
+from moco_ray.jobs.resolve import (
+    Prepared,
+    check_gpu_request,
+    knn_available,
+    latest_checkpoint,
+    prepare,
+    with_absolute_paths,
+)
+from moco_ray.tracking.run_log import CONFIG_FILE, RunLog, create_run, open_run, version_tags
+from moco_ray.tracking.store import resolve_tracking_uri
+from moco_ray.train.hooks import FaultHooks
+from moco_ray.train.spec import RunSpec
+
+RUN_DIR_TAG = "moco_ray.run_dir"
+STORAGE_TAG = "moco_ray.storage_path"
+NAME_TAG = "moco_ray.ray_run_name"
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run leaves behind."""
+
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    encoder_uri: str = ""
+    checkpoint_path: str = ""
+    status: str = "FINISHED"
+
+
+class RunInterrupted(RuntimeError):
+    """The run stopped before its last epoch; ``moco-ray pretrain --resume RUN_ID`` continues it."""
+
+    def __init__(self, run_id: str, epoch: int) -> None:
+        super().__init__(
+            f"run {run_id} stopped after epoch {epoch + 1}; continue with: moco-ray pretrain --resume {run_id}"
+        )
+        self.run_id, self.epoch = run_id, epoch
+
+
+def _resume_target(run_id: str, overrides) -> tuple[Config, RunLog, str]:
+    """The stopped run's own config (plus ``overrides``), its handle and its newest checkpoint directory."""
+    over = load_config(None, overrides)  # only for the tracking URI: the run's config comes from MLflow
+    log, run = open_run(resolve_tracking_uri(over.tracking.tracking_uri), run_id)
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            cfg_path = log.download(CONFIG_FILE, d)
+        except Exception:
+            raise ValueError(f"run {run_id} has no {CONFIG_FILE} artifact: not a moco-ray pretraining") from None
+        cfg = load_config(cfg_path, overrides)
+    run_dir = run.data.tags.get(RUN_DIR_TAG, "")
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is None:
+        raise ValueError(f"run {run_id}: no checkpoint found under {run_dir or '(unknown run dir)'}")
+    return cfg, log, resume_from
+
+
+def _new_run(cfg: Config, prep: Prepared, parent_run_id: str | None, extra_tags: dict[str, str] | None) -> RunLog:
+    tags = {
+        **version_tags(),
+        "world_size": str(cfg.train.num_workers),
+        "device_type": "cuda" if cfg.train.use_gpu else "cpu",
+        **(extra_tags or {}),
+    }
+    t = cfg.tracking
+    return create_run(prep.tracking_uri, t.experiment, t.run_name, cfg.flat(), tags, cfg.to_yaml(), parent_run_id)
+
+
+def _trainer(spec: RunSpec, callbacks: list | None, epoch_offset: int):
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig as RayDataConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from moco_ray.data.stream import pair_dataset, quiet_progress
+    from moco_ray.train.loop import train_loop_per_worker
+
+    cfg, t = spec.config, spec.config.train
+    quiet_progress()
+    train = pair_dataset(
+        cfg.data.shards, cfg.data.train_split, cfg.aug, seed=t.seed, epoch_offset=epoch_offset,
+        limit=cfg.data.limit, map_batch_size=cfg.data.map_batch_size, manifest=spec.manifest,
+    )  # fmt: skip
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+            placement_strategy=t.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=Path(spec.run_dir).name,
+            storage_path=spec.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks or [],
+            # Ray Train's per-report INFO lines ("Reporting training result ...", "Checkpoint successfully
+            # created ...") bury the epoch lines; they stay in the session's ray-train-sys log files.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+        datasets={"train": train},
+        dataset_config=RayDataConfig(datasets_to_split=["train"]),
+    )
+
+
+def run_pretraining(
+    cfg: Config | str | dict | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    resume: str | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    callbacks: list | None = None,
+    hooks: FaultHooks | None = None,
+    prepared: Prepared | None = None,
+) -> PretrainResult:
+    """Run (or, with ``resume=RUN_ID``, continue) one pretraining. See :func:`moco_ray.pretrain`.
+
+    ``prepared``: what a sweep already checked (reused when it serves this config); ``hooks``: test-only faults.
+    """
+    log: RunLog | None = None
+    resume_from = None
+    if resume:
+        cfg, log, resume_from = _resume_target(resume, overrides)
+    else:
+        cfg = load_config(cfg, overrides)
+    cfg = with_absolute_paths(cfg)
+    prep = prepare(cfg, prepared)  # may raise a clear error: nothing started yet
+    init_ray()
+    check_gpu_request(cfg)
+    if log is None:
+        log = _new_run(cfg, prep, parent_run_id, extra_tags)
+    else:
+        log.reopen()
+    spec = _spec(cfg, prep, log, resume_from, hooks)
+    epoch_offset = 0
+    if resume_from:
+        from moco_ray.train.checkpoint import load_state
+
+        epoch_offset = int(load_state(resume_from)["epoch"]) + 1
+    result = _fit(_trainer(spec, callbacks, epoch_offset), log)
+    return _finish(spec, log, result)
+
+
+def _spec(cfg: Config, prep: Prepared, log: RunLog, resume_from: str | None, hooks: FaultHooks | None) -> RunSpec:
+    from moco_ray.data.stream import steps_per_epoch
+
+    d = cfg.data
+    name = cfg.train.name or f"moco-{log.run_id}"
+    run_dir = f"{prep.storage_path.rstrip('/')}/{name}"
+    log.set_tags({RUN_DIR_TAG: run_dir, STORAGE_TAG: prep.storage_path, NAME_TAG: name})
+    hooks = hooks or FaultHooks()
+    if hooks.marker_dir is None and "://" not in prep.storage_path:
+        hooks.marker_dir = prep.storage_path
+    steps = steps_per_epoch(prep.manifest, d.train_split, cfg.train.batch_size, d.limit, cfg.train.max_steps_per_epoch)
+    return RunSpec(
+        config=cfg,
+        run_id=log.run_id,
+        tracking_uri=prep.tracking_uri,
+        storage_path=prep.storage_path,
+        run_dir=run_dir,
+        manifest=prep.manifest,
+        steps_per_epoch=steps,
+        knn=knn_available(cfg, prep.manifest),
+        resume_from=resume_from,
+        hooks=hooks,
+    )
+
+
+def _fit(trainer, log: RunLog):
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            log.finish(status)
+    return result
+
+
+def _finish(spec: RunSpec, log: RunLog, result) -> PretrainResult:
+    """Load the final checkpoint on the driver and log the encoder, plots and the checkpoint location."""
+    from moco_ray.tracking.plots import plot_training_curves
+    from moco_ray.train.checkpoint import load_state
+    from moco_ray.train.model import backbone_of, build_method
+
+    cfg = spec.config
+    if result.checkpoint is None:
+        log.finish("FAILED")
+        raise RuntimeError(f"run {log.run_id}: training reported no checkpoint")
+    ckpt_path = result.checkpoint.path
+    with result.checkpoint.as_directory() as d:
+        state = load_state(d)
+    history = state["history"]
+    log.log_epochs(history)  # idempotent: fills anything the workers could not write
+    last_epoch = int(state["epoch"])
+    log.set_tags({"moco_ray.checkpoint": ckpt_path, "moco_ray.last_epoch": last_epoch})
+    with tempfile.TemporaryDirectory() as d:
+        title = cfg.tracking.run_name or log.run_id
+        log.log_artifact(plot_training_curves(history, Path(d) / "training_curves.png", title=title), "plots")
+    if last_epoch + 1 < cfg.train.epochs:
+        log.finish("KILLED")
+        raise RunInterrupted(log.run_id, last_epoch)
+    model = build_method(cfg)
+    model.load_state_dict(state["model"])
+    encoder_uri = log.log_trained_encoder(backbone_of(model).eval(), cfg.model.arch, cfg.model.small_stem)
+    log.finish("FINISHED")
+    metrics = {k: float(v) for k, v in history[-1].items()}
+    return PretrainResult(log.run_id, spec.tracking_uri, metrics, history, encoder_uri, ckpt_path)
+
+
+__all__ = ["PretrainResult", "RunInterrupted", "run_pretraining"]

@@ -1,0 +1,124 @@
+"""Everything a run needs checked and normalised on the driver, once, before any cluster resource is requested."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from moco_ray.config import Config, absolute
+from moco_ray.data.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The checked tracking store, the writable storage root and the validated shards' manifest.
+
+    A sweep prepares once and hands this to every trial, so trials neither re-probe the tracking server nor
+    re-hash the shards.
+    """
+
+    tracking_uri: str
+    storage_path: str
+    manifest: Manifest
+
+    def serves(self, cfg: Config) -> bool:
+        """Whether ``cfg`` points at the same store, storage and shards (a trial's overrides may change them)."""
+        from moco_ray.tracking.store import resolve_tracking_uri
+
+        return (
+            resolve_tracking_uri(cfg.tracking.tracking_uri) == self.tracking_uri
+            and storage_path(cfg) == self.storage_path
+            and absolute(cfg.data.shards) == self.manifest.root
+        )
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config with local data and storage paths absolute: workers run in another cwd."""
+    data = dataclasses.replace(cfg.data, shards=absolute(cfg.data.shards))
+    if cfg.data.source and Path(cfg.data.source).exists():
+        data = dataclasses.replace(data, source=absolute(cfg.data.source))
+    return dataclasses.replace(cfg, data=data)
+
+
+def storage_path(cfg: Config) -> str:
+    p = cfg.train.storage_path or os.environ.get("MOCO_RAY_STORAGE_PATH") or str(Path.cwd() / "moco-ray-runs")
+    return absolute(p)
+
+
+def check_writable(path: str) -> None:
+    """Create-and-delete a probe file in the nearest existing directory: ``os.access`` says yes to root for any
+    path, even one under a regular file or on a read-only mount, and the run would only fail at its first
+    checkpoint."""
+    if "://" in path:
+        return
+    p = Path(path)
+    probe = p if p.exists() else next((q for q in p.parents if q.exists()), Path("/"))
+    if not probe.is_dir():
+        raise ValueError(f"train.storage_path: cannot write to {path} ({probe} is not a directory)")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ValueError(f"train.storage_path: cannot write to {path} ({e.strerror or e})") from None
+
+
+def prepare(cfg: Config, known: Prepared | None = None) -> Prepared:
+    """Tracking store, storage and shards checked (one clear error each), or ``known`` when it serves ``cfg``."""
+    from moco_ray.data.ingest import ensure_shards
+    from moco_ray.data.schema import validate_shards
+    from moco_ray.data.stream import check_enough_rows
+    from moco_ray.tracking.store import open_store
+
+    if known is not None and known.serves(cfg):
+        manifest = known.manifest
+        prep = known
+    else:
+        uri = open_store(cfg.tracking.tracking_uri)
+        store = storage_path(cfg)
+        check_writable(store)
+        if not cfg.data.shards:
+            raise ValueError("data.shards: no dataset given; ingest one with `moco-ray ingest SOURCE OUT`")
+        ensure_shards(cfg.data.shards, cfg.data.source)
+        manifest = validate_shards(cfg.data.shards)
+        prep = Prepared(uri, store, manifest)
+    check_enough_rows(manifest, cfg.data.train_split, cfg.train.batch_size, cfg.data.limit)
+    return prep
+
+
+def check_gpu_request(cfg: Config) -> None:
+    """A GPU run on a Ray cluster without GPUs would wait forever for resources: say so instead."""
+    if not cfg.train.use_gpu:
+        return
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    autoscaling = os.environ.get("MOCO_RAY_ALLOW_PENDING_GPUS") == "1"
+    if gpus < cfg.train.num_workers and not autoscaling:
+        raise ValueError(
+            f"train.use_gpu: {cfg.train.num_workers} GPU worker(s) asked for but the Ray cluster has {gpus:g} GPU(s); "
+            "set train.use_gpu=false, or MOCO_RAY_ALLOW_PENDING_GPUS=1 on an autoscaling cluster"
+        )
+
+
+def knn_available(cfg: Config, manifest: Manifest) -> bool:
+    """The kNN monitor needs both labelled splits; without them it is off (and said so)."""
+    wanted = {cfg.data.knn_train_split, cfg.data.knn_test_split}
+    ok = cfg.eval.knn_every > 0 and wanted <= set(manifest.splits)
+    if cfg.eval.knn_every > 0 and not ok:
+        print(f"moco-ray: kNN monitor off: the shards lack split(s) {sorted(wanted - set(manifest.splits))}")
+    return ok
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest ``checkpoint_*`` directory holding a complete state file (local storage)."""
+    if "://" in run_dir or not Path(run_dir).is_dir():
+        return None
+    from moco_ray.train.checkpoint import STATE_FILE
+
+    cands = [p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file()]
+    if not cands:
+        return None
+    return str(max(cands, key=lambda p: (p.stat().st_mtime, p.name)))

@@ -1,0 +1,88 @@
+"""Per-epoch reports from the workers: Ray Train reports (a barrier), rank 0's checkpoints and MLflow metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moco_ray.core.backbone_io import plain_state_dict
+from moco_ray.tracking.run_log import RunLog
+from moco_ray.train.checkpoint import rng_state, save_state
+from moco_ray.train.spec import RunSpec
+
+
+class Reporter:
+    """What a rank sends out: every rank reports each epoch; rank 0 also checkpoints and writes the MLflow run.
+
+    MLflow metrics are written only after the checkpoint that holds them is persisted (and from the checkpoint's
+    history on restore), so a worker restart neither loses nor duplicates an epoch.
+    """
+
+    def __init__(self, spec: RunSpec, rank: int, world: int) -> None:
+        self.spec, self.rank, self.world = spec, rank, world
+        self.run = RunLog(spec.tracking_uri, spec.run_id) if rank == 0 else None
+
+    def record_worker_nodes(self) -> None:
+        """Tag the run with the Ray node of every worker, so a multi-node run shows which nodes took part."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        nodes: list[Any] = [node]
+        if self.world > 1:
+            nodes = [None] * self.world
+            dist.all_gather_object(nodes, node)
+        if self.run is not None:
+            self.run.set_tags({"moco_ray.worker_nodes": ",".join(nodes)})
+
+    def note_restore(self, model: torch.nn.Module, state: dict[str, Any]) -> None:
+        """Tags that show what a restart continued from (the queue's digest proves it came back bit-exact)."""
+        queue = getattr(model, "queue", None)
+        if self.run is None or queue is None:
+            return
+        digest = hashlib.sha256(queue.keys.cpu().numpy().tobytes()).hexdigest()
+        self.run.set_tags(
+            {
+                "moco_ray.restored_from_epoch": state["epoch"],
+                "moco_ray.restored_queue_sha256": digest,
+                "moco_ray.restored_queue_ptr": int(queue.ptr),
+            }
+        )
+
+    def _rng_states(self) -> list[dict[str, Any]]:
+        """RNG states of every rank: they travel in rank 0's checkpoint."""
+        mine = rng_state()
+        if self.world == 1:
+            return [mine]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
+    def report(self, model, opt, epoch: int, global_step: int, history: list[dict[str, float]], last: bool) -> None:
+        """``ray.train.report`` on every worker; rank 0 attaches a checkpoint every ``train.checkpoint_every``."""
+        import ray.train
+
+        cfg = self.spec.config
+        do_ckpt = last or (epoch + 1) % cfg.train.checkpoint_every == 0
+        rngs = self._rng_states()
+        if not (do_ckpt and self.rank == 0):
+            ray.train.report(history[-1])
+            return
+        state = {
+            "model": plain_state_dict(model),
+            "optimizer": opt.state_dict(),
+            "epoch": epoch,
+            "global_step": global_step,
+            "rng": rngs,
+            "history": history,
+            "config": cfg.to_dict(),
+            "run_id": self.spec.run_id,
+        }
+        with tempfile.TemporaryDirectory() as d:
+            save_state(d, state)
+            ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d))
+        assert self.run is not None
+        self.run.log_epochs(history)

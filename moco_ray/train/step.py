@@ -1,0 +1,49 @@
+"""One MoCo training step and the optimizer it steps: used by the Ray Train loop, the benchmarks and the tests.
+
+Pure PyTorch. The step never reads a tensor's value on the host (no ``.item()``, no ``float(tensor)``), so on a
+GPU it queues work without a host-device sync; callers accumulate the returned device tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moco_ray.config import Config
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that take gradients: the query side (the key encoder and the queue never do)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with the config's momentum and weight decay at the batch-scaled learning rate ``cfg.lr``."""
+    o = cfg.optim
+    return torch.optim.SGD(trainable_parameters(model), lr=cfg.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    im_q: torch.Tensor,
+    im_k: torch.Tensor,
+    *,
+    autocast: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Forward (EMA update, loss, enqueue inside the method), backward and one optimizer step.
+
+    ``autocast``: a reduced precision for the forward pass (bf16 on GPUs), or None for fp32.
+    Returns the detached ``loss`` and ``acc1`` tensors, still on the device.
+    """
+    with torch.autocast(im_q.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        out = model(im_q, im_k)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    opt.step()
+    return {"loss": out["loss"].detach(), "acc1": out["acc1"].detach()}
