@@ -51,16 +51,22 @@ def _git_commit() -> str | None:
         return None
 
 
-def version_tags() -> dict[str, str]:
-    import ray
-    import torch
-    import torchvision
+def _installed(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def version_tags() -> dict[str, str]:
+    """Versions of what ran (read from the installed packages: tracking imports neither Ray nor torch)."""
     tags = {
         "moco_ray.version": __version__,
-        "ray.version": ray.__version__,
-        "torch.version": torch.__version__,
-        "torchvision.version": torchvision.__version__,
+        "ray.version": _installed("ray"),
+        "torch.version": _installed("torch"),
+        "torchvision.version": _installed("torchvision"),
         "python.version": platform.python_version(),
     }
     commit = _git_commit()
