@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageEnhance, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
@@ -21,6 +23,7 @@ from moco_ray.data.augment import (
     resize_for_gpu,
     sample_params,
     source_size,
+    to_pil,
 )
 
 N = 4000  # samples per statistical check: a probability p is measured within +-0.03 (> 4 standard errors)
@@ -42,6 +45,11 @@ def colour_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
     x = torch.nn.functional.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)[0]
     x[:, : h // 3, : w // 4] = torch.tensor([0.9, 0.1, 0.2]).view(3, 1, 1)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def from_pil(im: Image.Image) -> torch.Tensor:
+    """PIL RGB or L image -> uint8 [3, H, W]."""
+    return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def ks_stat(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -206,8 +214,10 @@ def test_strength_zero_gives_identical_undistorted_views(preset):
     tall = colour_image(40, 28)
     q, k = aug.pair(tall, g)
     assert torch.equal(q, k)
-    # the central square, resized to the output size
-    assert torch.equal(q, TF.resized_crop(tall, 6, 0, 28, 28, [32, 32], antialias=True))
+    # the central square, resized to the output size (Pillow's bilinear resize of that box)
+    assert torch.equal(q, from_pil(to_pil(tall).resize((32, 32), Image.Resampling.BILINEAR, box=(0, 6, 28, 34))))
+    ref = TF.resized_crop(tall, 6, 0, 28, 28, [32, 32], antialias=True)  # torchvision's tensor op: nearly equal
+    assert float((q.float() - ref.float()).abs().mean()) < 1.0
 
 
 def test_same_seed_same_views_and_different_seeds_differ():
@@ -222,7 +232,12 @@ def test_same_seed_same_views_and_different_seeds_differ():
 
 
 def test_apply_honours_each_drawn_parameter():
-    """Hand-set parameters: each op is applied exactly when its mask says so."""
+    """Hand-set parameters: each op is applied exactly when its mask says so.
+
+    The views are made with Pillow (as MoCo's official pipeline): each op is pinned to a written-out Pillow
+    reference (torchvision's own PIL ops where they exist, i.e. ImageEnhance for brightness, contrast and
+    saturation), and checked to stay within a few grey levels of torchvision's uint8 tensor ops.
+    """
     aug = ViewAugment("v2", 64, 1.0)
     img = colour_image(64, 64)
     base = sample_params(1, aug.params, 64, 64, torch.Generator().manual_seed(0))
@@ -234,20 +249,32 @@ def test_apply_honours_each_drawn_parameter():
         "width": torch.tensor([48]),
         **{k: torch.tensor([False]) for k in ("flip", "jitter", "gray", "blur")},
     }
-    crop = TF.resized_crop(img, 8, 4, 40, 48, [64, 64], antialias=True)
+    crop_pil = to_pil(img).resize((64, 64), Image.Resampling.BILINEAR, box=(4, 8, 52, 48))
+    crop = from_pil(crop_pil)
     assert torch.equal(aug.apply([img], off)[0], crop)
+    assert float((crop.float() - TF.resized_crop(img, 8, 4, 40, 48, [64, 64], antialias=True).float()).abs().mean()) < 1
     flipped = aug.apply([img], {**off, "flip": torch.tensor([True])})[0]
     assert torch.equal(flipped, crop.flip(-1))
     gray = aug.apply([img], {**off, "gray": torch.tensor([True])})[0]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    assert torch.equal(gray[0], from_pil(crop_pil.convert("L"))[0])
     blurred = aug.apply([img], {**off, "blur": torch.tensor([True]), "sigma": torch.tensor([1.5])})[0]
-    assert torch.equal(blurred, TF.gaussian_blur(crop, [7, 7], [1.5, 1.5]))
+    assert torch.equal(blurred, from_pil(crop_pil.filter(ImageFilter.GaussianBlur(float(torch.tensor(1.5))))))
+    assert float((blurred.float() - TF.gaussian_blur(crop, [7, 7], [1.5, 1.5]).float()).abs().mean()) < 1.5
     jit = {**off, "jitter": torch.tensor([True]), "order": torch.tensor([[3, 0, 2, 1]])}
     jit.update(brightness=torch.tensor([1.3]), contrast=torch.tensor([0.7]), saturation=torch.tensor([1.2]))
     jit["hue"] = torch.tensor([0.08])
     b, c, sat, h = (float(jit[k][0]) for k in ("brightness", "contrast", "saturation", "hue"))  # float32 values
+    # hue: Pillow's HSV, hue channel shifted by round(h * 255) mod 255 (255 is a full turn in Pillow's HSV)
+    hh, s, v = crop_pil.convert("HSV").split()
+    hh = Image.fromarray(((np.asarray(hh).astype(np.int64) + round(h * 255)) % 255).astype(np.uint8), "L")
+    x = Image.merge("HSV", (hh, s, v)).convert("RGB")
+    x = ImageEnhance.Contrast(ImageEnhance.Color(ImageEnhance.Brightness(x).enhance(b)).enhance(sat)).enhance(c)
+    got = aug.apply([img], jit)[0]
+    assert torch.equal(got, from_pil(x))
     want = TF.adjust_contrast(TF.adjust_saturation(TF.adjust_brightness(TF.adjust_hue(crop, h), b), sat), c)
-    assert torch.equal(aug.apply([img], jit)[0], want)
+    assert float((got.float() - want.float()).abs().mean()) < 2.0
+    assert float((got.float() - crop.float()).abs().mean()) > 8.0  # the jitter did something
 
 
 def test_output_level_grayscale_rate_matches_preset():

@@ -27,7 +27,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
+from PIL import Image, ImageFilter
 from torchvision.transforms.v2 import functional as TF
 
 PRESETS = ("v1", "v2")
@@ -117,6 +119,34 @@ def _uniform(lo: float, hi: float, u: torch.Tensor) -> torch.Tensor:
     return lo + (hi - lo) * u
 
 
+def draw_uniforms(
+    n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """The raw uniform draws behind ``n`` views (what :func:`sample_params` consumes, in the same order).
+
+    Keys: ``scale``, ``ratio`` (float64 [n, CROP_TRIES]), ``pos`` (float64 [n, 2]), ``u`` (float32 [n, 9]),
+    ``order`` (float32 [n, 4]). Splitting the draws from their transformation lets a caller with one generator per
+    image (the seeded stream) draw per image and transform the whole batch at once: for each image the result is
+    exactly ``sample_params(n, ..., generator)``.
+    """
+    if n < 0:
+        raise ValueError(f"sample_params: n must be >= 0, got {n}")
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    g, dev = generator, torch.device(device)
+
+    def rand(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.rand(*shape, generator=g, device=dev, dtype=dtype)
+
+    return {
+        "scale": rand(n, CROP_TRIES, dtype=torch.float64),
+        "ratio": rand(n, CROP_TRIES, dtype=torch.float64),
+        "pos": rand(n, 2, dtype=torch.float64),
+        "u": rand(n, 9),  # flip, jitter, gray, blur, brightness, contrast, saturation, hue, sigma
+        "order": rand(n, 4),
+    }
+
+
 def sample_params(
     n: int,
     params: AugParams,
@@ -133,21 +163,23 @@ def sample_params(
     ``blur`` (bool masks), ``brightness``, ``contrast``, ``saturation``, ``hue``, ``sigma`` (float32), ``order``
     (int64 [n, 4], a permutation of BRIGHTNESS..HUE per view, as in ColorJitter).
     """
-    if n < 0:
-        raise ValueError(f"sample_params: n must be >= 0, got {n}")
-    if device is None:
-        device = generator.device if generator is not None else torch.device("cpu")
-    g, dev = generator, torch.device(device)
+    return params_from_uniforms(draw_uniforms(n, generator, device), params, heights, widths)
 
-    def rand(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.rand(*shape, generator=g, device=dev, dtype=dtype)
 
+def params_from_uniforms(
+    draws: dict[str, torch.Tensor],
+    params: AugParams,
+    heights: int | Sequence[int] | torch.Tensor,
+    widths: int | Sequence[int] | torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Turn :func:`draw_uniforms`' draws (rows may come from different generators) into view parameters."""
+    n, dev = draws["u"].shape[0], draws["u"].device
     H, W = _sizes(heights, n, dev, "heights"), _sizes(widths, n, dev, "widths")
     # RandomResizedCrop.get_params, vectorised: the first of 10 tries that fits, else a central crop.
     # float64 as torchvision's Python floats, so rounding to whole pixels agrees.
     area = (H * W)[:, None]
-    target = area * _uniform(*params.scale, rand(n, CROP_TRIES, dtype=torch.float64))
-    log_r = _uniform(math.log(params.ratio[0]), math.log(params.ratio[1]), rand(n, CROP_TRIES, dtype=torch.float64))
+    target = area * _uniform(*params.scale, draws["scale"])
+    log_r = _uniform(math.log(params.ratio[0]), math.log(params.ratio[1]), draws["ratio"])
     aspect = torch.exp(log_r)
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
@@ -156,7 +188,7 @@ def sample_params(
     any_fit = fits.any(dim=1)
     w = w.gather(1, first)[:, 0]
     h = h.gather(1, first)[:, 0]
-    u_top, u_left = rand(n, 2, dtype=torch.float64).unbind(1)
+    u_top, u_left = draws["pos"].unbind(1)
     top = torch.floor(u_top * (H - h + 1)).clamp_max(H - h)
     left = torch.floor(u_left * (W - w + 1)).clamp_max(W - w)
     in_ratio = W / H
@@ -166,7 +198,7 @@ def sample_params(
     top = torch.where(any_fit, top, torch.div(H - h, 2, rounding_mode="floor"))
     left = torch.where(any_fit, left, torch.div(W - w, 2, rounding_mode="floor"))
 
-    u = rand(n, 9)  # flip, jitter, gray, blur, brightness, contrast, saturation, hue, sigma
+    u = draws["u"]
     bri = _uniform(max(0.0, 1.0 - params.brightness), 1.0 + params.brightness, u[:, 4])
     con = _uniform(max(0.0, 1.0 - params.contrast), 1.0 + params.contrast, u[:, 5])
     sat = _uniform(max(0.0, 1.0 - params.saturation), 1.0 + params.saturation, u[:, 6])
@@ -184,7 +216,7 @@ def sample_params(
         "saturation": sat,
         "hue": _uniform(-params.hue, params.hue, u[:, 7]),
         "sigma": _uniform(*params.sigma, u[:, 8]),
-        "order": rand(n, 4).argsort(dim=1),
+        "order": draws["order"].argsort(dim=1),
     }
 
 
@@ -197,7 +229,14 @@ def check_image(img: torch.Tensor, where: str) -> None:
 
 
 class ViewAugment:
-    """One random view per call: uint8 [3, H, W] -> uint8 [3, S, S] (torchvision v2 ops on uint8 tensors)."""
+    """Random views: uint8 [3, H, W] tensors (or PIL images) -> uint8 [3, S, S], each view's ops done in Pillow.
+
+    Per-image ops run on PIL images (one ``resize(box=...)`` for crop + resize, lookup tables for brightness and
+    contrast, Pillow's blend / HSV / GaussianBlur for saturation, hue and blur), as MoCo's official pipeline does;
+    on small per-image arrays they cost about half of torchvision's uint8 tensor kernels. The parameters are those
+    of :func:`sample_params` (shared with ``gpu_augment``); only the pixel arithmetic differs from the tensor ops
+    (rounding, Pillow's HSV quantisation, its box-approximated Gaussian), by about a grey level on average.
+    """
 
     def __init__(self, preset: str, image_size: int, strength: float = 1.0) -> None:
         self.params = aug_params(preset, image_size, strength)
@@ -220,35 +259,94 @@ class ViewAugment:
 
     def views(self, imgs: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """One view of each image (sizes may differ), parameters drawn in one vectorised call -> [N, 3, S, S]."""
-        for im in imgs:
-            check_image(im, "ViewAugment")
-        p = sample_params(
-            len(imgs), self.params, [im.shape[1] for im in imgs], [im.shape[2] for im in imgs], generator, "cpu"
-        )
-        return self.apply(imgs, p)
+        pils = [to_pil(im, "ViewAugment") for im in imgs]
+        p = sample_params(len(pils), self.params, [im.height for im in pils], [im.width for im in pils], generator)
+        return self.apply(pils, p)
 
-    def apply(self, imgs: Sequence[torch.Tensor], p: dict[str, torch.Tensor]) -> torch.Tensor:
+    def apply(self, imgs: Sequence[torch.Tensor | Image.Image], p: dict[str, torch.Tensor]) -> torch.Tensor:
         """Apply drawn parameters (from :func:`sample_params`, one row per image) -> uint8 [N, 3, S, S]."""
-        rows = {k: v.detach().cpu().tolist() for k, v in p.items()}
         S = self.params.image_size
-        if not imgs:
-            return torch.zeros(0, 3, S, S, dtype=torch.uint8)
-        return torch.stack([self._apply_one(im, {k: v[i] for k, v in rows.items()}) for i, im in enumerate(imgs)])
+        out = np.empty((len(imgs), S, S, 3), dtype=np.uint8)
+        self.apply_into(out, [to_pil(im, "ViewAugment") for im in imgs], p)
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
-    def _apply_one(self, img: torch.Tensor, r: dict) -> torch.Tensor:
+    def apply_into(
+        self,
+        out: np.ndarray,
+        imgs: Sequence[Image.Image],
+        p: dict[str, torch.Tensor],
+        scales: Sequence[float] | None = None,
+    ) -> None:
+        """Write view i of ``imgs[i]`` into ``out[i]`` (uint8 [N, S, S, 3], channels last).
+
+        ``scales[i]`` (default 1) is the size of ``imgs[i]`` relative to the image the crop boxes were drawn on (a
+        JPEG decoded at reduced size with ``draft``): boxes are drawn in full-size coordinates and scaled here.
+        """
+        rows = {k: v.detach().cpu().tolist() for k, v in p.items()}
+        for i, im in enumerate(imgs):
+            r = {k: v[i] for k, v in rows.items()}
+            x = self.view_pil(im, r, 1.0 if scales is None else scales[i])
+            if x.mode == "L":
+                out[i] = np.asarray(x)[:, :, None]
+            else:
+                out[i] = np.asarray(x)
+
+    def view_pil(self, img: Image.Image, r: dict, scale: float = 1.0) -> Image.Image:
+        """One view of an RGB PIL image with one drawn row; returns an RGB or (grey view) L image, S x S."""
         P, S = self.params, self.params.image_size
-        x = TF.resized_crop(img, r["top"], r["left"], r["height"], r["width"], [S, S], antialias=True)
+        t, lf, h, w = r["top"] * scale, r["left"] * scale, r["height"] * scale, r["width"] * scale
+        x = img.resize((S, S), Image.Resampling.BILINEAR, box=(lf, t, lf + w, t + h))
         if P.gray_first and r["gray"]:
-            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+            x = x.convert("L")  # stays single-band: jitter keeps a grey image grey
         if r["jitter"]:
-            x = apply_color_jitter(x, r)
-        if not P.gray_first and r["gray"]:
-            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+            x = pil_color_jitter(x, r)
+        if not P.gray_first and r["gray"] and x.mode != "L":
+            x = x.convert("L")
         if r["blur"] and P.blur_kernel:
-            x = TF.gaussian_blur(x, [P.blur_kernel, P.blur_kernel], [r["sigma"], r["sigma"]])
+            x = x.filter(ImageFilter.GaussianBlur(r["sigma"]))
         if r["flip"]:
-            x = TF.horizontal_flip(x)
-        return x.contiguous()
+            x = x.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return x
+
+
+def to_pil(img: torch.Tensor | Image.Image, where: str = "to_pil") -> Image.Image:
+    """uint8 [3, H, W] tensor (checked) or PIL image -> RGB PIL image."""
+    if isinstance(img, Image.Image):
+        return img if img.mode == "RGB" else img.convert("RGB")
+    check_image(img, where)
+    return Image.fromarray(img.permute(1, 2, 0).contiguous().numpy(), "RGB")
+
+
+_RAMP = np.arange(256, dtype=np.float32)
+
+
+def _blend_lut(factor: float, base: float) -> list[int]:
+    """Pillow's ``Image.blend(constant base, img, factor)`` per grey level: trunc(base + f * (v - base)), clipped."""
+    v = np.float32(base) + np.float32(factor) * (_RAMP - np.float32(base))
+    return np.clip(v, 0, 255).astype(np.uint8).tolist()
+
+
+def pil_color_jitter(x: Image.Image, r: dict) -> Image.Image:
+    """ColorJitter on a PIL image (RGB or L) with one drawn row, torchvision's PIL ops (ImageEnhance) computed
+    faster: brightness and contrast as lookup tables (the same values as ImageEnhance's blends), saturation as
+    ImageEnhance.Color's blend with the grey image, hue through Pillow's HSV (shift rounded to 1/255 of a turn)."""
+    for op in r["order"]:
+        if op == BRIGHTNESS and r["brightness"] != 1.0:
+            x = x.point(_blend_lut(r["brightness"], 0.0) * len(x.getbands()))
+        elif op == CONTRAST and r["contrast"] != 1.0:
+            grey = x if x.mode == "L" else x.convert("L")
+            hist = np.asarray(grey.histogram(), dtype=np.float64)
+            mean = int(float(hist @ _RAMP.astype(np.float64)) / max(float(hist.sum()), 1.0) + 0.5)
+            x = x.point(_blend_lut(r["contrast"], float(mean)) * len(x.getbands()))
+        elif op == SATURATION and r["saturation"] != 1.0 and x.mode != "L":
+            x = Image.blend(x.convert("L").convert("RGB"), x, r["saturation"])
+        elif op == HUE and r["hue"] != 0.0 and x.mode != "L":
+            shift = int(round(r["hue"] * 255.0)) % 255
+            if shift:
+                hh, s, v = x.convert("HSV").split()
+                hh = hh.point([(i + shift) % 255 for i in range(256)])
+                x = Image.merge("HSV", (hh, s, v)).convert("RGB")
+    return x
 
 
 def apply_color_jitter(x: torch.Tensor, r: dict) -> torch.Tensor:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # Formats the stream can decode (torchvision for JPEG/PNG/GIF/WEBP, PIL for the others).
 _MAGIC = (
@@ -65,10 +69,11 @@ def verify_image(data: bytes) -> str:
 
 
 def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded bytes -> uint8 [3, H, W] RGB (grayscale, palette and RGBA become RGB).
+    """Encoded bytes -> uint8 [3, H, W] RGB (grayscale, palette and RGBA become RGB), EXIF orientation applied.
 
     torchvision's decoders first (fast, libjpeg-turbo / libpng), PIL as the fallback for the formats they lack;
-    raises CorruptImageError when neither can decode the bytes.
+    raises CorruptImageError when neither can decode the bytes. A photo stored sideways with an EXIF orientation
+    tag comes out upright, as ``PIL.ImageOps.exif_transpose`` turns it.
     """
     if not data:
         raise CorruptImageError("empty image bytes")
@@ -76,7 +81,8 @@ def decode_image(data: bytes) -> torch.Tensor:
     from torchvision.io import decode_image as tv_decode
 
     try:
-        img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        img = tv_decode(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except Exception:  # unsupported format or corrupt: let PIL decide
         img = _pil_decode(data)
     if img.ndim == 4:  # animated GIF: first frame
@@ -87,14 +93,81 @@ def decode_image(data: bytes) -> torch.Tensor:
 
 
 def _pil_decode(data: bytes) -> torch.Tensor:
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im.convert("RGB"))
+        im, _ = load_upright_rgb(open_image(data))
+        arr = np.asarray(im)
+    except CorruptImageError:
+        raise
     except Exception as e:
         raise CorruptImageError(f"corrupt image ({type(e).__name__}: {e})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+EXIF_ORIENTATION = 0x0112
+_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees (width and height swap)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """A lazily decoded PIL image (header read, pixels not yet decoded); CorruptImageError if unreadable.
+
+    With :func:`upright_size` and :func:`load_upright_rgb`, a caller can plan crops on the upright image's size
+    before decoding, and decode a JPEG at a reduced size (``draft``) when every crop is far larger than its output.
+    """
+    from PIL import Image
+
+    if not data:
+        raise CorruptImageError("empty image bytes")
+    try:
+        im = Image.open(io.BytesIO(data))
+        if im.width < 1 or im.height < 1:
+            raise CorruptImageError("image has no pixels")
+    except CorruptImageError:
+        raise
+    except Exception as e:
+        raise CorruptImageError(f"corrupt image ({type(e).__name__}: {e})") from None
+    return im
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1..8; 1 = upright, also when absent or unreadable)."""
+    try:
+        o = int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(height, width) of the image once its EXIF orientation is applied."""
+    w, h = im.size
+    return (w, h) if exif_orientation(im) in _SWAPS_SIDES else (h, w)
+
+
+def load_upright_rgb(im: Image.Image, reduce: int = 1) -> tuple[Image.Image, float]:
+    """Decode an :func:`open_image` image: EXIF orientation applied (as ``ImageOps.exif_transpose``), RGB.
+
+    ``reduce`` in (2, 4, 8) decodes a JPEG at 1/reduce of its size in the DCT (libjpeg's scaled decoding via
+    ``Image.draft``: far cheaper than a full decode); other formats ignore it. Returns the image and its size
+    relative to the full-size upright image (1.0, or about 1/reduce), for scaling crop boxes drawn on the full
+    size. Raises CorruptImageError when the pixel data cannot be decoded.
+    """
+    from PIL import ImageOps
+
+    try:
+        w0 = im.width
+        orientation = exif_orientation(im)
+        if reduce > 1 and im.format == "JPEG":
+            im.draft("RGB", (-(-im.width // reduce), -(-im.height // reduce)))
+        scale = im.width / w0
+        if orientation != 1:
+            im = ImageOps.exif_transpose(im)  # decodes, then rotates / mirrors
+        else:
+            im.load()
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+    except Exception as e:
+        raise CorruptImageError(f"corrupt image ({type(e).__name__}: {e})") from None
+    return im, scale
 
 
 def decode_batch(images: Sequence[bytes | None]) -> tuple[list[torch.Tensor], np.ndarray]:

@@ -157,6 +157,86 @@ def _drop(batch: dict[str, np.ndarray], drop_ids: frozenset[str]) -> dict[str, n
     return {k: v[keep] for k, v in batch.items()}
 
 
+DRAFT_FACTORS = (8, 4, 2)  # libjpeg's DCT-domain downscales (Image.draft)
+
+
+def _draft_factor(crops_hw: list[tuple[int, int]], size: int) -> int:
+    """The largest JPEG draft reduction that keeps every crop at least ``size`` px on each side (1 = none), so
+    the reduced decode is still downscaled by the final resize and no view loses resolution."""
+    smallest = min(min(h, w) for h, w in crops_hw)
+    return next((k for k in DRAFT_FACTORS if smallest >= k * size), 1)
+
+
+def _nearest(valid: list[int], i: int) -> int:
+    return min(valid, key=lambda j: (abs(j - i), j))
+
+
+def _train_pairs(
+    aug: Any, images: list[bytes | None], gens: list[torch.Generator]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two views of each encoded image -> (q, k uint8 [B, 3, S, S], corrupt flags int64 [B]).
+
+    Row i's draws come from ``gens[i]`` (two views: q then k, exactly ``sample_params(2, ..., gens[i])``) and are
+    turned into crop boxes for the whole batch at once. Each image is opened lazily: its header gives the upright
+    size the crops are drawn on, and a JPEG whose every crop is >= 2x the output is decoded at reduced size
+    (draft, see `_draft_factor`; the boxes are scaled to match). Corrupt images are handled as `decode_batch` does:
+    the row gets the nearest valid image of the batch (views drawn with its own generator) and is flagged; a batch
+    with no valid image uses mid-grey stand-ins.
+    """
+    from PIL import Image
+
+    from moco_ray.data.augment import draw_uniforms, params_from_uniforms
+    from moco_ray.data.decode import FALLBACK_SIZE, CorruptImageError, load_upright_rgb, open_image, upright_size
+
+    n, S = len(images), aug.image_size
+    heads: list[Any] = []
+    for data in images:
+        try:
+            heads.append(open_image(data) if data is not None else None)
+        except CorruptImageError:
+            heads.append(None)
+    draws = [draw_uniforms(2, g) for g in gens]
+    stand_in = Image.new("RGB", (FALLBACK_SIZE, FALLBACK_SIZE), (128, 128, 128))
+    loaded: dict[tuple[int, int], tuple[Any, float]] = {}
+    while True:  # a second pass only when some image fails to decode after its header read fine
+        valid = [i for i, h in enumerate(heads) if h is not None]
+        src = [i if heads[i] is not None else (_nearest(valid, i) if valid else -1) for i in range(n)]
+        hw = [upright_size(heads[j]) if j >= 0 else (FALLBACK_SIZE, FALLBACK_SIZE) for j in src]
+        p = {}
+        if n:
+            u = {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
+            p = params_from_uniforms(u, aug.params, [h for h, _ in hw for _ in "qk"], [w for _, w in hw for _ in "qk"])
+        boxes = torch.stack([p["height"], p["width"]], 1).tolist() if n else []
+        views: list[Any] = []
+        scales: list[float] = []
+        failed = False
+        for i, j in enumerate(src):
+            if j < 0:
+                im, scale = stand_in, 1.0
+            else:
+                key = (j, _draft_factor(boxes[2 * i : 2 * i + 2], S))
+                if key not in loaded:
+                    # a lazy image decodes once: another reduction of the same image needs a fresh open
+                    fresh = any(k[0] == j for k in loaded)
+                    try:
+                        loaded[key] = load_upright_rgb(open_image(images[j]) if fresh else heads[j], key[1])
+                    except CorruptImageError:
+                        heads[j], failed = None, True
+                        break
+                im, scale = loaded[key]
+            views += [im, im]
+            scales += [scale, scale]
+        if not failed:
+            break
+    out = np.empty((2 * n, S, S, 3), dtype=np.uint8)
+    if n:
+        aug.apply_into(out, views, p, scales)
+    corrupt = np.array([h is None for h in heads], dtype=np.int64)
+    q = np.ascontiguousarray(out[0::2].transpose(0, 3, 1, 2))
+    k = np.ascontiguousarray(out[1::2].transpose(0, 3, 1, 2))
+    return q, k, corrupt
+
+
 def make_pairs(
     batch: dict[str, np.ndarray],
     *,
@@ -171,26 +251,22 @@ def make_pairs(
 ) -> dict[str, np.ndarray]:
     """map_batches body: decode, then two views per image (``q``, ``k``) or one resized copy (``img``, gpu)."""
     batch = _drop(batch, drop_ids)
-    imgs, corrupt = decode_batch(list(batch["image"]))
     ids = [str(i) for i in batch["id"]]
     out: dict[str, np.ndarray] = {}
     if device == "gpu":
         from moco_ray.data.augment import resize_for_gpu, source_size
 
+        imgs, corrupt = decode_batch(list(batch["image"]))
         out["img"] = _stack([resize_for_gpu(im, image_size) for im in imgs], source_size(image_size))
     else:
         aug = _view_augment(preset, image_size, strength)
         epoch = current_epoch(epoch_offset)
-        shared = None
         if seed is None:  # fresh entropy: torch's default seed is the same in every Ray worker process
             shared = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        qs, ks = [], []
-        for im, rid in zip(imgs, ids):
-            g = shared if shared is not None else torch.Generator().manual_seed(row_seed(seed, epoch, rid))
-            q, k = aug.pair(im, g)
-            qs.append(q)
-            ks.append(k)
-        out["q"], out["k"] = _stack(qs, image_size), _stack(ks, image_size)
+            gens = [shared] * len(ids)
+        else:
+            gens = [torch.Generator().manual_seed(row_seed(seed, epoch, rid)) for rid in ids]
+        out["q"], out["k"], corrupt = _train_pairs(aug, list(batch["image"]), gens)
     out["label"] = np.asarray(batch["label"], dtype=np.int64)
     out["corrupt"] = corrupt
     if keep_id:
