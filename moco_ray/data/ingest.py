@@ -9,12 +9,17 @@
   without a manifest is never mistaken for a finished ingest.
 - Idempotent: the manifest keeps a fingerprint of the source (file list, sizes, mtimes) and the options; the same
   ingest again is a no-op; a different one into a finished OUT is refused unless ``overwrite``.
+- Exclusive: one ingest at a time writes into an OUT (an ``flock`` on ``OUT/.moco-ray-ingest.lock``); another
+  one started meanwhile fails at once with one line naming the holder's pid.
+- Symlinks are followed; dangling ones and loops are skipped and listed like bad files. An OUT inside the source
+  tree is refused (its shards would be read as images next time).
 - Parallel: files are read and validated by a thread pool (PIL releases the GIL while decoding) in a bounded
   window, so memory stays flat on ImageNet-sized trees.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import logging
@@ -23,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +36,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moco_ray.data.decode import CorruptImageError, verify_image
-from moco_ray.data.manifest import MANIFEST_FILE, Manifest, ShardInfo, manifest_exists, read_manifest, write_manifest
+from moco_ray.data.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    ShardInfo,
+    file_sha256,
+    manifest_exists,
+    read_manifest,
+    write_manifest,
+)
 from moco_ray.data.schema import SCHEMA_VERSION, SHARD_SCHEMA
 from moco_ray.data.sources import Item, Source, open_source
 from moco_ray.version import __version__
@@ -47,6 +61,7 @@ REENCODE = (None, "jpeg", "png")
 ROW_ORDER = "permuted-seed0"
 
 _PART = "part-"
+LOCK_FILE = ".moco-ray-ingest.lock"  # held (flock) by the one ingest writing into a directory
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -70,6 +85,41 @@ def ingest(
     ``split`` ingests only that split (for a flat ``class/image`` tree: the name of its one split).
     Returns the manifest (the existing one when the same ingest was already done).
     """
+    _check_options(out, shard_size_mb, row_group_rows, reencode)
+    src = open_source(source, split=split, cache_dir=cache_dir)
+    out = Path(out).expanduser().resolve()
+    _refuse_out_inside_source(out, src)
+    options = {
+        "split": split,
+        "shard_size_mb": shard_size_mb,
+        "row_group_rows": row_group_rows,
+        "reencode": reencode,
+        "row_order": ROW_ORDER,
+    }
+    fp = hashlib.sha256(f"{src.fingerprint()}|{sorted(options.items())}|{SCHEMA_VERSION}".encode()).hexdigest()
+    existed = out.exists()
+    if existed and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    try:
+        with _exclusive(out):
+            if _prepare_out(out, fp, overwrite):
+                log.info("%s: already ingested from %s (same fingerprint); nothing to do", out, src.name)
+                return read_manifest(out)
+            workers = num_workers or min(32, os.cpu_count() or 1)
+            return _write_ingest(src, out, fp, options, strict=strict, workers=workers, progress=progress)
+    finally:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed first ingest leaves nothing behind
+
+
+def ensure_shards(shards: str, source: str = "", **kwargs: Any) -> Manifest | None:
+    """Ingest `source` into `shards` when `shards` has no manifest yet (quickstart convenience); else nothing."""
+    if not shards or not source or manifest_exists(shards):
+        return None
+    return ingest(source, shards, **kwargs)
+
+
+def _check_options(out: str | os.PathLike, shard_size_mb: float, row_group_rows: int, reencode: str | None) -> None:
     if reencode not in REENCODE:
         raise ValueError(f"reencode: {reencode!r} is not one of jpeg, png (or None to keep the bytes)")
     if shard_size_mb <= 0:
@@ -78,65 +128,79 @@ def ingest(
         raise ValueError(f"row_group_rows: {row_group_rows!r} is out of range; allowed: >= 1")
     if "://" in str(out):
         raise ValueError(f"{out}: ingest writes a local directory; copy it to object storage afterwards")
-    src = open_source(source, split=split, cache_dir=cache_dir)
-    out = Path(out).expanduser().resolve()
-    options = {
-        "split": split,
-        "shard_size_mb": shard_size_mb,
-        "row_group_rows": row_group_rows,
-        "reencode": reencode,
-        "row_order": ROW_ORDER,
-    }
-    fingerprint = hashlib.sha256(f"{src.fingerprint()}|{sorted(options.items())}|{SCHEMA_VERSION}".encode())
-    fp = fingerprint.hexdigest()
 
-    if _prepare_out(out, fp, overwrite):
-        log.info("%s: already ingested from %s (same fingerprint); nothing to do", out, src.name)
-        return read_manifest(out)
 
-    existed = out.exists()
+def _refuse_out_inside_source(out: Path, src: Source) -> None:
+    """Shards written inside an image tree would be listed as its images by the next ingest: refused up front."""
+    root = getattr(src, "root", None)
+    if isinstance(root, Path) and (out == root or root in out.parents):
+        raise ValueError(
+            f"{out}: is inside the source tree {root} (a re-run would read the shards as images); "
+            "choose an output directory outside it"
+        )
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` (creating it) while ingesting into it; ValueError when another holds it.
+
+    An ``fcntl.flock`` on ``OUT/.moco-ray-ingest.lock``, which holds the writer's pid: the kernel releases it when
+    the process dies, so a lock file left by a killed ingest is no obstacle. The holder deletes the file before
+    letting go; whoever locked a file already deleted that way retries on the current one.
+    """
+    path = out / LOCK_FILE
+    while True:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # `out` removed meanwhile by a failed first ingest: create it again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            who = f" (pid {pid})" if pid.isdigit() else ""
+            raise ValueError(
+                f"{out}: another ingest is writing here{who}; wait for it or choose another directory"
+            ) from None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _write_ingest(
+    src: Source, out: Path, fp: str, options: dict[str, Any], *, strict: bool, workers: int, progress: bool
+) -> Manifest:
+    """Read, validate and write every row as shards, then the manifest; on any failure, remove what was written."""
     for stale in out.glob(f"*/{_PART}*.tmp"):  # an interrupted ingest's leftovers
         stale.unlink()
-    items = [it for s in src.splits() for it in _shuffled(src.items(s))]
-    workers = num_workers or min(32, os.cpu_count() or 1)
-    writer = _ShardWriter(out, shard_size_mb * MB, row_group_rows)
-    skipped: list[dict[str, str]] = []
-    counts: Counter[str] = Counter()
-    class_counts: dict[str, Counter[str]] = {s: Counter() for s in src.splits()}
-    load = _loader(src, reencode)
+    skipped = src.unlisted()  # dangling or looping symlinks: known before reading anything
+    if skipped and strict:
+        _report_skipped(skipped, src.name, strict)
+    writer = _ShardWriter(out, options["shard_size_mb"] * MB, options["row_group_rows"])
     try:
-        results = _ordered_map(load, items, workers if len(items) >= 64 else 1)
-        bar = _progress(results, len(items), f"ingest {src.name}", progress)
-        for item, data, reason in bar:
-            if data is None:
-                skipped.append({"path": item.path, "reason": reason})
-                continue
-            writer.add(item, data)
-            counts[item.split] += 1
-            name = src.classes[item.label] if 0 <= item.label < len(src.classes) else "unlabeled"
-            class_counts[item.split][name] += 1
+        counts, class_counts, bad = _write_rows(src, writer, _loader(src, options["reencode"]), workers, progress)
+        skipped += bad
         shards = writer.close()
-        if skipped:
-            listing = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5])
-            more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-            if strict:
-                raise ValueError(f"{len(skipped)} bad image file(s) in {src.name}: {listing}{more}")
-            log.warning(
-                "skipped %d bad image file(s) in %s (listed in %s): %s%s",
-                len(skipped),
-                src.name,
-                MANIFEST_FILE,
-                listing,
-                more,
-            )
+        _report_skipped(skipped, src.name, strict)
         if not shards:
             raise ValueError(f"{src.name}: no valid images found; nothing to ingest")
         _remove_outputs(out)  # the previous ingest (overwrite), now that the new one is complete
         shards = writer.commit()
     except BaseException:
         writer.abort()
-        if not existed and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
         raise
     manifest = Manifest(
         source=src.name,
@@ -156,45 +220,71 @@ def ingest(
     return manifest
 
 
-def ensure_shards(shards: str, source: str = "", **kwargs: Any) -> Manifest | None:
-    """Ingest `source` into `shards` when `shards` has no manifest yet (quickstart convenience); else nothing."""
-    if not shards or not source or manifest_exists(shards):
-        return None
-    return ingest(source, shards, **kwargs)
+def _write_rows(
+    src: Source,
+    writer: _ShardWriter,
+    load: Callable[[Item], tuple[Item, bytes | None, str]],
+    workers: int,
+    progress: bool,
+) -> tuple[Counter[str], dict[str, Counter[str]], list[dict[str, str]]]:
+    """Every row of `src` through `load` into `writer`: (rows per split, rows per split and class, bad files)."""
+    items = [it for s in src.splits() for it in _shuffled(src.items(s))]
+    skipped: list[dict[str, str]] = []
+    counts: Counter[str] = Counter()
+    class_counts: dict[str, Counter[str]] = {s: Counter() for s in src.splits()}
+    results = _ordered_map(load, items, workers if len(items) >= 64 else 1)
+    for item, data, reason in _progress(results, len(items), f"ingest {src.name}", progress):
+        if data is None:
+            skipped.append({"path": item.path, "reason": reason})
+            continue
+        writer.add(item, data)
+        counts[item.split] += 1
+        name = src.classes[item.label] if 0 <= item.label < len(src.classes) else "unlabeled"
+        class_counts[item.split][name] += 1
+    return counts, class_counts, skipped
+
+
+def _report_skipped(skipped: list[dict[str, str]], source: str, strict: bool) -> None:
+    """Warn about the skipped files, naming the first few; with `strict`, raise a ValueError naming them instead."""
+    if not skipped:
+        return
+    listing = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5])
+    more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    if strict:
+        raise ValueError(f"{len(skipped)} bad image file(s) in {source}: {listing}{more}")
+    log.warning(
+        "skipped %d bad image file(s) in %s (listed in %s): %s%s", len(skipped), source, MANIFEST_FILE, listing, more
+    )
 
 
 def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
     """True when `out` already holds this very ingest, intact. Raise when it holds something else."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory")
     if (out / MANIFEST_FILE).is_file():
         try:
-            old = read_manifest(out)
-        except ValueError:
-            old = None
-        if old is not None and old.fingerprint == fingerprint and _intact(out, old):
-            return True
+            old, why = read_manifest(out), ""
+        except ValueError as e:
+            old, why = None, str(e)
         if old is not None and old.fingerprint == fingerprint:
+            if _intact(out, old):
+                return True
             log.warning("%s: shards of a previous ingest are damaged; writing them again", out)
             return False
         if not overwrite:
-            what = f"an ingest of {old.source}" if old else "an unreadable manifest"
-            raise ValueError(f"{out}: already holds {what} with different content; pass overwrite=True to replace it")
+            what = f"{out}: already holds an ingest of {old.source} with different content" if old else why
+            raise ValueError(f"{what}; pass overwrite=True (--overwrite) to replace it")
         return False
     foreign = [p.name for p in out.iterdir() if not _ours(p)]
     if foreign and not overwrite:
         raise ValueError(
             f"{out}: not empty and not a moco-ray shard directory ({', '.join(sorted(foreign)[:3])}); "
-            "choose an empty directory or pass overwrite=True"
+            "choose an empty directory or pass overwrite=True (--overwrite)"
         )
     return False  # leftovers of an interrupted ingest are replaced
 
 
 def _ours(p: Path) -> bool:
-    """A manifest or a split directory holding only shard files (of a finished or interrupted ingest)."""
-    if p.name in (MANIFEST_FILE, MANIFEST_FILE + ".tmp"):
+    """The manifest, the lock, or a split directory holding only shard files (of a finished or interrupted ingest)."""
+    if p.name in (MANIFEST_FILE, MANIFEST_FILE + ".tmp", LOCK_FILE):
         return True
     return p.is_dir() and all(c.is_file() and c.name.startswith(_PART) for c in p.iterdir())
 
@@ -347,7 +437,7 @@ class _ShardWriter:
             split=self._split,
             rows=self._shard_rows,
             bytes=tmp.stat().st_size,
-            sha256=_sha256(tmp),
+            sha256=file_sha256(tmp),
         )
         self.done.append((tmp, info))
 
@@ -371,11 +461,3 @@ class _ShardWriter:
             d = self.out / split
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 * MB):
-            h.update(block)
-    return h.hexdigest()

@@ -7,6 +7,7 @@ pyarrow / fsspec URI).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -66,10 +67,70 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], root: str = "") -> Manifest:
+        """Build from parsed JSON; ValueError naming the first missing or wrongly typed field."""
+        check_fields(d)
         d = dict(d)
-        d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
+        d["shards"] = [ShardInfo(**{k: s[k] for k in _SHARD_FIELDS}) for s in d.get("shards", [])]
         known = set(cls.__dataclass_fields__) - {"root"}
         return cls(**{k: v for k, v in d.items() if k in known}, root=root)
+
+
+# JSON type of each manifest field: (Python type, what the error message calls it, type of the values inside)
+_STR, _INT, _OBJ, _LIST = (str, "a string"), (int, "an integer"), (dict, "an object"), (list, "a list")
+_FIELDS: dict[str, tuple[tuple[type, str], tuple[type, str] | None]] = {
+    "source": (_STR, None),
+    "classes": (_LIST, _STR),
+    "counts": (_OBJ, _INT),
+    "class_counts": (_OBJ, _OBJ),
+    "shards": (_LIST, _OBJ),
+    "skipped": (_LIST, _OBJ),
+    "fingerprint": (_STR, None),
+    "options": (_OBJ, None),
+    "created": (_STR, None),
+    "version": (_STR, None),
+    "schema_version": (_INT, None),
+}
+_REQUIRED = ("source", "classes", "counts", "class_counts", "shards")
+_SHARD_FIELDS = {"path": _STR, "split": _STR, "rows": _INT, "bytes": _INT, "sha256": _STR}
+
+
+def _json_type(v: Any) -> str:
+    names = {bool: "a boolean", type(None): "null", str: "a string", int: "an integer", float: "a number"}
+    return names.get(type(v)) or ("a list" if isinstance(v, list) else "an object" if isinstance(v, dict) else "?")
+
+
+def _is(v: Any, kind: tuple[type, str]) -> bool:
+    return isinstance(v, kind[0]) and not (kind[0] is int and isinstance(v, bool))
+
+
+def _require(v: Any, kind: tuple[type, str], name: str) -> None:
+    if not _is(v, kind):
+        raise ValueError(f"field {name} is {_json_type(v)}, expected {kind[1]}")
+
+
+def check_fields(d: Any) -> None:
+    """ValueError naming the first missing or wrongly typed field of a parsed manifest (unknown fields pass)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"the top level is {_json_type(d)}, expected an object")
+    for name in _REQUIRED:
+        if name not in d:
+            raise ValueError(f"field {name} is missing")
+    for name, (kind, inner) in _FIELDS.items():
+        if name not in d:
+            continue
+        _require(d[name], kind, name)
+        if inner is not None:
+            entries = d[name].items() if isinstance(d[name], dict) else enumerate(d[name])
+            for k, v in entries:
+                _require(v, inner, f"{name}[{k!r}]" if isinstance(k, str) else f"{name}[{k}]")
+    for k, c in d["class_counts"].items():
+        for cls, v in c.items():
+            _require(v, _INT, f"class_counts[{k!r}][{cls!r}]")
+    for i, s in enumerate(d["shards"]):
+        for name, kind in _SHARD_FIELDS.items():
+            if name not in s:
+                raise ValueError(f"field shards[{i}].{name} is missing")
+            _require(s[name], kind, f"shards[{i}].{name}")
 
 
 def resolve_fs(root: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -113,8 +174,10 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
         with fs.open_input_stream(path) as f:
             d = json.loads(f.read().decode("utf-8"))
         return Manifest.from_dict(d, root=str(root))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
+    except ValueError as e:  # a missing or wrongly typed field
+        raise ValueError(f"{path}: unreadable manifest ({e})") from None
 
 
 def write_manifest(root: str | os.PathLike, manifest: Manifest) -> Path:
@@ -124,3 +187,12 @@ def write_manifest(root: str | os.PathLike, manifest: Manifest) -> Path:
     tmp.write_text(json.dumps(manifest.to_dict(), indent=1) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def file_sha256(path: str | os.PathLike, fs: pafs.FileSystem | None = None, chunk: int = 8 << 20) -> str:
+    """sha256 hex digest of a file, read in chunks: a local path, or a path inside `fs` (see `resolve_fs`)."""
+    h = hashlib.sha256()
+    with open(path, "rb") if fs is None else fs.open_input_stream(str(path)) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -6,14 +6,13 @@ in a second with one line naming the file, instead of minutes later inside a Ray
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from moco_ray.data.manifest import Manifest, join, read_manifest, resolve_fs
+from moco_ray.data.manifest import Manifest, file_sha256, join, read_manifest, resolve_fs
 
 SCHEMA_VERSION = 1
 SHARD_SCHEMA = pa.schema(
@@ -49,14 +48,6 @@ def _describe() -> str:
     return ", ".join(f"{f.name}: {f.type}" for f in SHARD_SCHEMA)
 
 
-def file_sha256(fs: pafs.FileSystem, path: str, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def validate_shards(root: str | os.PathLike, *, checksums: bool | None = None) -> Manifest:
     """Check a shard directory (local path or URI) and return its manifest.
 
@@ -90,6 +81,6 @@ def validate_shards(root: str | os.PathLike, *, checksums: bool | None = None) -
         check_schema(schema, f"{root}: shard {s.path}")
         if rows != s.rows:
             raise ValueError(f"{root}: shard {s.path} has {rows} rows, the manifest says {s.rows}")
-        if verify and file_sha256(fs, path) != s.sha256:
+        if verify and file_sha256(path, fs) != s.sha256:
             raise ValueError(f"{root}: shard {s.path} fails its sha256 checksum (modified or corrupt)")
     return m

@@ -6,6 +6,7 @@ bytes, and gives a cheap fingerprint of its content, which makes a second ingest
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ class Source(Protocol):
     def items(self, split: str) -> list[Item]: ...
     def load(self, item: Item) -> bytes: ...
     def fingerprint(self) -> str: ...
+    def unlisted(self) -> list[dict[str, str]]: ...  # entries found but not rows: {"path", "reason"}
 
 
 def _digest(obj: Any) -> str:
@@ -51,12 +53,33 @@ def _visible(p: os.DirEntry | Path) -> bool:
     return not p.name.startswith(".")  # .DS_Store, ._foo, .ipynb_checkpoints are not data
 
 
+def broken_link(p: Path) -> str | None:
+    """Why the symlink `p` cannot be followed ("dangling symlink", "symlink loop"), or None when it can (or p is
+    no symlink). A link to a directory containing it (the link's own directory or an ancestor) is a loop too: a
+    tree walk following it would never end.
+    """
+    if not p.is_symlink():
+        return None
+    try:
+        os.stat(p)
+    except FileNotFoundError:
+        return "dangling symlink"
+    except OSError as e:
+        return "symlink loop" if e.errno == errno.ELOOP else f"unreadable symlink ({e.strerror or e})"
+    if os.path.isdir(p):
+        target, here = Path(os.path.realpath(p)), Path(os.path.realpath(p.parent))
+        if target == here or target in here.parents:
+            return "symlink loop"
+    return None
+
+
 class ImageFolderSource:
     """``root/split/class/file`` or ``root/class/file`` (the latter is one split, "train" unless `split` names it).
 
     Every visible file under a class directory is a row candidate (the ingest validates and skips non-images, so
     they show up in the manifest instead of vanishing); files directly under the root or a split (READMEs) are
-    not rows.
+    not rows. Symlinks are followed, except dangling ones and loops (a link to itself or to a directory holding
+    it): those are not rows but `unlisted` entries, which the ingest skips and lists like bad files.
     """
 
     def __init__(self, root: str | os.PathLike, split: str | None = None) -> None:
@@ -64,16 +87,18 @@ class ImageFolderSource:
         if not self.root.is_dir():
             raise FileNotFoundError(f"{root}: no such directory (expected an ImageFolder tree split/class/image)")
         self.name = str(self.root)
-        top = sorted(d for d in self.root.iterdir() if d.is_dir() and _visible(d))
+        self._broken: list[dict[str, str]] = []  # dangling or looping symlinks among the directories
+        top = self._subdirs(self.root)
         if not top:
             raise ValueError(f"{root}: no subdirectories; expected split/class/image or class/image")
-        nested = [any(c.is_dir() and _visible(c) for c in d.iterdir()) for d in top]
+        nested = [any(c.is_dir() and _visible(c) and broken_link(c) is None for c in d.iterdir()) for d in top]
         if all(nested):
             self._split_dirs = {d.name: d for d in top}
             if split is not None:
                 if split not in self._split_dirs:
                     raise ValueError(f"{root}: no split {split!r} (splits: {', '.join(self._split_dirs)})")
                 self._split_dirs = {split: self._split_dirs[split]}
+                self._broken = []  # broken links at the top were other splits, if anything
         elif not any(nested):
             self._split_dirs = {split or "train": self.root}
         else:
@@ -82,12 +107,22 @@ class ImageFolderSource:
                 f"{root}: mixed layout ({', '.join(mixed)} hold subdirectories, the others hold files); "
                 "expected split/class/image or class/image"
             )
-        self._class_dirs = {
-            s: sorted((c for c in d.iterdir() if c.is_dir() and _visible(c)), key=lambda c: c.name)
-            for s, d in self._split_dirs.items()
-        }
+        self._class_dirs = {s: (self._subdirs(d) if d != self.root else top) for s, d in self._split_dirs.items()}
         self.classes = sorted({c.name for dirs in self._class_dirs.values() for c in dirs})
         self._files: dict[str, list[tuple[str, int, int]]] | None = None  # split -> [(relpath, size, mtime_ns)]
+
+    def _subdirs(self, d: Path) -> list[Path]:
+        """The visible subdirectories of `d`, sorted; broken symlinks among its entries go to `_broken`."""
+        dirs = []
+        for p in sorted(d.iterdir(), key=lambda p: p.name):
+            if not _visible(p):
+                continue
+            reason = broken_link(p)
+            if reason:
+                self._broken.append({"path": str(p), "reason": reason})
+            elif p.is_dir():
+                dirs.append(p)
+        return dirs
 
     def _listing(self) -> dict[str, list[tuple[str, int, int]]]:
         if self._files is None:
@@ -96,12 +131,21 @@ class ImageFolderSource:
                 rows = []
                 for c in dirs:
                     for e in sorted(os.scandir(c), key=lambda e: e.name):
-                        if e.is_file() and _visible(e):
+                        if not _visible(e):
+                            continue
+                        reason = broken_link(Path(e.path)) if e.is_symlink() else None
+                        if reason:
+                            self._broken.append({"path": str(c / e.name), "reason": reason})
+                        elif e.is_file():
                             st = e.stat()
                             rows.append((f"{c.name}/{e.name}", st.st_size, st.st_mtime_ns))
                 files[split] = rows
             self._files = files
         return self._files
+
+    def unlisted(self) -> list[dict[str, str]]:
+        self._listing()
+        return sorted(self._broken, key=lambda b: b["path"])
 
     def splits(self) -> list[str]:
         return list(self._split_dirs)
@@ -118,7 +162,10 @@ class ImageFolderSource:
         return Path(item.file).read_bytes()  # type: ignore[arg-type]
 
     def fingerprint(self) -> str:
-        return _digest({"root": self.name, "splits": self.splits(), "files": self._listing()})
+        content: dict[str, Any] = {"root": self.name, "splits": self.splits(), "files": self._listing()}
+        if self._broken:  # only then, so the fingerprint of a tree without any stays what it was
+            content["unlisted"] = self.unlisted()
+        return _digest(content)
 
 
 class DatasetUnavailableError(FileNotFoundError):
@@ -185,6 +232,9 @@ class TorchvisionSource:
     def fingerprint(self) -> str:
         return _digest({"source": self.name, "splits": self._splits})
 
+    def unlisted(self) -> list[dict[str, str]]:
+        return []
+
 
 class DigitsSource:
     """scikit-learn's bundled 8x8 digits (offline), upscaled to 32 px PNGs; a fixed 80/20 train/test split."""
@@ -216,6 +266,9 @@ class DigitsSource:
 
     def fingerprint(self) -> str:
         return _digest({"source": "digits", "size": self.size, "splits": self._splits})
+
+    def unlisted(self) -> list[dict[str, str]]:
+        return []
 
 
 def open_source(spec: str | os.PathLike, *, split: str | None = None, cache_dir: str | None = None) -> Source:
