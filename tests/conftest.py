@@ -49,6 +49,18 @@ def small_image_root(image_root, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny tensors gain nothing from more, and on a loaded 2-core box their sync costs 10x
+    the work. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray instance with 2 CPUs, shared by the session's Ray tests."""

@@ -8,9 +8,26 @@ trainer's own logging function, so `moco-ray eval` / `export` see exactly what a
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import torch
+
+# The small model most Ray tests train: ResNet-18 with the small stem at 16 px, narrow heads.
+TINY_MODEL = {
+    "model.arch": "resnet18",
+    "model.small_stem": True,
+    "model.dim": 16,
+    "model.hidden_dim": 32,
+    "aug.image_size": 16,
+}
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback (for a test's own torch.distributed rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def copy_balanced_subset(root: Path, out: Path, per_class: dict[str, int]) -> Path:

@@ -17,10 +17,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from moco_helpers import TINY_MODEL
 
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 _SCENARIO = r"""
 import json, sys
@@ -69,11 +70,7 @@ def test_two_nodes_one_worker_each(shards, tmp_path, mlflow_uri):
         "data.shards": str(shards),
         "data.limit": 64,
         "data.map_batch_size": 32,
-        "model.arch": "resnet18",
-        "model.small_stem": True,
-        "model.dim": 16,
-        "model.hidden_dim": 32,
-        "aug.image_size": 16,
+        **TINY_MODEL,
         "moco.queue_size": 64,
         "train.epochs": 1,
         "train.batch_size": 32,  # 2 steps: the point is where the workers run, not how long

@@ -29,13 +29,7 @@ from moco_ray.data.augment import (
 N = 4000  # samples per statistical check: a probability p is measured within +-0.03 (> 4 standard errors)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation cost (severe on a loaded 2-core CI box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def colour_image(h: int, w: int, seed: int = 0) -> torch.Tensor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import bench_step  # noqa: E402

@@ -23,7 +23,7 @@ import yaml
 
 from moco_ray.config import Config, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster.yaml"
 RAYJOB = REPO / "deploy" / "kuberay-rayjob.yaml"
 DOCS = REPO / "README.md"  # its "Running on a Ray cluster" section

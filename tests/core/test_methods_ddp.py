@@ -8,12 +8,12 @@ both ranks (SimCLR with gradient), the per-rank label offset, and DDP's gradient
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from moco_helpers import free_port
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moco_ray.core import MoCoV3, QueryEncoder, SimCLR
@@ -21,12 +21,6 @@ from moco_ray.core.encoders import Encoder, build_mlp_head
 
 WORLD = 2
 B = 4  # per-rank batch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +73,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(WORLD)]
     im1, im2 = _global_data()
     for name, model in _models().items():

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from moco_helpers import free_port
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moco_ray.core import MoCo
@@ -18,12 +18,6 @@ from moco_ray.core.shuffle_bn import batch_shuffle_ddp, batch_unshuffle_ddp
 
 WORLD = 2
 B = 4  # per-rank batch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +91,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_process_ddp(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
     r = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(WORLD)]
 
     # shuffle-BN: each rank's slice is a permutation of the global batch, and unshuffle restores its own rows

@@ -288,5 +288,5 @@ def test_data_package_imports_without_ray():
         "import sys, moco_ray.data, moco_ray.data.ingest, moco_ray.data.schema, moco_ray.data.stream; "
         "assert 'ray' not in sys.modules, 'ray imported'"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

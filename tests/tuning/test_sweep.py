@@ -235,7 +235,7 @@ def test_shipped_sweeps_validate(name, trials, keys):
     """Every combination of each shipped sweep builds a valid config (checked without Ray)."""
     from pathlib import Path
 
-    s = load_sweep(Path(__file__).resolve().parents[1] / "experiments" / f"{name}.yaml")
+    s = load_sweep(Path(__file__).resolve().parents[2] / "experiments" / f"{name}.yaml")
     assert s.num_trials() == trials and set(s.search) == keys and s.settings.name == name
 
 
@@ -245,7 +245,7 @@ def test_method_search_applies_each_methods_preset():
 
     from moco_ray.config import load_config
 
-    s = load_sweep(Path(__file__).resolve().parents[1] / "experiments" / "sweep_batch_robustness.yaml")
+    s = load_sweep(Path(__file__).resolve().parents[2] / "experiments" / "sweep_batch_robustness.yaml")
     simclr = load_config(s.base_raw, {"moco.method": "simclr", "train.batch_size": 64})
     assert simclr.moco.method == "simclr" and simclr.moco.temperature == 0.2 and simclr.train.batch_size == 64
     assert simclr.moco.queue_size == s.base.moco.queue_size  # unused by SimCLR, kept for a like-for-like table

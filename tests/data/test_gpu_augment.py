@@ -13,13 +13,7 @@ from torchvision.transforms.v2 import functional as TF
 from moco_ray.data.augment import ViewAugment, apply_color_jitter, resize_for_gpu, sample_params
 from moco_ray.data.gpu_augment import GpuViewAugment, adjust_hue, color_jitter, gaussian_blur
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def colour_image(h: int, w: int, seed: int = 0) -> torch.Tensor:

@@ -10,11 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco_ray.config import load_config
 from moco_ray.core import KeyQueue, MoCo, info_nce, momentum_update
 from moco_ray.core.encoders import build_backbone, build_encoder, torchvision_backbone
 from moco_ray.core.shuffle_bn import SplitBatchNorm
-from moco_ray.train.model import build_method
 
 
 def test_info_nce_matches_written_out_computation():
@@ -147,52 +145,6 @@ def test_backbones_by_name(arch, feat):
 def test_unknown_arch_is_a_clear_error():
     with pytest.raises(ValueError, match="model.arch"):
         build_backbone("vgg_nope")
-
-
-@pytest.mark.parametrize(
-    "override,field",
-    [
-        ("moco.queue_size=0", "moco.queue_size"),
-        ("moco.momentum=1.0", "moco.momentum"),
-        ("moco.momentum=-0.1", "moco.momentum"),
-        ("moco.temperature=0", "moco.temperature"),
-        ("model.dim=0", "model.dim"),
-        ("model.arch=alexnet", "model.arch"),
-        ("optim.lr=-1", "optim.lr"),
-        ("train.epochs=0", "train.epochs"),
-        ("moco.queue_size=64", "moco.queue_size"),  # smaller than the global batch of 256
-        ("moco.bn_splits=7", "moco.bn_splits"),
-        ("moco.method=byol", "moco.method"),
-        ("train.nope=1", "train.nope"),
-    ],
-)
-def test_config_validation_names_the_field(override, field):
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        load_config(None, [override])
-
-
-def test_presets_and_override_layers(tmp_path):
-    v1 = load_config({"moco": {"method": "moco_v1"}})
-    assert (v1.model.head, v1.moco.temperature, v1.aug.preset, v1.optim.schedule) == (
-        "linear",
-        0.07,
-        "v1",
-        "step",
-    )
-    v2 = load_config({"moco": {"method": "moco_v2", "temperature": 0.1}}, ["moco.queue_size=8192"])
-    assert (v2.model.head, v2.moco.temperature, v2.moco.queue_size) == ("mlp", 0.1, 8192)
-    path = tmp_path / "c.yaml"
-    path.write_text(v2.to_yaml())
-    again = load_config(path)
-    assert again == v2
-    assert v2.flat()["moco.queue_size"] == 8192
-
-
-def test_build_method_uses_split_bn_for_one_worker():
-    cfg = load_config(None, ["train.batch_size=16", "moco.queue_size=32", "model.small_stem=true"])
-    model = build_method(cfg)
-    assert model.bn_mode == "split"
-    assert any(isinstance(mod, SplitBatchNorm) for mod in model.encoder_q.modules())
 
 
 def test_single_process_shuffle_restores_key_order():

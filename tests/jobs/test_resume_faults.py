@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from moco_helpers import TINY_MODEL
 
 pytestmark = pytest.mark.ray
 
@@ -16,11 +17,7 @@ def _overrides(small_shards, tmp_path, uri, **extra):
         "data.shards": str(small_shards),
         "data.limit": 128,
         "data.map_batch_size": 32,
-        "model.arch": "resnet18",
-        "model.small_stem": True,
-        "model.dim": 16,
-        "model.hidden_dim": 32,
-        "aug.image_size": 16,
+        **TINY_MODEL,
         "moco.queue_size": 80,  # not a multiple of the global batch: the queue wraps mid-batch
         "train.epochs": EPOCHS,
         "train.batch_size": 32,

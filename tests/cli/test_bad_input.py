@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 _RUNNER = r"""
 import contextlib, io, json, sys, traceback

@@ -112,4 +112,4 @@ def test_bad_config_rejected_before_ray_starts(tmp_path):
 def _repo():
     from pathlib import Path
 
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]

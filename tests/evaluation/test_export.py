@@ -17,14 +17,7 @@ from moco_ray.core.encoders import build_backbone
 from moco_ray.core.shuffle_bn import SplitBatchNorm
 from moco_ray.evaluation.export import save_export, to_detectron2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny inputs gain nothing from intra-op threads; on a loaded 2-core box their sync costs 10x the work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise_bn(model: nn.Module) -> nn.Module:
