@@ -30,6 +30,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows L2-normalised (features as kNN and the probe expect them)."""
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def gaussian_clusters(n_per_class: int, classes: int, dim: int, noise: float, seed: int):
+    """Unit-norm features of ``classes`` Gaussian clusters (random centres) and their labels."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g)
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    x = centres[labels] + noise * torch.randn(len(labels), dim, generator=g)
+    return unit_rows(x), labels
+
+
 def copy_balanced_subset(root: Path, out: Path, per_class: dict[str, int]) -> Path:
     """Copy the first ``per_class[split]`` files (sorted) of every class of each split of ``root`` to ``out``."""
     for split, n in per_class.items():

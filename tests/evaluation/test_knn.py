@@ -6,15 +6,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from moco_helpers import gaussian_clusters, unit_rows
 
 from moco_ray.evaluation.knn import knn_accuracy, knn_predict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=1)
 
 
 def _reference_scores(q, bank, labels, classes, k, t):
@@ -30,17 +26,9 @@ def _reference_scores(q, bank, labels, classes, k, t):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _clusters(n_per_class: int, classes: int, dim: int, noise: float, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes, dim, generator=g)
-    labels = torch.arange(classes).repeat_interleave(n_per_class)
-    x = centres[labels] + noise * torch.randn(len(labels), dim, generator=g)
-    return _unit(x), labels
-
-
 def test_knn_predict_matches_loop_reference():
     g = torch.Generator().manual_seed(0)
-    bank, q = _unit(torch.randn(60, 8, generator=g)), _unit(torch.randn(9, 8, generator=g))
+    bank, q = unit_rows(torch.randn(60, 8, generator=g)), unit_rows(torch.randn(9, 8, generator=g))
     labels = torch.randint(0, 4, (60,), generator=g)
     for k, t in ((10, 0.1), (1, 0.5), (60, 0.07)):
         pred = knn_predict(q, bank, labels, 4, knn_k=k, knn_t=t)
@@ -55,7 +43,7 @@ def test_knn_predict_matches_loop_reference():
 
 def test_knn_accuracy_chunking_and_k_clipping():
     g = torch.Generator().manual_seed(1)
-    bank, q = _unit(torch.randn(50, 6, generator=g)), _unit(torch.randn(23, 6, generator=g))
+    bank, q = unit_rows(torch.randn(50, 6, generator=g)), unit_rows(torch.randn(23, 6, generator=g))
     bl, ql = torch.randint(0, 3, (50,), generator=g), torch.randint(0, 3, (23,), generator=g)
     ref = _reference_scores(q, bank, bl, 3, 7, 0.1).argmax(1)
     expected = float((ref == ql).float().mean())
@@ -66,11 +54,11 @@ def test_knn_accuracy_chunking_and_k_clipping():
 
 
 def test_knn_accuracy_separable_and_chance():
-    bank, bl = _clusters(30, 5, 16, noise=0.05, seed=2)
-    q, ql = _clusters(10, 5, 16, noise=0.05, seed=2)
+    bank, bl = gaussian_clusters(30, 5, 16, noise=0.05, seed=2)
+    q, ql = gaussian_clusters(10, 5, 16, noise=0.05, seed=2)
     assert knn_accuracy(bank, bl, q, ql, k=20, t=0.1) == 1.0
     g = torch.Generator().manual_seed(3)
-    rbank, rq = _unit(torch.randn(2000, 32, generator=g)), _unit(torch.randn(1000, 32, generator=g))
+    rbank, rq = unit_rows(torch.randn(2000, 32, generator=g)), unit_rows(torch.randn(1000, 32, generator=g))
     acc = knn_accuracy(
         rbank, torch.randint(0, 10, (2000,), generator=g), rq, torch.randint(0, 10, (1000,), generator=g)
     )
@@ -78,9 +66,9 @@ def test_knn_accuracy_separable_and_chance():
 
 
 def test_knn_accuracy_rejects_bad_input():
-    f, y = _unit(torch.randn(10, 4)), torch.zeros(10, dtype=torch.long)
+    f, y = unit_rows(torch.randn(10, 4)), torch.zeros(10, dtype=torch.long)
     with pytest.raises(ValueError, match="dim"):
-        knn_accuracy(f, y, _unit(torch.randn(3, 5)), y[:3])
+        knn_accuracy(f, y, unit_rows(torch.randn(3, 5)), y[:3])
     with pytest.raises(ValueError, match=">= 0"):
         knn_accuracy(f, torch.full((10,), -1), f, y)
     with pytest.raises(ValueError, match="shape"):

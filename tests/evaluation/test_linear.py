@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moco_helpers import gaussian_clusters, unit_rows
 
 from moco_ray.evaluation.linear import LinearProtocol, train_linear_probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True)
-
-
-def _clusters(n_per_class: int, classes: int, dim: int, noise: float, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes, dim, generator=g)
-    labels = torch.arange(classes).repeat_interleave(n_per_class)
-    x = centres[labels] + noise * torch.randn(len(labels), dim, generator=g)
-    return _unit(x), labels
 
 
 def test_linear_probe_presets_reach_high_accuracy():
@@ -30,10 +19,10 @@ def test_linear_probe_presets_reach_high_accuracy():
     def sample(n_per_class, seed):
         g = torch.Generator().manual_seed(seed)
         y = torch.arange(10).repeat_interleave(n_per_class)
-        return _unit(centres[y] + 2.5 * torch.randn(len(y), 64, generator=g)), y
+        return unit_rows(centres[y] + 2.5 * torch.randn(len(y), 64, generator=g)), y
 
     (xtr, ytr), (xte, yte) = sample(300, 1), sample(50, 2)
-    reference = float((xte @ _unit(centres).T).argmax(1).eq(yte).float().mean())
+    reference = float((xte @ unit_rows(centres).T).argmax(1).eq(yte).float().mean())
     assert reference > 0.8
     for proto in (LinearProtocol.small(), LinearProtocol.paper()):
         res = proto.run(xtr, ytr, xte, yte, num_classes=10, seed=0)
@@ -47,8 +36,8 @@ def test_linear_probe_presets_reach_high_accuracy():
 
 
 def test_linear_probe_schedule_determinism_and_standardisation():
-    xtr, ytr = _clusters(20, 3, 8, noise=0.8, seed=7)
-    xte, yte = _clusters(10, 3, 8, noise=0.8, seed=8)
+    xtr, ytr = gaussian_clusters(20, 3, 8, noise=0.8, seed=7)
+    xte, yte = gaussian_clusters(10, 3, 8, noise=0.8, seed=8)
     kw = dict(epochs=10, lr=0.5, batch_size=16, schedule="step", milestones=(4, 8), seed=3)
     a = train_linear_probe(xtr, ytr, xte, yte, **kw)
     b = train_linear_probe(xtr, ytr, xte, yte, **kw)
