@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import torch
 
-# The small model most Ray tests train: ResNet-18 with the small stem at 16 px, narrow heads.
-TINY_MODEL = {
-    "model.arch": "resnet18",
-    "model.small_stem": True,
-    "model.dim": 16,
-    "model.hidden_dim": 32,
-    "aug.image_size": 16,
-}
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:  # the benchmark scripts' `common` module, as the benchmark smoke tests use it
+    sys.path.insert(0, str(BENCHMARKS))
+from common import TINY_MODEL as _BENCH_TINY  # noqa: E402
+
+# The small model most Ray tests train (the benchmarks' --tiny model: ResNet-18, small stem, 16 px, narrow heads);
+# queue and batch are each test's own.
+TINY_MODEL = {k: v for k, v in _BENCH_TINY.items() if k.startswith(("model.", "aug."))}
 
 
 def free_port() -> int:
