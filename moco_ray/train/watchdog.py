@@ -49,16 +49,20 @@ class StallWatchdog:
             yield from batches
             return
         self._target, self.count = threading.get_ident(), 0
-        self.last = time.monotonic()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="moco-ray-stall-watchdog", daemon=True)
             self._thread.start()
+        it = iter(batches)
         try:
-            for batch in batches:
-                self.last = time.monotonic()
+            while True:
+                self.last = time.monotonic()  # armed: waiting for the next batch
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                self.last = None  # the step's own time does not count as waiting
                 self.count += 1
                 yield batch
-                self.last = time.monotonic()  # the step's own time does not count as waiting
         finally:
             self.last = None
 
