@@ -9,7 +9,6 @@ from typing import Any
 
 from moco_ray.config import Config, load_config
 from moco_ray.jobs.local_ray import init_ray
-from moco_ray.jobs.resources import TRIAL_CPU
 from moco_ray.jobs.resolve import (
     Prepared,
     check_resources,
@@ -18,6 +17,7 @@ from moco_ray.jobs.resolve import (
     prepare,
     with_absolute_paths,
 )
+from moco_ray.jobs.resources import TRIAL_CPU
 from moco_ray.tracking.run_log import CONFIG_FILE, RunLog, create_run, open_run, version_tags
 from moco_ray.tracking.store import resolve_tracking_uri
 from moco_ray.train.hooks import FaultHooks

@@ -308,4 +308,3 @@ def current_view() -> ClusterView:
         return ClusterView(nodes, types, cap, heads, found[1])
     types = _types_from_gcs()
     return ClusterView(nodes, types, None, heads, "the GCS autoscaler config") if types else ClusterView(nodes)
-

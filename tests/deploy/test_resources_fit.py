@@ -15,7 +15,9 @@ from moco_ray.tuning.space import load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
-ROW = re.compile(r"^\| `(?P<file>[\w.]+\.yaml)` \| [^|]+ \| `(?P<type>\w+)` \((?P<instance>[\w.]+)\)(?P<rest>[^|]*)\|", re.M)
+ROW = re.compile(
+    r"^\| `(?P<file>[\w.]+\.yaml)` \| [^|]+ \| `(?P<type>\w+)` \((?P<instance>[\w.]+)\)(?P<rest>[^|]*)\|", re.M
+)
 
 
 def _cluster() -> tuple[dict, ClusterView]:

@@ -108,7 +108,9 @@ def test_data_and_stall_settings_are_validated():
 def test_explicit_concurrency_must_leave_a_whole_cpu():
     tiny = _cfg(num_workers=1, cpus_per_worker=0.25)
     check_concurrency(tiny, 2, _fixed((2, 0)))  # 0.52 of 2 CPUs to workers: a whole CPU stays for the streams
-    with pytest.raises(ValueError, match=r"^sweep\.max_concurrent_trials: 4 trials' workers at once leave no whole CPU .*\(auto: 1\)"):
+    with pytest.raises(
+        ValueError, match=r"^sweep\.max_concurrent_trials: 4 trials' workers at once leave no whole CPU .*\(auto: 1\)"
+    ):
         check_concurrency(tiny, 4, _fixed((2, 0)))  # 4 x 0.26 = 1.04: 0.96 CPU left
 
 
