@@ -74,6 +74,11 @@ class DataConfig:
     prefetch_batches: int = 2
     map_batch_size: int = 128  # rows per map_batches call (decode + augment)
     limit: int = 0  # use at most this many training rows (0 = all); for quick runs and tests
+    # Whole CPUs set aside for the run's Ray Data stream (read + decode/augment tasks take one each); Ray Data's
+    # budget for the run is capped at this, and the resource check counts it beside the Train workers.
+    cpus: int = 1
+    # A training worker that gets no batch for this long fails the run with a "stream stalled" error (0 = off).
+    stall_timeout_s: float = 600.0
 
 
 @dataclass
@@ -94,6 +99,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction (e.g. 0.25) lets small runs share one GPU
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast applies on GPU only
     channels_last: bool = True  # on GPU only
@@ -364,6 +370,9 @@ def validate(cfg: Config) -> None:
         f"a multiple of train.num_workers ({t.num_workers})",
     )
     _check(t.cpus_per_worker > 0, "train.cpus_per_worker", t.cpus_per_worker, "> 0")
+    _check(0 < t.gpus_per_worker <= 1, "train.gpus_per_worker", t.gpus_per_worker, "0 < g <= 1")
+    if not t.use_gpu:
+        _check(t.gpus_per_worker == 1, "train.gpus_per_worker", t.gpus_per_worker, "1 (no GPUs: train.use_gpu=false)")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
     _check(t.max_failures >= 0, "train.max_failures", t.max_failures, ">= 0")
@@ -375,6 +384,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.map_batch_size >= 1, "data.map_batch_size", cfg.data.map_batch_size, ">= 1")
     _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", cfg.data.shuffle_buffer, ">= 0")
     _check(cfg.data.limit >= 0, "data.limit", cfg.data.limit, ">= 0")
+    _check(cfg.data.cpus >= 1, "data.cpus", cfg.data.cpus, ">= 1 (the stream needs a whole CPU)")
+    st = cfg.data.stall_timeout_s
+    _check(st == 0 or 10 <= st < math.inf, "data.stall_timeout_s", st, "0 (off) or >= 10 seconds")
     if cfg.uses_queue:
         _check(
             mo.queue_size >= t.batch_size,

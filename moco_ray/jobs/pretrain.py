@@ -11,12 +11,13 @@ from moco_ray.config import Config, load_config
 from moco_ray.jobs.local_ray import init_ray
 from moco_ray.jobs.resolve import (
     Prepared,
-    check_gpu_request,
+    check_resources,
     knn_available,
     latest_checkpoint,
     prepare,
     with_absolute_paths,
 )
+from moco_ray.jobs.resources import TRIAL_CPU
 from moco_ray.tracking.run_log import CONFIG_FILE, RunLog, create_run, open_run, version_tags
 from moco_ray.tracking.store import resolve_tracking_uri
 from moco_ray.train.hooks import FaultHooks
@@ -84,6 +85,7 @@ def _trainer(spec: RunSpec, callbacks: list | None, epoch_offset: int):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from moco_ray.data.stream import pair_dataset, quiet_progress
+    from moco_ray.jobs.resources import data_execution_options, worker_resources
     from moco_ray.train.loop import train_loop_per_worker
 
     cfg, t = spec.config, spec.config.train
@@ -99,7 +101,7 @@ def _trainer(spec: RunSpec, callbacks: list | None, epoch_offset: int):
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+            resources_per_worker=worker_resources(cfg),
             placement_strategy=t.placement_strategy,
         ),
         run_config=RunConfig(
@@ -113,7 +115,7 @@ def _trainer(spec: RunSpec, callbacks: list | None, epoch_offset: int):
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": train},
-        dataset_config=RayDataConfig(datasets_to_split=["train"]),
+        dataset_config=RayDataConfig(datasets_to_split=["train"], execution_options=data_execution_options(cfg)),
     )
 
 
@@ -141,7 +143,7 @@ def run_pretraining(
     cfg = with_absolute_paths(cfg)
     prep = prepare(cfg, prepared)  # may raise a clear error: nothing started yet
     init_ray()
-    check_gpu_request(cfg)
+    check_resources(cfg, TRIAL_CPU if parent_run_id else 0.0)  # one clear line, not a run that never starts
     if log is None:
         log = _new_run(cfg, prep, parent_run_id, extra_tags)
     else:

@@ -88,19 +88,22 @@ def prepare(cfg: Config, known: Prepared | None = None) -> Prepared:
     return prep
 
 
-def check_gpu_request(cfg: Config) -> None:
-    """A GPU run on a Ray cluster without GPUs would wait forever for resources: say so instead."""
-    if not cfg.train.use_gpu:
-        return
-    import ray
+def check_resources(cfg: Config, driver_cpu: float = 0.0, what: str = "the run"):
+    """The run's resources (Train workers, data-stream CPUs, a trial's ``driver_cpu``) against the cluster (and
+    its autoscaler's node types): a one-line ValueError when they cannot fit, instead of a run that waits forever.
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    autoscaling = os.environ.get("MOCO_RAY_ALLOW_PENDING_GPUS") == "1"
-    if gpus < cfg.train.num_workers and not autoscaling:
-        raise ValueError(
-            f"train.use_gpu: {cfg.train.num_workers} GPU worker(s) asked for but the Ray cluster has {gpus:g} GPU(s); "
-            "set train.use_gpu=false, or MOCO_RAY_ALLOW_PENDING_GPUS=1 on an autoscaling cluster"
-        )
+    ``MOCO_RAY_ALLOW_PENDING_GPUS=1`` covers an autoscaling cluster whose node types cannot be read (neither the
+    GCS nor a launcher YAML has them): a GPU run is then not checked, since its GPUs may still come.
+    Returns the checked ``resources.Needs`` (None when not checked).
+    """
+    from moco_ray.jobs.resources import check_fits, current_view
+
+    view = current_view()
+    pending_ok = os.environ.get("MOCO_RAY_ALLOW_PENDING_GPUS") == "1"
+    if cfg.train.use_gpu and pending_ok and not view.autoscaling and not any(n["GPU"] for n in view.nodes):
+        print("moco-ray: resource check skipped: no GPU yet and the autoscaler's node types are unknown")
+        return None
+    return check_fits(cfg, view, driver_cpu, what)
 
 
 def knn_available(cfg: Config, manifest: Manifest) -> bool:

@@ -24,6 +24,7 @@ from moco_ray.train.reporting import Reporter
 from moco_ray.train.schedule import lr_at
 from moco_ray.train.spec import RunSpec
 from moco_ray.train.step import build_optimizer, set_lr, train_step
+from moco_ray.train.watchdog import StallWatchdog
 
 _log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Worker:
         self.gpu_aug = self._gpu_augment()
         self.knn = self._knn_monitor()
         self.shard = ray.train.get_dataset_shard("train")
+        self.watchdog = StallWatchdog(cfg.data.stall_timeout_s, self.rank)  # fails a stream that stalls
 
     def _restore(self) -> None:
         """Continue from Ray Train's checkpoint after a worker failure, else from ``spec.resume_from``."""
@@ -156,7 +158,7 @@ class Worker:
         # loss, acc1, corrupt images: accumulated on the device, read once at the end of the epoch
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         n, lr = 0, cfg.lr
-        for batch in iter_pairs(self.shard, cfg.per_worker_batch, steps, cfg.data):
+        for batch in self.watchdog.watch(iter_pairs(self.shard, cfg.per_worker_batch, steps, cfg.data)):
             lr = lr_at(cfg.optim, cfg.lr, epoch, n, steps, cfg.train.epochs)
             set_lr(self.opt, lr)
             out = train_step(self.model, self.opt, *self.views(batch), autocast=self.autocast)

@@ -26,7 +26,8 @@ import pandas as pd
 
 from moco_ray.config import absolute
 from moco_ray.jobs.local_ray import init_ray
-from moco_ray.jobs.resolve import Prepared, check_gpu_request, prepare, with_absolute_paths
+from moco_ray.jobs.resolve import Prepared, check_resources, prepare, with_absolute_paths
+from moco_ray.jobs.resources import TRIAL_CPU
 from moco_ray.tracking.run_log import RunLog, create_run, open_run, version_tags
 from moco_ray.tracking.store import client
 from moco_ray.tuning import report
@@ -47,7 +48,6 @@ PARENT_FILE = "moco_ray_parent_run.txt"
 STATE_FILE = "moco_ray_sweep.json"
 RESULTS_CSV = "sweep_results.csv"
 TRIAL_STATES = ("finished", "stopped_early", "failed", "interrupted", "pending", "not_started")
-TRIAL_CPU = 0.01  # the trainable only drives a TorchTrainer; its workers request their own resources
 
 
 @dataclass
@@ -173,20 +173,47 @@ def _search_alg(s: SweepSettings):
     return None
 
 
-def auto_concurrency(cfg) -> int:
-    """Trials the cluster can run at once when sweep.max_concurrent_trials is 0.
+def auto_concurrency(cfg, view=None, limit: int = 1024) -> int:
+    """Trials the cluster can run at once when sweep.max_concurrent_trials is 0: as many as
+    moco_ray.jobs.resources packs onto its nodes (or the nodes its autoscaler may add), each trial's Train workers,
+    its data-stream CPUs (data.cpus) and its trainable's TRIAL_CPU included.
 
     The trainables request almost nothing, so Tune cannot limit them by resources: without a limit every trial
-    would start and its TorchTrainer wait for workers. One trial needs its workers' GPUs (or CPUs) plus one CPU
-    for its Ray Data tasks.
+    would start and its TorchTrainer wait for workers. ``limit``: the sweep's trial count (no use counting past it).
     """
-    import ray
+    from moco_ray.jobs.resources import current_view, max_runs, needs_of
 
-    total = ray.cluster_resources()
-    t = cfg.train
-    if t.use_gpu:
-        return max(1, int(total.get("GPU", 0) // t.num_workers))
-    return max(1, int(total.get("CPU", 1) // (t.num_workers * t.cpus_per_worker + 1)))
+    return max(1, max_runs(needs_of(cfg, TRIAL_CPU), view or current_view(), limit))
+
+
+def check_concurrency(cfg, wanted: int, view=None) -> None:
+    """An explicit sweep.max_concurrent_trials may exceed what fits (the extra trials wait for workers), but the
+    trials that do start must leave a whole CPU for their streams, or none of them ever gets a batch."""
+    from dataclasses import replace
+
+    from moco_ray.jobs.resources import capacity, current_view, needs_of, place_run
+
+    view = view or current_view()
+    needs = needs_of(cfg, TRIAL_CPU)
+    free = capacity(view, needs, wanted)
+    started = 0
+    while started < wanted and place_run(replace(needs, data_cpus=0), free):
+        started += 1
+    if started and not any(n.get("CPU", 0) >= 1 for n in free):
+        raise ValueError(
+            f"sweep.max_concurrent_trials: {started} trials' workers at once leave no whole CPU for their data "
+            f"streams ({view.describe()}); set sweep.max_concurrent_trials=0 (auto: "
+            f"{auto_concurrency(cfg, view, wanted)}) or lower train.cpus_per_worker"
+        )
+
+
+def _concurrency(s: SweepSettings, cfg, trials: int) -> int:
+    if s.max_concurrent_trials:
+        check_concurrency(cfg, s.max_concurrent_trials)
+        return s.max_concurrent_trials
+    n = auto_concurrency(cfg, limit=max(1, trials))
+    print(f"[sweep] {n} trial(s) at once (what the cluster fits; sweep.max_concurrent_trials=N sets it)", flush=True)
+    return n
 
 
 def _parent_params(spec: SweepSpec) -> dict[str, Any]:
@@ -273,7 +300,7 @@ def _tuner(sw: _Sweep, resume: bool):
             scheduler=_scheduler(s, cfg.train.epochs),
             search_alg=_search_alg(s),
             num_samples=s.num_samples,
-            max_concurrent_trials=s.max_concurrent_trials or auto_concurrency(cfg),
+            max_concurrent_trials=_concurrency(s, cfg, sw.spec.num_trials()),
         ),
         run_config=tune.RunConfig(
             name=s.name,
@@ -298,10 +325,10 @@ def run_sweep(
     s, cfg = spec.settings, spec.base
     prep = prepare(with_absolute_paths(cfg))  # tracking store, storage, shards: one clear error before Ray starts
     root = absolute(s.storage_path) if s.storage_path else prep.storage_path
+    init_ray()
+    check_resources(cfg, TRIAL_CPU, "a trial")  # one clear line before the parent run or any trial starts
     sw = _open_sweep(spec, prep, root, resume)
     print(f"[sweep] {sw.spec.settings.name}: parent MLflow run {sw.parent.run_id}; Tune experiment {sw.exp_dir}")
-    init_ray()
-    check_gpu_request(cfg)
     tuner = _tuner(sw, resume)
     interrupted = False
     try:
