@@ -53,7 +53,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = (h / 6.0 + 1.0).fmod(1.0)
     h = (h + shift.view(-1, 1, 1)).remainder(1.0)
     # HSV -> RGB: c_n = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6 with n = 5, 3, 1 for r, g, b
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = (5.0 - 2.0 * torch.arange(3, device=x.device, dtype=x.dtype)).view(1, 3, 1, 1)  # no host-to-device copy
     k = (n + 6.0 * h.unsqueeze(1)).remainder(6.0)
     v, s = maxc.unsqueeze(1), s.unsqueeze(1)
     return v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
