@@ -31,16 +31,15 @@ class KeyQueue(nn.Module):
 
         Keys are stored in fp32 and re-normalised, so the queue stays unit-norm whatever the producer's dtype.
         With n > K only the newest K keys can be kept, and they are written as if enqueued one by one.
+        The pointer never leaves the device (index arithmetic on the ``ptr`` tensor): reading it on the host would
+        be a host-device sync between the forward and the backward pass on a GPU.
         """
         keys = F.normalize(keys.detach().float(), dim=1)
         n, k = keys.shape[0], self.size
-        start = int(self.ptr)
-        if n > k:  # only the last K survive; keep the positions they would have had
-            start = (start + n - k) % k
-            keys, n = keys[n - k :], k
-        idx = (torch.arange(n, device=self.keys.device) + start) % k
-        self.keys.index_copy_(0, idx, keys.to(self.keys.device))
-        self.ptr.fill_((start + n) % k)
+        skip = max(n - k, 0)  # only the last K survive; keep the positions they would have had
+        idx = (torch.arange(skip, n, device=self.keys.device) + self.ptr) % k
+        self.keys.index_copy_(0, idx, keys[skip:].to(self.keys.device))
+        self.ptr.add_(n).remainder_(k)
 
     def forward(self) -> torch.Tensor:  # pragma: no cover - a queue is read, not called
         return self.keys

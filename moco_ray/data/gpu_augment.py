@@ -53,7 +53,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = (h / 6.0 + 1.0).fmod(1.0)
     h = (h + shift.view(-1, 1, 1)).remainder(1.0)
     # HSV -> RGB: c_n = v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6 with n = 5, 3, 1 for r, g, b
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = (5.0 - 2.0 * torch.arange(3, device=x.device, dtype=x.dtype)).view(1, 3, 1, 1)  # no host-to-device copy
     k = (n + 6.0 * h.unsqueeze(1)).remainder(6.0)
     v, s = maxc.unsqueeze(1), s.unsqueeze(1)
     return v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
@@ -99,7 +99,7 @@ class GpuViewAugment:
 
     Output is uint8 by default (feed it to ``normalize_on_device`` like the CPU path's views); pass
     ``out_dtype=torch.float32`` for floats in [0, 1]. Without a generator, parameters are drawn with the global
-    RNG of the images' device; a generator's own device is used otherwise.
+    CPU RNG (see :meth:`sample`); a generator's own device is used otherwise.
     """
 
     def __init__(
@@ -129,7 +129,13 @@ class GpuViewAugment:
         return views[:B], views[B:]
 
     def sample(self, imgs: torch.Tensor, n: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-        device = generator.device if generator is not None else imgs.device
+        """Parameters of ``n`` views, drawn on the generator's device, else with the global CPU RNG.
+
+        Not on the images' device: ``sample_params`` turns the image size into a CPU tensor and copies it to the
+        draws' device, a blocking host-to-device copy (a stream sync) per call on a GPU. The CPU draws (a few
+        hundred numbers) reach the images' device in :meth:`apply`, pinned and non-blocking.
+        """
+        device = generator.device if generator is not None else torch.device("cpu")
         return sample_params(n, self.params, imgs.shape[-2], imgs.shape[-1], generator, device)
 
     def apply(
@@ -139,7 +145,7 @@ class GpuViewAugment:
         _check_batch(imgs)
         P, S = self.params, self.params.image_size
         dev = imgs.device
-        p = {k: v.to(dev, non_blocking=True) for k, v in p.items()}
+        p = {k: _to_device(v, dev) for k, v in p.items()}
         n = p["top"].shape[0]
         src = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
         if source_index is None:
@@ -163,6 +169,16 @@ class GpuViewAugment:
         if self.out_dtype == torch.uint8:
             return x.mul(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
         return x.to(self.out_dtype)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without blocking the host: a CPU tensor bound for a GPU is pinned first (a non-blocking
+    copy from pageable memory is staged synchronously)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _check_batch(imgs: torch.Tensor) -> None:

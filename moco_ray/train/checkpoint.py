@@ -65,8 +65,25 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The state as saved, on the CPU by default: ``load_state_dict`` copies weights onto the model's device."""
+    """The state as saved, on the CPU by default: ``load_state_dict`` copies weights onto the model's device.
+
+    With another ``map_location`` everything but the RNG states moves there; those stay CPU ByteTensors whatever
+    the location (``torch.set_rng_state`` accepts nothing else, and a ``meta`` tensor has no data to restore).
+    """
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"not a moco-ray checkpoint (no {STATE_FILE}): {directory}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if torch.device(map_location).type == "cpu":
+        return state
+    return {k: v if k == "rng" else _to_location(v, torch.device(map_location)) for k, v in state.items()}
+
+
+def _to_location(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_location(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_location(v, device) for v in obj)
+    return obj

@@ -64,6 +64,19 @@ def broadcast_state(model: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(t, src)
 
 
+@torch.no_grad()
+def mean_over_ranks_(sums: torch.Tensor, world: int) -> torch.Tensor:
+    """``sums`` averaged over all ranks, in place, on ``sums``' own device (no host read).
+
+    NCCL process groups have no CPU backend: a CPU tensor here fails with "No backend type associated with device
+    type cpu" on a multi-GPU run, so the caller accumulates ``sums`` on the training device.
+    """
+    if world > 1:
+        dist.all_reduce(sums)
+        sums /= world
+    return sums
+
+
 class Worker:
     """One rank's training state and its per-epoch work."""
 
@@ -171,10 +184,7 @@ class Worker:
             self.spec.hooks.after_step(self.spec.run_id, self.global_step, self.rank)
         if n != steps:
             raise RuntimeError(f"worker {self.rank} took {n} steps in epoch {epoch}, expected {steps}")
-        if self.world > 1:  # epoch means over all workers; on the device (NCCL has no CPU backend)
-            dist.all_reduce(sums)
-            sums /= self.world
-        loss, acc1, corrupt = sums.tolist()  # the epoch's one host-device sync
+        loss, acc1, corrupt = mean_over_ranks_(sums, self.world).tolist()  # the epoch's one host-device sync
         seconds = time.perf_counter() - t0
         metrics: dict[str, float] = {
             "epoch": epoch,
