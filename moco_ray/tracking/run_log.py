@@ -235,8 +235,7 @@ def create_run(
     from mlflow.entities import RunTag
 
     c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
+    exp_id = _experiment_id(c, experiment)
     all_tags = dict(tags)
     if run_name:
         all_tags["mlflow.runName"] = run_name
@@ -248,6 +247,22 @@ def create_run(
     c.log_batch(log.run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
     log.log_text(config_yaml, CONFIG_FILE)
     return log
+
+
+def _experiment_id(c, name: str) -> str:
+    """The experiment's id, created if missing; another process creating it at the same moment is fine."""
+    from mlflow.exceptions import MlflowException
+
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except MlflowException:
+        exp = c.get_experiment_by_name(name)  # lost the race: the other process's experiment
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def open_run(uri: str, run_id: str) -> tuple[RunLog, Any]:

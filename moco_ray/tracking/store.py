@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -38,10 +41,52 @@ def check_tracking_uri(uri: str) -> None:
             raise ValueError(f"tracking.tracking_uri: MLflow server {uri} is unreachable ({reason})") from None
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other store)."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock on ``<db>.lock`` next to a sqlite store (a no-op for other stores).
+
+    MLflow creates and migrates a sqlite store on first use, in whichever process gets there first; two processes
+    doing it at once both run the alembic migrations and one of them crashes. The lock file is left in place:
+    removing it would let a third process lock a new inode while the second still holds the old one.
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    with open(f"{db}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_store(uri: str) -> None:
+    """Create (or migrate and check) a sqlite store now, under :func:`store_lock`, so that the Ray workers and
+    any other process that opens it later only read an up-to-date schema."""
+    if sqlite_path(uri) is None:
+        return
+    try:
+        with store_lock(uri):
+            client(uri)  # MlflowClient builds its store eagerly: tables created or schema verified here
+    except OSError as e:
+        raise ValueError(f"tracking.tracking_uri: cannot use the sqlite store {uri} ({e.strerror or e})") from None
+    except Exception as e:  # MLflow's own errors (e.g. a schema from a newer MLflow, not a database file)
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ValueError(f"tracking.tracking_uri: cannot open the sqlite store {uri} ({first})") from None
+
+
 def open_store(uri: str = "") -> str:
-    """The resolved tracking URI, checked: what every driver entry point calls once, before Ray starts."""
+    """The resolved tracking URI, checked (and a sqlite store created): what every driver entry point calls once,
+    before Ray starts."""
     resolved = resolve_tracking_uri(uri)
     check_tracking_uri(resolved)
+    ensure_store(resolved)
     return resolved
 
 
