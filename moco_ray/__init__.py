@@ -3,7 +3,7 @@
 The Python API (imports are lazy so ``import moco_ray`` stays cheap and Ray-free):
 
     from moco_ray import pretrain, load_encoder, sweep, load_config
-    from moco_ray import evaluate_knn, evaluate_linear, export_run
+    from moco_ray import evaluate_knn, evaluate_linear, export_run, import_checkpoint
 """
 
 from __future__ import annotations
@@ -21,11 +21,20 @@ __all__ = [
     "evaluate_knn",
     "evaluate_linear",
     "export_run",
+    "import_checkpoint",
     "__version__",
 ]
 
 if TYPE_CHECKING:
-    from moco_ray.api import evaluate_knn, evaluate_linear, export_run, load_encoder, pretrain, sweep
+    from moco_ray.api import (
+        evaluate_knn,
+        evaluate_linear,
+        export_run,
+        import_checkpoint,
+        load_encoder,
+        pretrain,
+        sweep,
+    )
     from moco_ray.config import Config, load_config
 
 

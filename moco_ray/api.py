@@ -86,5 +86,6 @@ def sweep(config: str | Path | dict, *, resume: bool = False, overrides: dict | 
 # Evaluation and export of a run's encoder (child runs in MLflow, features through Ray); see moco_ray.jobs.
 from moco_ray.jobs.evaluate import evaluate_knn, evaluate_linear  # noqa: E402
 from moco_ray.jobs.export import export_run  # noqa: E402
+from moco_ray.jobs.import_checkpoint import import_checkpoint  # noqa: E402  (official MoCo files -> MLflow runs)
 
-__all__ = ["pretrain", "load_encoder", "sweep", "evaluate_knn", "evaluate_linear", "export_run"]
+__all__ = ["pretrain", "load_encoder", "sweep", "evaluate_knn", "evaluate_linear", "export_run", "import_checkpoint"]

@@ -13,8 +13,9 @@ def run(a: argparse.Namespace) -> int:
     from moco_ray.jobs import evaluate as runner
 
     uri = getattr(a, "tracking_uri", "") or ""
+    size = getattr(a, "image_size", None)
     if a.protocol == "knn":
-        r = runner.evaluate_knn(a.run, getattr(a, "data", None), tracking_uri=uri)
+        r = runner.evaluate_knn(a.run, getattr(a, "data", None), tracking_uri=uri, image_size=size)
         print(
             f"kNN top-1 {r['top1']:.4f}  (k={r['k']}, t={r['t']}; {r['train_rows']} train / {r['test_rows']} test "
             f"rows at {r['image_size']} px of {r['data']})"
@@ -26,6 +27,7 @@ def run(a: argparse.Namespace) -> int:
             tracking_uri=uri,
             protocol=getattr(a, "protocol_preset", None),
             epochs=getattr(a, "epochs", None),
+            image_size=size,
         )
         print(
             f"linear top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  train top-1 {r['train_top1']:.4f}  "

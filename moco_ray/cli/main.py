@@ -80,6 +80,18 @@ def cmd_export(a: argparse.Namespace) -> int:
     return evaluate.export(a)
 
 
+def cmd_import_checkpoint(a: argparse.Namespace) -> int:
+    from moco_ray.jobs.import_checkpoint import import_checkpoint
+
+    r = import_checkpoint(
+        a.file, a.arch, name=a.name, experiment=a.experiment, tracking_uri=a.tracking_uri, trust_pickle=a.trust_pickle
+    )
+    print(f"imported {r.method} {r.arch} (epoch {r.epoch}, sha256 {r.sha256[:12]}) into experiment {r.experiment}")
+    print(f"run id: {r.run_id}\nencoder: {r.encoder_uri}")
+    print(f"next: moco-ray eval knn --run {r.run_id} --data SHARDS; moco-ray export --run {r.run_id} --format moco OUT")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moco-ray", description="MoCo self-supervised pretraining on Ray, tracked in MLflow."
@@ -115,16 +127,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="shards to evaluate on (default: the run's own)")
     ev.add_argument("--epochs", type=int, default=None, help="linear probe epochs")
     ev.add_argument("--protocol-preset", choices=["small", "paper"], default=None)
+    ev.add_argument("--image-size", type=int, default=None, help="px (default: the run's aug.image_size, else 224)")
     ev.add_argument("--tracking-uri", default="")
     ev.set_defaults(func=cmd_eval)
 
-    ex = sub.add_parser("export", help="export a run's encoder (torchvision, torchscript, detectron2)")
+    ex = sub.add_parser("export", help="export a run's encoder (torchvision, torchscript, detectron2, moco)")
     ex.add_argument("--run", required=True, metavar="RUN_ID")
-    ex.add_argument("--format", choices=["torchvision", "torchscript", "detectron2"], default="torchvision")
+    ex.add_argument(
+        "--format",
+        choices=["torchvision", "torchscript", "detectron2", "moco"],
+        default="torchvision",
+        help="moco: the official checkpoint layout (module.encoder_q.*), as main_lincls.py reads it",
+    )
     ex.add_argument("--register", metavar="NAME", help="also register it in the MLflow Model Registry")
     ex.add_argument("--tracking-uri", default="")
     ex.add_argument("out")
     ex.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import-checkpoint", help="register an official MoCo v1/v2/v3 checkpoint as an MLflow run")
+    im.add_argument("file", help="e.g. moco_v2_800ep_pretrain.pth.tar")
+    im.add_argument("--arch", help="torchvision architecture (default: the file's arch field)")
+    im.add_argument("--name", default="", help="run name (default: the file name)")
+    im.add_argument("--experiment", default="", help="MLflow experiment (default: moco-ray)")
+    im.add_argument("--tracking-uri", default="")
+    im.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (runs code from the file)")
+    im.set_defaults(func=cmd_import_checkpoint)
     return p
 
 

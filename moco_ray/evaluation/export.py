@@ -1,4 +1,5 @@
-"""Export formats for a pretrained backbone: torchvision state dict, TorchScript, detectron2 pickle.
+"""Export formats for a pretrained backbone: torchvision state dict, TorchScript, detectron2 pickle, and the
+official MoCo checkpoint layout (``module.encoder_q.*``, what ``main_lincls.py`` and downstream tools read).
 
 The torchvision state dict is the reference format: its keys are exactly those of ``torchvision.models.<arch>()``
 minus ``fc.*``, so it loads with ``strict=True`` into a plain torchvision model (``fc = Identity``, plus the small
@@ -22,8 +23,9 @@ import torch
 import torch.nn as nn
 
 from moco_ray.core.backbone_io import load_torchvision_backbone_from_state, torchvision_state_dict
+from moco_ray.core.official_io import to_official
 
-FORMATS = ("torchvision", "torchscript", "detectron2")
+FORMATS = ("torchvision", "torchscript", "detectron2", "moco")
 
 
 def to_torchscript(backbone: nn.Module, example_input: torch.Tensor) -> torch.jit.ScriptModule:
@@ -91,15 +93,18 @@ def save_export(
     backbone: nn.Module,
     arch: str,
     small_stem: bool,
-    fmt: Literal["torchvision", "torchscript", "detectron2"],
+    fmt: Literal["torchvision", "torchscript", "detectron2", "moco"],
     out_path: str | os.PathLike,
     image_size: int = 224,
+    epoch: int = 0,
 ) -> Path:
     """Write ``backbone`` to ``out_path`` in ``fmt`` (atomically) and return the path.
 
     Every format goes through the checked torchvision state dict; TorchScript traces the plain torchvision
     module rebuilt from it (``image_size`` only sets the example input), so no training-time class ends up in the
-    file. Conventional suffixes: ``.pt`` / ``.pth`` (torchvision), ``.pt`` (torchscript), ``.pkl`` (detectron2).
+    file. ``moco``: ``{"state_dict": {"module.encoder_q.<key>": t}, "arch", "epoch"}`` without fc (the official
+    scripts add their own). Conventional suffixes: ``.pt`` / ``.pth`` (torchvision), ``.pt`` (torchscript),
+    ``.pkl`` (detectron2), ``.pth.tar`` (moco).
     """
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -110,6 +115,8 @@ def save_export(
     with _atomic_path(out) as tmp:
         if fmt == "torchvision":
             torch.save(state, tmp)
+        elif fmt == "moco":
+            torch.save(to_official(state, arch, epoch), tmp)
         elif fmt == "torchscript":
             plain = load_torchvision_backbone_from_state(state, arch, small_stem)
             traced = to_torchscript(plain, torch.zeros(1, 3, image_size, image_size))

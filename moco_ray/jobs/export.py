@@ -1,4 +1,5 @@
-"""Export a pretraining run's encoder to a file (torchvision, TorchScript, detectron2) or the Model Registry."""
+"""Export a pretraining run's encoder to a file (torchvision, TorchScript, detectron2, the official MoCo layout) or
+the Model Registry."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class ExportResult:
         return str(self.path)
 
 
-_SUFFIX = {"torchvision": ".pt", "torchscript": ".pt", "detectron2": ".pkl"}
+_SUFFIX = {"torchvision": ".pt", "torchscript": ".pt", "detectron2": ".pkl", "moco": ".pth.tar"}
 
 
 def export_run(
@@ -38,7 +39,7 @@ def export_run(
     tracking_uri: str = "",
     image_size: int | None = None,
 ) -> ExportResult:
-    """Write the run's encoder to ``out`` as ``fmt`` (torchvision | torchscript | detectron2).
+    """Write the run's encoder to ``out`` as ``fmt`` (torchvision | torchscript | detectron2 | moco).
 
     ``out`` may be an existing directory (the file is then ``<run id>-<fmt><suffix>`` in it). ``register=NAME``
     also registers the encoder (the run's mlflow.pytorch model, logged now if the run has none) as a new version
@@ -57,11 +58,17 @@ def export_run(
     path = Path(out)
     if path.is_dir():
         path = path / f"{run_id}-{fmt}{_SUFFIX[fmt]}"
-    written = save_export(net, enc.arch, enc.small_stem, fmt, path, image_size=size)
+    written = save_export(net, enc.arch, enc.small_stem, fmt, path, image_size=size, epoch=_epochs_done(run))
     res = ExportResult(written, fmt)
     if register:
         res.registered_name, res.version = register, _register(log, run, net, enc, register)
     return res
+
+
+def _epochs_done(run) -> int:
+    """Epochs the run finished (its last 0-based ``epoch`` metric + 1; 0 without one): the official ``epoch``."""
+    last = run.data.metrics.get("epoch")
+    return int(last) + 1 if last is not None else 0
 
 
 def _register(log: RunLog, run, net, enc: RunEncoder, name: str) -> str:

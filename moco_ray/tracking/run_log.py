@@ -228,10 +228,11 @@ def create_run(
     run_name: str,
     params: dict[str, Any],
     tags: dict[str, str],
-    config_yaml: str,
+    config_yaml: str | None,
     parent_run_id: str | None = None,
 ) -> RunLog:
-    """Create the run, log params (the flattened config), tags and the resolved config YAML."""
+    """Create the run, log params (the flattened config), tags and the resolved config YAML (None: a run that has
+    no moco-ray config, e.g. an imported checkpoint)."""
     from mlflow.entities import RunTag
 
     c = client(uri)
@@ -245,7 +246,8 @@ def create_run(
     log = RunLog(uri, run.info.run_id)
     log.log_params(params)
     c.log_batch(log.run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
-    log.log_text(config_yaml, CONFIG_FILE)
+    if config_yaml is not None:
+        log.log_text(config_yaml, CONFIG_FILE)
     return log
 
 
