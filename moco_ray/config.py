@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -79,6 +80,8 @@ class DataConfig:
     cpus: int = 1
     # A training worker that gets no batch for this long fails the run with a "stream stalled" error (0 = off).
     stall_timeout_s: float = 600.0
+    # Fail the run when more than this fraction of an epoch's images could not be decoded (grey stand-ins).
+    max_corrupt_fraction: float = 0.01
 
 
 @dataclass
@@ -245,7 +248,52 @@ def _split_override(s: str) -> tuple[str, Any]:
     if "=" not in s:
         raise ValueError(f"override {s!r}: expected KEY=VALUE, e.g. moco.queue_size=1024")
     key, raw = s.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return key.strip(), ""
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {s!r}: {yaml_problem(e)}") from None
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """``line L, column C: YAML syntax error: <problem>`` from PyYAML's error (its repr spans many lines)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}YAML syntax error: {problem}"
+
+
+def read_yaml(path: Path) -> Any:
+    """The parsed YAML file; a syntax error (or a binary file) is one ValueError naming the file and position."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}, {yaml_problem(e)}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a YAML text file") from None
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(msg: str) -> None:
+    """A one-line note on stderr, once per process (configs are loaded more than once per command)."""
+    if msg not in _NOTED:
+        _NOTED.add(msg)
+        print(f"moco-ray: note: {msg}", file=sys.stderr, flush=True)
+
+
+def clip_warmup(cfg: Config) -> Config:
+    """A warm-up as long as the run (or longer) is cut to ``train.epochs - 1``, so the schedule still decays.
+
+    The quickstart's one warm-up epoch would otherwise refuse ``train.epochs=1``. Negative values stay errors.
+    """
+    o, epochs = cfg.optim, cfg.train.epochs
+    if epochs >= 1 and o.warmup_epochs >= epochs:
+        _note_once(f"optim.warmup_epochs {o.warmup_epochs} >= train.epochs {epochs}: warm-up cut to {epochs - 1}")
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(o, warmup_epochs=epochs - 1))
+    return cfg
 
 
 def load_config(
@@ -264,7 +312,7 @@ def load_config(
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of sections (model, moco, data, ...)")
         preset_applied = False
@@ -276,7 +324,7 @@ def load_config(
     base = Config().to_dict()
     if not preset_applied:
         base = deep_merge(base, PRESETS[method])
-    cfg = from_dict(deep_merge(base, user))
+    cfg = clip_warmup(from_dict(deep_merge(base, user)))
     validate(cfg)
     return cfg
 
@@ -360,6 +408,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "0 <= momentum < 1")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
     _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
+    # (a warm-up as long as the run is clipped by load_config: see clip_warmup)
     _check(0 <= o.warmup_epochs < t.epochs, "optim.warmup_epochs", o.warmup_epochs, "0 <= w < train.epochs")
     _check(t.num_workers >= 1, "train.num_workers", t.num_workers, ">= 1")
     _check(t.batch_size >= 2 * t.num_workers, "train.batch_size", t.batch_size, ">= 2 per worker")
@@ -387,6 +436,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.cpus >= 1, "data.cpus", cfg.data.cpus, ">= 1 (the stream needs a whole CPU)")
     st = cfg.data.stall_timeout_s
     _check(st == 0 or 10 <= st < math.inf, "data.stall_timeout_s", st, "0 (off) or >= 10 seconds")
+    f = cfg.data.max_corrupt_fraction
+    _check(0.0 <= f <= 1.0, "data.max_corrupt_fraction", f, "0 <= f <= 1 (1 = never fail)")
     if cfg.uses_queue:
         _check(
             mo.queue_size >= t.batch_size,

@@ -65,6 +65,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     res = run_sweep(a.config, overrides=a.overrides, resume=a.resume)
     print(res.table.to_string(index=False))
     print(f"\nparent run: {res.parent_run_id}\nbest trial: {res.best}")
+    if not res.complete:  # Tune's SIGINT handler ends the sweep normally, with trials left unfinished
+        raise KeyboardInterrupt(f"sweep interrupted; continue with: moco-ray sweep -c {a.config} --resume")
     return 0
 
 
@@ -166,10 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"moco-ray: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "moco-ray: interrupted; a pretraining continues with `moco-ray pretrain --resume RUN_ID`", file=sys.stderr
-        )
+    except KeyboardInterrupt as e:  # RunKilled / a sweep's interrupt carry the exact command that continues
+        hint = str(e) or "interrupted; a pretraining continues with `moco-ray pretrain --resume RUN_ID`"
+        print(f"moco-ray: {hint}", file=sys.stderr)
         return 130
 
 

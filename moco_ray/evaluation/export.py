@@ -75,14 +75,24 @@ def to_detectron2(state: Mapping[str, torch.Tensor]) -> dict:
     return {"model": model, "__author__": "MOCO", "matching_heuristics": True}
 
 
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _atomic_path(out: Path) -> Iterator[Path]:
-    """A temp path next to ``out``, renamed onto it only when the block succeeds."""
+    """A temp path next to ``out``, renamed onto it only when the block succeeds.
+
+    The file gets the mode a plain ``open()`` would give it (0666 less the umask), not mkstemp's private 0600.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -41,7 +41,8 @@ def export_run(
 ) -> ExportResult:
     """Write the run's encoder to ``out`` as ``fmt`` (torchvision | torchscript | detectron2 | moco).
 
-    ``out`` may be an existing directory (the file is then ``<run id>-<fmt><suffix>`` in it). ``register=NAME``
+    ``out`` may be a directory, existing or (with a trailing separator) made here; the file is then
+    ``<run id>-<fmt><suffix>`` in it. ``register=NAME``
     also registers the encoder (the run's mlflow.pytorch model, logged now if the run has none) as a new version
     of NAME in the MLflow Model Registry. ``image_size`` only sets TorchScript's example input (default: the
     run's ``aug.image_size``; the traced module accepts any size).
@@ -56,7 +57,8 @@ def export_run(
     size = image_size or (cfg.aug.image_size if cfg else DEFAULT_IMAGE_SIZE)
     net = load_torchvision_backbone_from_state(enc.state, enc.arch, enc.small_stem)
     path = Path(out)
-    if path.is_dir():
+    if path.is_dir() or os.fspath(out).endswith(("/", os.sep)):  # "OUT_DIR/" is a directory, made if missing
+        path.mkdir(parents=True, exist_ok=True)
         path = path / f"{run_id}-{fmt}{_SUFFIX[fmt]}"
     written = save_export(net, enc.arch, enc.small_stem, fmt, path, image_size=size, epoch=_epochs_done(run))
     res = ExportResult(written, fmt)

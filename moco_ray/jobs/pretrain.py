@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from moco_ray.config import Config, load_config
 from moco_ray.jobs.local_ray import init_ray
 from moco_ray.jobs.resolve import (
     Prepared,
+    check_local_gpus,
     check_resources,
     knn_available,
     latest_checkpoint,
@@ -19,7 +22,7 @@ from moco_ray.jobs.resolve import (
 )
 from moco_ray.jobs.resources import TRIAL_CPU
 from moco_ray.tracking.run_log import CONFIG_FILE, RunLog, create_run, open_run, version_tags
-from moco_ray.tracking.store import resolve_tracking_uri
+from moco_ray.tracking.store import open_store
 from moco_ray.train.hooks import FaultHooks
 from moco_ray.train.spec import RunSpec
 
@@ -51,10 +54,20 @@ class RunInterrupted(RuntimeError):
         self.run_id, self.epoch = run_id, epoch
 
 
+class RunKilled(KeyboardInterrupt):
+    """Ctrl-C during a run: its MLflow run is KILLED and ``moco-ray pretrain --resume RUN_ID`` continues it."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id} interrupted (KILLED); continue with: moco-ray pretrain --resume {run_id}")
+        self.run_id = run_id
+
+
 def _resume_target(run_id: str, overrides) -> tuple[Config, RunLog, str]:
     """The stopped run's own config (plus ``overrides``), its handle and its newest checkpoint directory."""
     over = load_config(None, overrides)  # only for the tracking URI: the run's config comes from MLflow
-    log, run = open_run(resolve_tracking_uri(over.tracking.tracking_uri), run_id)
+    log, run = open_run(open_store(over.tracking.tracking_uri), run_id)  # unreachable server: one line, seconds
+    if run.info.status == "FINISHED":
+        raise ValueError(f"run {run_id} already FINISHED; nothing to resume (start a new run instead)")
     with tempfile.TemporaryDirectory() as d:
         try:
             cfg_path = log.download(CONFIG_FILE, d)
@@ -142,20 +155,25 @@ def run_pretraining(
         cfg = load_config(cfg, overrides)
     cfg = with_absolute_paths(cfg)
     prep = prepare(cfg, prepared)  # may raise a clear error: nothing started yet
+    check_local_gpus(cfg)  # a local Ray on a machine without GPUs: say so before starting it
     init_ray()
     check_resources(cfg, TRIAL_CPU if parent_run_id else 0.0)  # one clear line, not a run that never starts
     if log is None:
         log = _new_run(cfg, prep, parent_run_id, extra_tags)
     else:
         log.reopen()
-    spec = _spec(cfg, prep, log, resume_from, hooks)
-    epoch_offset = 0
-    if resume_from:
-        from moco_ray.train.checkpoint import load_state
+    try:
+        spec = _spec(cfg, prep, log, resume_from, hooks)
+        epoch_offset = 0
+        if resume_from:
+            from moco_ray.train.checkpoint import load_state
 
-        epoch_offset = int(load_state(resume_from)["epoch"]) + 1
-    result = _fit(_trainer(spec, callbacks, epoch_offset), log)
-    return _finish(spec, log, result)
+            epoch_offset = int(load_state(resume_from)["epoch"]) + 1
+        result = _fit(_trainer(spec, callbacks, epoch_offset), log)
+        return _finish(spec, log, result)
+    except KeyboardInterrupt:  # Ctrl-C: KILLED (not FAILED), and how to continue
+        log.finish("KILLED")
+        raise RunKilled(log.run_id) from None
 
 
 def _spec(cfg: Config, prep: Prepared, log: RunLog, resume_from: str | None, hooks: FaultHooks | None) -> RunSpec:
@@ -183,18 +201,56 @@ def _spec(cfg: Config, prep: Prepared, log: RunLog, resume_from: str | None, hoo
     )
 
 
+class _SigintWatch:
+    """Records a SIGINT that reaches the driver while ``trainer.fit()`` runs, whoever's handler takes it.
+
+    Ray Train V2's ``fit()`` installs its own SIGINT handler (``_register_sigint_handler``, main thread only): it
+    aborts the controller and then calls ``sys.exit(0)``, so the driver sees ``SystemExit`` (or, racing it, the
+    controller's death), never ``KeyboardInterrupt``. Wrapping that registration lets us tell a Ctrl-C from a crash;
+    the previous handler is put back afterwards (Ray's would otherwise outlive the run and ``sys.exit`` on the next
+    Ctrl-C).
+    """
+
+    def __init__(self, trainer) -> None:
+        self.seen = False
+        self.main = threading.current_thread() is threading.main_thread()
+        self.previous = signal.getsignal(signal.SIGINT) if self.main else None
+        register = getattr(trainer, "_register_sigint_handler", None)
+        if self.main and register is not None:
+            trainer._register_sigint_handler = lambda controller: self._wrap(register, controller)
+
+    def _wrap(self, register, controller) -> None:
+        register(controller)
+        theirs = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame) -> None:
+            self.seen = True
+            if callable(theirs):
+                theirs(signum, frame)
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, handler)
+
+    def restore(self) -> None:
+        if self.main and self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def _fit(trainer, log: RunLog):
-    status = "FAILED"
+    """``trainer.fit()``; a crash marks the run FAILED, a Ctrl-C raises KeyboardInterrupt (the caller: KILLED)."""
+    watch = _SigintWatch(trainer)
     try:
-        result = trainer.fit()
-        status = "FINISHED"
+        return trainer.fit()
     except KeyboardInterrupt:
-        status = "KILLED"
+        raise
+    except BaseException:
+        if watch.seen:  # Ray's handler ended fit() with SystemExit or the aborted controller's error
+            raise KeyboardInterrupt from None
+        log.finish("FAILED")
         raise
     finally:
-        if status != "FINISHED":
-            log.finish(status)
-    return result
+        watch.restore()
 
 
 def _finish(spec: RunSpec, log: RunLog, result) -> PretrainResult:
@@ -228,4 +284,4 @@ def _finish(spec: RunSpec, log: RunLog, result) -> PretrainResult:
     return PretrainResult(log.run_id, spec.tracking_uri, metrics, history, encoder_uri, ckpt_path)
 
 
-__all__ = ["PretrainResult", "RunInterrupted", "run_pretraining"]
+__all__ = ["PretrainResult", "RunInterrupted", "RunKilled", "run_pretraining"]

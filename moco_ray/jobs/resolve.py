@@ -106,6 +106,45 @@ def check_resources(cfg: Config, driver_cpu: float = 0.0, what: str = "the run")
     return check_fits(cfg, view, driver_cpu, what)
 
 
+def _gpu_shortage(cfg: Config, gpus: float) -> str | None:
+    if gpus >= cfg.train.num_workers or os.environ.get("MOCO_RAY_ALLOW_PENDING_GPUS") == "1":
+        return None
+    return (
+        f"train.use_gpu: {cfg.train.num_workers} GPU worker(s) asked for but the Ray cluster has {gpus:g} GPU(s); "
+        "set train.use_gpu=false, or MOCO_RAY_ALLOW_PENDING_GPUS=1 on an autoscaling cluster"
+    )
+
+
+def starts_local_ray() -> bool:
+    """Whether ``init_ray`` would start a new local Ray instance (no RAY_ADDRESS, no running cluster)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address == "local":
+        return True
+    if address is not None:
+        return False
+    try:  # the `ray start` cluster that ray.init() would join, if any
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None) is None
+    except Exception:  # unknown: leave it to the check after ray.init
+        return False
+
+
+def check_local_gpus(cfg: Config) -> None:
+    """Before Ray starts: a local Ray gets this machine's GPUs, so count them now rather than after a 30 s start."""
+    if not cfg.train.use_gpu or not starts_local_ray():
+        return
+    import torch
+
+    msg = _gpu_shortage(cfg, torch.cuda.device_count())
+    if msg:
+        raise ValueError(msg)
+
+
 def knn_available(cfg: Config, manifest: Manifest) -> bool:
     """The kNN monitor needs both labelled splits; without them it is off (and said so)."""
     wanted = {cfg.data.knn_train_split, cfg.data.knn_test_split}

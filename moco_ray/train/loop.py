@@ -195,9 +195,28 @@ class Worker:
             "images_per_s": steps * cfg.train.batch_size / seconds,
             "corrupt_images": corrupt * self.world,
         }
+        self._check_corrupt(epoch, metrics["corrupt_images"], steps * cfg.train.batch_size)
         if self.knn is not None and self.knn.due(epoch):
             metrics["knn_top1"] = self.knn.score(self.model, self.device, self.autocast)
         return metrics
+
+    def _check_corrupt(self, epoch: int, corrupt: float, images: int) -> None:
+        """Warn about any corrupt image; fail above ``data.max_corrupt_fraction`` (training on grey stand-ins).
+
+        ``corrupt`` is all-reduced, so every rank decides alike and raises together (no rank left in a collective).
+        """
+        n = int(round(corrupt))
+        if n == 0:
+            return
+        limit = self.cfg.data.max_corrupt_fraction
+        what = f"{n} of {images} images in epoch {epoch + 1} were corrupt ({n / images:.1%}; decoded as grey)"
+        if n / images > limit:
+            raise RuntimeError(
+                f"data: {what}, above data.max_corrupt_fraction = {limit:g}; re-ingest the shards "
+                "(`moco-ray ingest` skips bad files) or raise the limit"
+            )
+        if self.rank == 0:
+            _log.warning(f"moco-ray: warning: {what}")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

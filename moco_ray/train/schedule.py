@@ -14,11 +14,12 @@ def lr_at(optim: OptimConfig, base_lr: float, epoch: int, step: int, steps_per_e
     step: x0.1 at each epoch in ``milestones`` (MoCo v1: 120 and 160 of 200); constant: base lr.
     """
     t = epoch + step / max(steps_per_epoch, 1)  # fractional epoch
-    if optim.warmup_epochs and t < optim.warmup_epochs:
-        return base_lr * (t + 1.0 / max(steps_per_epoch, 1)) / optim.warmup_epochs
+    warmup = min(optim.warmup_epochs, max(epochs - 1, 0))  # as config.clip_warmup: a warm-up never fills the run
+    if warmup > 0 and t < warmup:
+        return base_lr * (t + 1.0 / max(steps_per_epoch, 1)) / warmup
     if optim.schedule == "cosine":
-        span = max(epochs - optim.warmup_epochs, 1e-8)
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * (t - optim.warmup_epochs) / span))
+        span = max(epochs - warmup, 1e-8)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / span))
     if optim.schedule == "step":
         return base_lr * 0.1 ** sum(epoch >= m for m in optim.milestones)
     return base_lr

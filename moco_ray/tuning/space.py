@@ -37,7 +37,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from moco_ray.config import Config, deep_merge, load_config, parse_overrides
+from moco_ray.config import Config, deep_merge, load_config, parse_overrides, read_yaml
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 # Metrics each epoch's report can carry (moco_ray.train.loop); knn_top1 only every eval.knn_every epochs.
@@ -277,7 +277,7 @@ def load_sweep(source: str | Path | dict[str, Any], overrides: list[str] | dict[
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"sweep file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping with base/search/sweep sections")
     base_ref = raw.pop("base", None)
@@ -290,7 +290,7 @@ def load_sweep(source: str | Path | dict[str, Any], overrides: list[str] | dict[
     base_dict: dict[str, Any] = {}
     if base_ref:
         base_path = _resolve_base(str(base_ref), path)
-        base_dict = yaml.safe_load(base_path.read_text()) or {}
+        base_dict = read_yaml(base_path) or {}
         if not isinstance(base_dict, dict):
             raise ValueError(f"{base_path}: expected a mapping of config sections")
     merged = deep_merge(deep_merge(base_dict, inline), parse_overrides(cfg_over))

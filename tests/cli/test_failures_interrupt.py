@@ -1,0 +1,111 @@
+"""Ctrl-C of a real ``moco-ray pretrain`` (SIGINT to its whole process group, as a terminal sends it): the MLflow
+run ends KILLED, one line names ``moco-ray pretrain --resume RUN_ID``, the exit code is 130, and ``--resume``
+continues the run to FINISHED.
+
+Ray Train V2's ``fit()`` installs its own SIGINT handler, which aborts the controller and ends in ``SystemExit``:
+before the fix that was exit 1, nothing printed and the run FAILED.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from moco_helpers import TINY_MODEL
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENT = "test-ctrl-c"
+
+
+def _config(small_shards: Path, tmp_path: Path, uri: str, epochs: int) -> Path:
+    over = {
+        "data.shards": str(small_shards),
+        "data.limit": 64,
+        "data.map_batch_size": 32,
+        **TINY_MODEL,
+        "moco.queue_size": 64,
+        "train.epochs": epochs,
+        "train.batch_size": 32,
+        "train.max_steps_per_epoch": 1,
+        "train.storage_path": str(tmp_path / "runs"),
+        "eval.knn_every": 0,
+        "tracking.tracking_uri": uri,
+        "tracking.experiment": EXPERIMENT,
+    }
+    doc: dict = {}
+    for k, v in over.items():
+        section, key = k.split(".")
+        doc.setdefault(section, {})[key] = v
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["RAY_ADDRESS"] = "local"  # its own Ray, never the test session's or another cluster
+    return env
+
+
+def _wait_first_epoch(uri: str, proc: subprocess.Popen, timeout: float = 600) -> str:
+    """The run id once its run is RUNNING with epoch 0 logged (polling the store the CLI writes)."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        exp = Path(uri[len("sqlite:///") :]).exists() and c.get_experiment_by_name(EXPERIMENT)
+        for r in c.search_runs([exp.experiment_id]) if exp else []:
+            if r.info.status == "RUNNING" and c.get_metric_history(r.info.run_id, "loss"):
+                return r.info.run_id
+        time.sleep(0.5)
+    raise AssertionError("no epoch logged in time")
+
+
+def test_ctrl_c_kills_the_run_and_resume_finishes_it(small_shards, tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    cfg = _config(small_shards, tmp_path, mlflow_uri, epochs=40)
+    cmd = [sys.executable, "-m", "moco_ray.cli.main", "pretrain", "-c", str(cfg)]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        run_id = _wait_first_epoch(mlflow_uri, proc)
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the driver and everything in its group
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    # the driver prints no traceback (Ray's own processes may: their lines carry a "(Name pid=N)" prefix)
+    assert not any(ln.startswith("Traceback") for ln in err.splitlines()), err[-3000:]
+    hint = [ln for ln in err.splitlines() if "--resume" in ln]
+    assert hint == [f"moco-ray: run {run_id} interrupted (KILLED); continue with: moco-ray pretrain --resume {run_id}"]
+    c = MlflowClient(mlflow_uri)
+    run = c.get_run(run_id)
+    assert run.info.status == "KILLED"
+    done = len(c.get_metric_history(run_id, "loss"))
+    assert 1 <= done < 40
+
+    # --resume continues the same run (the two remaining epochs only: the epoch count is an override)
+    r = subprocess.run(
+        [*cmd[:3], "pretrain", "--resume", run_id, f"train.epochs={done + 2}"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert c.get_run(run_id).info.status == "FINISHED"
+    assert len(c.get_metric_history(run_id, "loss")) >= done + 1
