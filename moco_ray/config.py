@@ -121,6 +121,10 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)
     experiment: str = "moco-ray"
     run_name: str = ""
+    # step-level MLflow metrics (step = global step) every N steps, and rank 0's progress line; 0 = off
+    log_every_steps: int = 50
+    # seconds between samples of MLflow's system metrics (system/* : CPU, memory, GPU) on rank 0; 0 = off
+    system_metrics_interval: float = 10.0
 
 
 @dataclass
@@ -375,6 +379,14 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.map_batch_size >= 1, "data.map_batch_size", cfg.data.map_batch_size, ">= 1")
     _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", cfg.data.shuffle_buffer, ">= 0")
     _check(cfg.data.limit >= 0, "data.limit", cfg.data.limit, ">= 0")
+    tr = cfg.tracking
+    _check(tr.log_every_steps >= 0, "tracking.log_every_steps", tr.log_every_steps, ">= 0 (0 = off)")
+    _check(
+        tr.system_metrics_interval == 0 or 0.1 <= tr.system_metrics_interval <= 3600,
+        "tracking.system_metrics_interval",
+        tr.system_metrics_interval,
+        "0 (off) or 0.1 to 3600 seconds",
+    )
     if cfg.uses_queue:
         _check(
             mo.queue_size >= t.batch_size,

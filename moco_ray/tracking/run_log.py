@@ -29,6 +29,10 @@ ENCODER_FILE = "encoder.pt"
 ENCODER_INFO = "encoder.json"
 CONFIG_FILE = "config.yaml"
 ENCODER_MODEL_URI_TAG = "moco_ray.encoder_model_uri"  # run tag: the mlflow.pytorch model of the encoder
+# MLflow 3's experiment kind (an experiment tag; the UI's own values): "custom_model_development" ("Machine
+# learning") opens the experiment on its runs table instead of the GenAI overview (traces, latency)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
 
 
 @dataclass
@@ -173,6 +177,19 @@ class RunLog:
             self.client.log_batch(self.run_id, metrics=metrics)
         return len(new)
 
+    def log_step_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Step-level metrics at MLflow step ``step`` (the global step, comparable across runs)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_dataset_inputs(self, manifest, contexts: dict[str, str]) -> None:
+        """The shard splits ``{split: "training" | "evaluation"}`` as the run's MLflow dataset inputs."""
+        from moco_ray.tracking.datasets import log_split_inputs
+
+        log_split_inputs(self.client, self.run_id, manifest, contexts)
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 
@@ -222,6 +239,20 @@ class RunLog:
         return encoder_uri
 
 
+def training_experiment(c, name: str) -> str:
+    """The id of experiment ``name``, created if missing, marked as a model-training experiment.
+
+    An experiment made before the tag existed (or by hand) gets it too, unless it already has a kind: a kind a
+    user chose in the UI is kept.
+    """
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
 def create_run(
     uri: str,
     experiment: str,
@@ -235,8 +266,7 @@ def create_run(
     from mlflow.entities import RunTag
 
     c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
+    exp_id = training_experiment(c, experiment)
     all_tags = dict(tags)
     if run_name:
         all_tags["mlflow.runName"] = run_name
