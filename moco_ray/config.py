@@ -130,6 +130,10 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)
     experiment: str = "moco-ray"
     run_name: str = ""
+    # step-level MLflow metrics (step = global step) every N steps, and rank 0's progress line; 0 = off
+    log_every_steps: int = 50
+    # seconds between samples of MLflow's system metrics (system/* : CPU, memory, GPU) on rank 0; 0 = off
+    system_metrics_interval: float = 10.0
 
 
 @dataclass
@@ -438,6 +442,14 @@ def validate(cfg: Config) -> None:
     _check(st == 0 or 10 <= st < math.inf, "data.stall_timeout_s", st, "0 (off) or >= 10 seconds")
     f = cfg.data.max_corrupt_fraction
     _check(0.0 <= f <= 1.0, "data.max_corrupt_fraction", f, "0 <= f <= 1 (1 = never fail)")
+    tr = cfg.tracking
+    _check(tr.log_every_steps >= 0, "tracking.log_every_steps", tr.log_every_steps, ">= 0 (0 = off)")
+    _check(
+        tr.system_metrics_interval == 0 or 0.1 <= tr.system_metrics_interval <= 3600,
+        "tracking.system_metrics_interval",
+        tr.system_metrics_interval,
+        "0 (off) or 0.1 to 3600 seconds",
+    )
     if cfg.uses_queue:
         _check(
             mo.queue_size >= t.batch_size,

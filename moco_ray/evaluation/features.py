@@ -57,12 +57,14 @@ def extract_features(
     autocast_dtype: torch.dtype | None = None,
     preprocess: Preprocess | None = None,
     out_device: torch.device | str = "cpu",
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``backbone`` in eval mode over ``(images, labels)`` batches (or ``{"img", "label"}`` dicts).
 
     Returns ``(features [N,D] float32, labels [N] int64)`` on ``out_device``; L2-normalised rows when
     ``normalize``. BatchNorm uses its running statistics, so a row's feature does not depend on its batch. The
     backbone's train/eval mode is restored afterwards. No batches -> ``[0, 0]`` features and ``[0]`` labels.
+    ``on_batch(rows)``: called after each batch with its row count (progress lines; reads nothing on the device).
     """
     device = torch.device(device)
     preprocess = preprocess or _normalizing(device)
@@ -91,6 +93,8 @@ def extract_features(
                 raise ValueError(f"extract_features: {f.shape[0]} images but {y.shape[0]} labels in a batch")
             feats.append(f.to(out_device))
             labels.append(y.to(out_device))
+            if on_batch is not None:
+                on_batch(int(y.shape[0]))
     finally:
         backbone.train(was_training)
     if not feats:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -80,11 +80,13 @@ class LinearProtocol:
         num_classes: int | None = None,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
     ) -> LinearProbeResult:
         kw = asdict(self)
         return train_linear_probe(
-            train_feats, train_labels, test_feats, test_labels, num_classes, device=device, seed=seed, **kw
-        )
+            train_feats, train_labels, test_feats, test_labels, num_classes, device=device, seed=seed,
+            on_epoch=on_epoch, **kw,
+        )  # fmt: skip
 
 
 @dataclass
@@ -154,11 +156,13 @@ def train_linear_probe(
     standardize: bool = True,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> LinearProbeResult:
     """Train a linear classifier (SGD, cross-entropy) on frozen features; report test top-1/top-5.
 
     ``schedule``: ``cosine`` (per step, to 0) or ``step`` (x0.1 at each epoch in ``milestones``). The head is
     initialised as in the official code (weights N(0, 0.01), bias 0). Deterministic given ``seed``.
+    ``on_epoch``: called with each epoch's history entry (progress lines for long probes).
     """
     train_labels = _check_inputs(train_feats, train_labels, "train")
     test_labels = _check_inputs(test_feats, test_labels, "test")
@@ -217,6 +221,8 @@ def train_linear_probe(
         history.append(
             {"epoch": epoch, "lr": cur, "loss": loss_sum / n, "train_top1": train_top1, "test_top1": test_top1}
         )
+        if on_epoch is not None:
+            on_epoch(history[-1])
     top1, top5 = _evaluate(model, xte, yte)
     return LinearProbeResult(top1, top5, history[-1]["train_top1"], history, model.eval())
 

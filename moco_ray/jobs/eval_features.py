@@ -24,10 +24,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moco-ray" / "features")
 
 
-def _extract_task(state, arch: str, small_stem: bool, datasets: dict, batch_size: int) -> dict:
-    """Ray task body: run the backbone over each eval dataset -> {split: (raw features, labels)}."""
+def _extract_task(state, arch: str, small_stem: bool, datasets: dict, batch_size: int, rows: dict) -> dict:
+    """Ray task body: run the backbone over each eval dataset -> {split: (raw features, labels)}.
+
+    ``rows``: each split's row count, for the progress lines (printed: a Ray task's stdout reaches the driver).
+    """
     from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
     from moco_ray.evaluation.features import extract_features
+    from moco_ray.evaluation.progress import Progress
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = load_torchvision_backbone_from_state(state, arch, small_stem).to(device)
@@ -39,8 +43,12 @@ def _extract_task(state, arch: str, small_stem: bool, datasets: dict, batch_size
                 yield {"img": b["img"][keep], "label": b["label"][keep]}
 
     cuda = device.type == "cuda"
+
+    def bar(split: str):
+        return Progress(f"features {split}: rows", rows[split], lambda line: print(line, flush=True)).update
+
     return {
-        split: extract_features(net, clean(ds), device, normalize=False, channels_last=cuda)
+        split: extract_features(net, clean(ds), device, normalize=False, channels_last=cuda, on_batch=bar(split))
         for split, ds in datasets.items()
     }
 
@@ -79,8 +87,12 @@ def features(
 
         init_ray()
         gpu = _use_gpu(use_gpu)
+        from moco_ray.data.manifest import read_manifest
+
         datasets = {s: eval_dataset(shards, s, image_size, limit) for s in missing}
+        counts = read_manifest(shards).counts
+        rows = {s: min(counts.get(s, 0), limit) if limit else counts.get(s, 0) for s in missing}
         task = ray.remote(_extract_task).options(num_cpus=1, num_gpus=1 if gpu else 0)
         state_ref = ray.put(encoder.state)
-        computed = ray.get(task.remote(state_ref, encoder.arch, encoder.small_stem, datasets, batch_size))
+        computed = ray.get(task.remote(state_ref, encoder.arch, encoder.small_stem, datasets, batch_size, rows))
     return {s: cached_features(keys[s], cache_dir(), lambda s=s: computed[s]) for s in splits}

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 
 from moco_ray.config import Config, absolute
 from moco_ray.core.defaults import KNN_K, KNN_T
+from moco_ray.data.manifest import Manifest
 from moco_ray.evaluation.knn import knn_accuracy
 from moco_ray.evaluation.linear import linear_protocol
 from moco_ray.jobs.eval_features import features
+from moco_ray.tracking.datasets import EVALUATION, TRAINING, log_split_inputs
 from moco_ray.tracking.run_log import RunLog, open_run, version_tags
 from moco_ray.tracking.store import open_store
 
@@ -59,8 +61,12 @@ def _log_child(
     params: dict[str, Any],
     metrics: dict[str, float],
     history: list[dict[str, float]] | None = None,
+    inputs: tuple[Manifest, dict[str, str]] | None = None,
 ) -> str:
-    """A child run of ``parent`` with the evaluation's params and metrics; the summary metric on the parent."""
+    """A child run of ``parent`` with the evaluation's params and metrics; the summary metric on the parent.
+
+    ``inputs``: the shards' manifest and ``{split: context}``, logged as the child's MLflow dataset inputs.
+    """
     from mlflow.entities import Metric, Param, RunTag
 
     c = log.client
@@ -69,6 +75,8 @@ def _log_child(
     tags = {"mlflow.parentRunId": parent_id, EVAL_TAG: kind, **version_tags()}
     child = c.create_run(parent.info.experiment_id, tags=tags, run_name=f"eval-{kind}-{parent_name}")
     cid = child.info.run_id
+    if inputs is not None:
+        log_split_inputs(c, cid, *inputs)
     now = int(time.time() * 1000)
     ms = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
     for h in history or []:
@@ -83,6 +91,18 @@ def _log_child(
         tags=[RunTag(f"moco_ray.eval_{kind}_run", cid)],
     )
     return cid
+
+
+def _probe_progress(epochs: int):
+    """The linear probe's per-epoch callback: a progress line with ETA (at most one per ~30 s, and the last)."""
+    from moco_ray.evaluation.progress import Progress
+
+    bar = Progress("linear probe epoch", epochs, lambda line: print(line, flush=True))  # the driver's console
+
+    def on_epoch(h: dict[str, float]) -> None:
+        bar.update(1, f"loss {h['loss']:.4f}  train top1 {h['train_top1']:.3f}  test top1 {h['test_top1']:.3f}")
+
+    return on_epoch
 
 
 def _device() -> str:
@@ -122,7 +142,8 @@ def evaluate_knn(
     params = {"protocol": "knn", "knn_k": k, "knn_t": t, "data": shards, "split_train": split_train,
               "split_test": split_test, "image_size": size, "limit": limit,
               "train_rows": len(ytr), "test_rows": len(yte)}  # fmt: skip
-    eval_id = _log_child(log, parent, "knn", params, {"knn_top1": top1})
+    splits = {split_train: TRAINING, split_test: EVALUATION}  # the memory bank, the queries
+    eval_id = _log_child(log, parent, "knn", params, {"knn_top1": top1}, inputs=(manifest, splits))
     return {"top1": top1, "k": k, "t": t, "train_rows": len(ytr), "test_rows": len(yte), "data": shards,
             "image_size": size, "run_id": run_id, "eval_run_id": eval_id}  # fmt: skip
 
@@ -155,13 +176,17 @@ def evaluate_linear(
     (xtr, ytr), (xte, yte) = f[split_train], f[split_test]
     if name == "small":
         xtr, xte = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)
-    res = proto.run(xtr, ytr, xte, yte, num_classes=len(manifest.classes) or None, device=_device(), seed=seed)
+    res = proto.run(
+        xtr, ytr, xte, yte, num_classes=len(manifest.classes) or None, device=_device(), seed=seed,
+        on_epoch=_probe_progress(proto.epochs),
+    )  # fmt: skip
     settings = dataclasses.asdict(proto)
     params = {"protocol": "linear", "linear_preset": name, **{f"linear_{k}": v for k, v in settings.items()},
               "data": shards, "split_train": split_train, "split_test": split_test, "image_size": size,
               "limit": limit, "seed": seed, "train_rows": len(ytr), "test_rows": len(yte)}  # fmt: skip
     metrics = {"linear_top1": res.top1, "linear_top5": res.top5, "linear_train_top1": res.train_top1}
-    eval_id = _log_child(log, parent, "linear", params, metrics, res.history)
+    splits = {split_train: TRAINING, split_test: EVALUATION}
+    eval_id = _log_child(log, parent, "linear", params, metrics, res.history, inputs=(manifest, splits))
     return {"top1": res.top1, "top5": res.top5, "train_top1": res.train_top1, "history": res.history,
             "protocol": name, "settings": settings, "train_rows": len(ytr), "test_rows": len(yte), "data": shards,
             "image_size": size, "run_id": run_id, "eval_run_id": eval_id}  # fmt: skip

@@ -18,7 +18,22 @@ NOISY_LOGGERS = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
     # "Dataset ... execution finished in N seconds" from the SplitCoordinator after every epoch; warnings stay
     "ray.data._internal.execution.streaming_executor": logging.WARNING,
+    # "Progress bars disabled. To enable, ...": moco-ray turns them off on purpose (data.stream.quiet_progress)
+    "ray.data._internal.progress": logging.ERROR,
 }
+# Environment of a new local instance's workers (Ray reads both where the message comes from, in its workers):
+LOCAL_WORKER_ENV = {
+    # Ray Train V2's PreemptionWatcher (polls for drained nodes) has nothing to watch on one machine, and its
+    # creation logs a core_worker.cc error about constructor arguments in the object store; its documented switch
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray Train itself passes the deprecated option to Ray Data (ray/train/_internal/data_config.py), so every
+    # run warned "RayDeprecationWarning: `ExecutionOptions.exclude_resources` is deprecated"; that message only
+    "PYTHONWARNINGS": "ignore:`ExecutionOptions.exclude_resources` is deprecated",
+}
+# the driver's "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
+# (a notice that the safe default is on; the warning when auth is *disabled* is kept)
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
 
 
 def quiet_worker_logs() -> None:
@@ -47,10 +62,33 @@ def worker_pool_size(num_cpus: int | None = None) -> int:
 
 def local_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
     """``ray.init`` keyword arguments for a new local instance (not valid when joining a running cluster)."""
+    env = dict(LOCAL_WORKER_ENV)
+    if os.environ.get("PYTHONWARNINGS"):  # the user's own filters still apply
+        env["PYTHONWARNINGS"] = os.environ["PYTHONWARNINGS"] + "," + env["PYTHONWARNINGS"]
     return {
         "_system_config": {"num_workers_soft_limit": worker_pool_size(num_cpus)},
-        "runtime_env": {"worker_process_setup_hook": HOOK},
+        "runtime_env": {"worker_process_setup_hook": HOOK, "env_vars": env},
     }
+
+
+class _DropMessage(logging.Filter):
+    """Drops records whose message starts with ``prefix``; everything else the logger says still shows."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_driver_logs() -> None:
+    """The driver's share of the quiet console: Ray's token-auth notice and the noisy loggers' chatter."""
+    log = logging.getLogger(TOKEN_NOTICE_LOGGER)
+    if not any(isinstance(f, _DropMessage) for f in log.filters):
+        log.addFilter(_DropMessage(TOKEN_NOTICE))
+    for name, level in NOISY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def init_ray() -> None:
@@ -63,6 +101,7 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
+    quiet_driver_logs()
     common = {"log_to_driver": True, "configure_logging": False}
     address = os.environ.get("RAY_ADDRESS") or None
     if address:

@@ -92,6 +92,19 @@ def _new_run(cfg: Config, prep: Prepared, parent_run_id: str | None, extra_tags:
     return create_run(prep.tracking_uri, t.experiment, t.run_name, cfg.flat(), tags, cfg.to_yaml(), parent_run_id)
 
 
+def _dataset_contexts(cfg: Config, prep: Prepared) -> dict[str, str]:
+    """The splits the run reads: the training split, and the kNN monitor's splits when it runs."""
+    from moco_ray.tracking.datasets import EVALUATION, TRAINING
+
+    d = cfg.data
+    contexts = {d.train_split: TRAINING}
+    knn = {d.knn_train_split, d.knn_test_split}
+    if cfg.eval.knn_every > 0 and knn <= set(prep.manifest.splits):  # knn_available's test, without its notice
+        contexts.setdefault(d.knn_train_split, EVALUATION)
+        contexts.setdefault(d.knn_test_split, EVALUATION)
+    return contexts
+
+
 def _trainer(spec: RunSpec, callbacks: list | None, epoch_offset: int):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train import DataConfig as RayDataConfig
@@ -160,6 +173,7 @@ def run_pretraining(
     check_resources(cfg, TRIAL_CPU if parent_run_id else 0.0)  # one clear line, not a run that never starts
     if log is None:
         log = _new_run(cfg, prep, parent_run_id, extra_tags)
+        log.log_dataset_inputs(prep.manifest, _dataset_contexts(cfg, prep))
     else:
         log.reopen()
     try:

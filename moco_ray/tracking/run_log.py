@@ -29,6 +29,10 @@ ENCODER_FILE = "encoder.pt"
 ENCODER_INFO = "encoder.json"
 CONFIG_FILE = "config.yaml"
 ENCODER_MODEL_URI_TAG = "moco_ray.encoder_model_uri"  # run tag: the mlflow.pytorch model of the encoder
+# MLflow 3's experiment kind (an experiment tag; the UI's own values): "custom_model_development" ("Machine
+# learning") opens the experiment on its runs table instead of the GenAI overview (traces, latency)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
 
 
 @dataclass
@@ -173,6 +177,19 @@ class RunLog:
             self.client.log_batch(self.run_id, metrics=metrics)
         return len(new)
 
+    def log_step_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Step-level metrics at MLflow step ``step`` (the global step, comparable across runs)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_dataset_inputs(self, manifest, contexts: dict[str, str]) -> None:
+        """The shard splits ``{split: "training" | "evaluation"}`` as the run's MLflow dataset inputs."""
+        from moco_ray.tracking.datasets import log_split_inputs
+
+        log_split_inputs(self.client, self.run_id, manifest, contexts)
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 
@@ -222,6 +239,27 @@ class RunLog:
         return encoder_uri
 
 
+def training_experiment(c, name: str) -> str:
+    """The id of experiment ``name``, created if missing, marked as a model-training experiment.
+
+    An experiment made before the tag existed (or by hand) gets it too, unless it already has a kind: a kind a
+    user chose in the UI is kept.
+    """
+    from mlflow.exceptions import MlflowException
+
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND})
+        except MlflowException:  # another process created it at the same moment: use theirs
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
 def create_run(
     uri: str,
     experiment: str,
@@ -236,7 +274,7 @@ def create_run(
     from mlflow.entities import RunTag
 
     c = client(uri)
-    exp_id = _experiment_id(c, experiment)
+    exp_id = training_experiment(c, experiment)
     all_tags = dict(tags)
     if run_name:
         all_tags["mlflow.runName"] = run_name
@@ -249,22 +287,6 @@ def create_run(
     if config_yaml is not None:
         log.log_text(config_yaml, CONFIG_FILE)
     return log
-
-
-def _experiment_id(c, name: str) -> str:
-    """The experiment's id, created if missing; another process creating it at the same moment is fine."""
-    from mlflow.exceptions import MlflowException
-
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name)
-    except MlflowException:
-        exp = c.get_experiment_by_name(name)  # lost the race: the other process's experiment
-        if exp is None:
-            raise
-        return exp.experiment_id
 
 
 def open_run(uri: str, run_id: str) -> tuple[RunLog, Any]:

@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 
 from moco_ray.core.normalize import Normalizer
+from moco_ray.tracking.system_metrics import start_system_metrics, stop_system_metrics
 from moco_ray.train.checkpoint import load_state, set_rng_state
 from moco_ray.train.model import build_method
+from moco_ray.train.progress import StepProgress, TimedIter
 from moco_ray.train.reporting import Reporter
 from moco_ray.train.schedule import lr_at
 from moco_ray.train.spec import RunSpec
@@ -112,6 +114,7 @@ class Worker:
         self.normalize = Normalizer(device=self.device, channels_last=self.channels_last)
         self.gpu_aug = self._gpu_augment()
         self.knn = self._knn_monitor()
+        self.progress = self._step_progress()
         self.shard = ray.train.get_dataset_shard("train")
         self.watchdog = StallWatchdog(cfg.data.stall_timeout_s, self.rank)  # fails a stream that stalls
 
@@ -153,6 +156,16 @@ class Worker:
 
         return KnnMonitor.load(self.cfg)
 
+    def _step_progress(self) -> StepProgress | None:
+        """Rank 0's step-level metrics and progress lines (``tracking.log_every_steps``; 0 = off)."""
+        every = self.cfg.tracking.log_every_steps
+        if self.rank != 0 or not every or self.reporter.run is None:
+            return None
+        t = self.cfg.train
+        run = self.reporter.run
+        return StepProgress(every, t.epochs, self.spec.steps_per_epoch, t.batch_size, self.device,
+                            run.log_step_metrics, _log.info)  # fmt: skip
+
     def views(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The two normalised views of a batch, on the device."""
         if self.gpu_aug is not None:
@@ -171,7 +184,12 @@ class Worker:
         # loss, acc1, corrupt images: accumulated on the device, read once at the end of the epoch
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         n, lr = 0, cfg.lr
-        for batch in self.watchdog.watch(iter_pairs(self.shard, cfg.per_worker_batch, steps, cfg.data)):
+        batches = TimedIter(
+            self.watchdog.watch(iter_pairs(self.shard, cfg.per_worker_batch, steps, cfg.data))
+        )  # data-wait time
+        if self.progress is not None:
+            self.progress.start_epoch(epoch, batches)
+        for batch in batches:
             lr = lr_at(cfg.optim, cfg.lr, epoch, n, steps, cfg.train.epochs)
             set_lr(self.opt, lr)
             out = train_step(self.model, self.opt, *self.views(batch), autocast=self.autocast)
@@ -181,6 +199,8 @@ class Worker:
                 sums[2] += batch["corrupt"].sum()
             self.global_step += 1
             n += 1
+            if self.progress is not None:
+                self.progress.after_step(out["loss"], lr, self.global_step)
             self.spec.hooks.after_step(self.spec.run_id, self.global_step, self.rank)
         if n != steps:
             raise RuntimeError(f"worker {self.rank} took {n} steps in epoch {epoch}, expected {steps}")
@@ -194,6 +214,9 @@ class Worker:
             "epoch_seconds": seconds,
             "images_per_s": steps * cfg.train.batch_size / seconds,
             "corrupt_images": corrupt * self.world,
+            # this rank's time waiting for the next batch (the stream), and its share of the epoch
+            "data_wait_seconds": batches.wait,
+            "data_wait_frac": batches.wait / seconds,
         }
         self._check_corrupt(epoch, metrics["corrupt_images"], steps * cfg.train.batch_size)
         if self.knn is not None and self.knn.due(epoch):
@@ -225,6 +248,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _quiet_report_lines()
     w = Worker(spec)
     w.reporter.record_worker_nodes()
+    monitor = None
+    if w.rank == 0:  # MLflow's system/* metrics (CPU, memory, GPU) of rank 0's node while it trains
+        monitor = start_system_metrics(spec.tracking_uri, spec.run_id, spec.config.tracking.system_metrics_interval)
+    try:
+        _train_epochs(w, spec)
+    finally:
+        stop_system_metrics(monitor)
+
+
+def _train_epochs(w: Worker, spec: RunSpec) -> None:
     for epoch in range(w.start_epoch, spec.epochs):
         metrics = w.run_epoch(epoch)
         w.history.append(metrics)
