@@ -21,7 +21,7 @@ from moco_ray.core.normalize import Normalizer
 from moco_ray.train.checkpoint import load_state, set_rng_state
 from moco_ray.train.model import build_method
 from moco_ray.train.reporting import Reporter
-from moco_ray.train.schedule import lr_at
+from moco_ray.train.schedule import lr_at, momentum_at
 from moco_ray.train.spec import RunSpec
 from moco_ray.train.step import build_optimizer, set_lr, train_step
 
@@ -95,7 +95,7 @@ class Worker:
             self.model.encoder_q = DDP(self.model.encoder_q, device_ids=[self.device.index] if on_gpu else None)
         if cfg.train.compile:  # the encoder's graph; the queue and EMA bookkeeping stay eager
             self.model.encoder_q = torch.compile(self.model.encoder_q)
-        self.normalize = Normalizer(device=self.device, channels_last=self.channels_last)
+        self.normalize = Normalizer(cfg.data.mean, cfg.data.std, device=self.device, channels_last=self.channels_last)
         self.gpu_aug = self._gpu_augment()
         self.knn = self._knn_monitor()
         self.shard = ray.train.get_dataset_shard("train")
@@ -159,6 +159,7 @@ class Worker:
         for batch in iter_pairs(self.shard, cfg.per_worker_batch, steps, cfg.data):
             lr = lr_at(cfg.optim, cfg.lr, epoch, n, steps, cfg.train.epochs)
             set_lr(self.opt, lr)
+            self.model.m = momentum_at(cfg.moco, epoch, n, steps, cfg.train.epochs)
             out = train_step(self.model, self.opt, *self.views(batch), autocast=self.autocast)
             sums[0] += out["loss"]
             sums[1] += out["acc1"]
