@@ -37,6 +37,8 @@ class ModelConfig:
     # training leaves the early plateau (loss ~ log(K+1)) far sooner; off = the MoCo v2 paper head.
     head_bn: bool = False
     pred_hidden_dim: int = 4096  # MoCo v3 prediction head hidden width
+    proj_layers: int = 2  # MoCo v3 projector depth (official ResNet code: 2; the paper's text: 3)
+    zero_init_residual: bool = False  # last BN of each residual block starts at 0 (MoCo v3's ResNet recipe)
 
 
 @dataclass
@@ -45,6 +47,9 @@ class MoCoConfig:
     queue_size: int = D.QUEUE_SIZE  # K, number of negatives in the queue
     momentum: float = D.MOMENTUM  # m, EMA coefficient of the key encoder
     temperature: float = D.TEMPERATURE  # T
+    # constant: m throughout; cosine: m -> 1 as 1 - (1 - m) * (1 + cos(pi * t / epochs)) / 2 per step
+    # (MoCo v3's --moco-m-cos)
+    momentum_schedule: Literal["constant", "cosine"] = "constant"
     symmetric: bool = False  # each view serves as query once (loss summed over both directions)
     # How batch statistics are kept from leaking between query and key:
     # "auto" -> "ddp" with >1 worker, "split" with one; "ddp" = shuffle-BN across workers;
@@ -55,7 +60,9 @@ class MoCoConfig:
 
 @dataclass
 class AugConfig:
-    preset: Literal["v1", "v2"] = "v2"
+    # v1, v2 (aug+): MoCo's ImageNet views; v3: MoCo v3's asymmetric BYOL views (per-view blur / solarize);
+    # cifar: the official CIFAR-10 demo's views (default crop scale 0.08-1, no blur). See data/augment.py.
+    preset: Literal["v1", "v2", "v3", "cifar"] = "v2"
     image_size: int = 224
     strength: float = 1.0  # 1.0 = the preset; 0 = no distortion; scales jitter, crop lower bound, blur prob.
     device: Literal["cpu", "gpu"] = "cpu"  # where crop/jitter/blur run (gpu: batched on the training device)
@@ -82,6 +89,10 @@ class DataConfig:
     stall_timeout_s: float = 600.0
     # Fail the run when more than this fraction of an epoch's images could not be decoded (grey stand-ins).
     max_corrupt_fraction: float = 0.01
+    # Channel statistics (0-1 scale) the views are normalised with, in training, the kNN monitor, evaluation and
+    # the exported encoder's metadata. Default ImageNet's; the CIFAR files set CIFAR-10's (the demo's).
+    mean: list[float] = field(default_factory=lambda: list(D.IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(D.IMAGENET_STD))
 
 
 @dataclass
@@ -91,8 +102,13 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: Literal["cosine", "step", "constant"] = "cosine"
+    # step: the cosine moves every step (fractional epoch); epoch: once per epoch, as MoCo v1/v2's main_moco.py
+    schedule_unit: Literal["step", "epoch"] = "step"
+    first_epoch: int = 0  # the epoch number the schedule gives the first epoch (the CIFAR demo counts from 1)
     warmup_epochs: int = 0
     milestones: list[int] = field(default_factory=lambda: [120, 160])  # step schedule: x0.1 at each
+    # sgd; lars: MoCo v3's LARS (no adaptation / weight decay for biases and BN parameters, train/lars.py)
+    optimizer: Literal["sgd", "lars"] = "sgd"
 
 
 @dataclass
@@ -123,6 +139,9 @@ class EvalConfig:
     knn_t: float = D.KNN_T
     knn_max_bank: int = 0  # cap on memory-bank rows (0 = whole split)
     knn_max_queries: int = 0  # cap on query rows (0 = whole split)
+    # backbone: pooled backbone features; query: the query encoder's L2-normalised output, head included (what the
+    # official CIFAR-10 demo's kNN monitor scores)
+    knn_features: Literal["backbone", "query"] = "backbone"
 
 
 @dataclass
@@ -184,25 +203,84 @@ class Config:
         return "ddp" if self.train.num_workers > 1 else "split"
 
 
-# Method presets: the paper settings that distinguish the methods; a YAML or override wins over them.
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+# Method presets: the paper settings that distinguish the methods; a YAML or override wins over them. Sources:
+# facebookresearch/moco main_moco.py (v1: defaults; v2: --mlp --moco-t 0.2 --aug-plus --cos) and
+# facebookresearch/moco-v3 main_moco.py + CONFIG.md (ResNet-50). Deliberate deviations are one key away:
+# bf16 (train.precision), the per-step cosine (optim.schedule_unit); the v1/v2 presets use the official fp32 and
+# per-epoch schedule. model.arch is not part of a preset (experiment files set resnet50).
+_V1_V2_COMMON: dict[str, Any] = {
+    # main_moco.py: --lr 0.03 -b 256 --wd 1e-4 --momentum 0.9 --epochs 200 --moco-k 65536 --moco-m 0.999
+    "moco": {"queue_size": 65536, "momentum": 0.999, "momentum_schedule": "constant", "symmetric": False},
+    "model": {"dim": 128, "hidden_dim": 0},  # --moco-dim 128; v2 MLP hidden = fc input width (2048 for R-50)
+    "optim": {
+        "optimizer": "sgd",
+        "lr": 0.03,
+        "lr_reference_batch": 256,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 0,
+        "schedule_unit": "epoch",  # adjust_learning_rate(optimizer, epoch, args) once per epoch, epoch from 0
+        "first_epoch": 0,
+    },
+    "train": {"epochs": 200, "batch_size": 256, "precision": "fp32"},  # no AMP in main_moco.py
+}
 PRESETS: dict[str, dict[str, Any]] = {
-    "moco_v1": {
-        "model": {"head": "linear"},
-        "moco": {"temperature": 0.07, "symmetric": False},
-        "aug": {"preset": "v1"},
-        "optim": {"schedule": "step"},
-    },
-    "moco_v2": {
-        "model": {"head": "mlp"},
-        "moco": {"temperature": 0.2},
-        "aug": {"preset": "v2"},
-        "optim": {"schedule": "cosine"},
-    },
+    "moco_v1": deep_merge(
+        _V1_V2_COMMON,
+        {
+            "model": {"head": "linear"},  # fc replaced by Linear(2048, 128)
+            "moco": {"temperature": 0.07},  # --moco-t 0.07
+            "aug": {"preset": "v1"},
+            "optim": {"schedule": "step", "milestones": [120, 160]},  # --schedule 120 160: x0.1 at each
+        },
+    ),
+    "moco_v2": deep_merge(
+        _V1_V2_COMMON,
+        {
+            "model": {"head": "mlp"},  # --mlp
+            "moco": {"temperature": 0.2},  # --moco-t 0.2
+            "aug": {"preset": "v2"},  # --aug-plus
+            "optim": {"schedule": "cosine"},  # --cos: lr * 0.5 * (1 + cos(pi * epoch / epochs))
+        },
+    ),
     "moco_v3": {
-        "model": {"head": "mlp", "dim": 256, "hidden_dim": 4096},
-        "moco": {"temperature": 1.0, "symmetric": True},
-        "aug": {"preset": "v2"},
-        "optim": {"schedule": "cosine"},
+        # moco-v3 main_moco.py defaults + CONFIG.md ResNet-50 100 epochs (--moco-m-cos --crop-min=.2):
+        # projector _build_mlp(2, 2048, 4096, 256), predictor _build_mlp(2, 256, 4096, 256, last_bn=False),
+        # zero_init_residual=True
+        "model": {
+            "head": "mlp",
+            "dim": 256,  # --moco-dim 256
+            "hidden_dim": 4096,  # --moco-mlp-dim 4096
+            "pred_hidden_dim": 4096,
+            "proj_layers": 2,
+            "zero_init_residual": True,
+        },
+        # --moco-t 1.0, --moco-m 0.99 with --moco-m-cos (to 1), loss ctr(q1,k2) + ctr(q2,k1)
+        "moco": {"temperature": 1.0, "momentum": 0.99, "momentum_schedule": "cosine", "symmetric": True},
+        "aug": {"preset": "v3"},  # augmentation1 / augmentation2, --crop-min 0.2
+        "optim": {
+            "optimizer": "lars",  # --optimizer lars (vits/optimizer.py, trust coefficient 0.001)
+            "lr": 0.6,  # --lr 0.6 (CONFIG.md: 0.3 for 300 and 1000 epochs), x batch / 256
+            "lr_reference_batch": 256,
+            "momentum": 0.9,
+            "weight_decay": 1e-6,  # --wd 1e-6
+            "warmup_epochs": 10,  # --warmup-epochs 10
+            "schedule": "cosine",
+            "schedule_unit": "step",  # adjust_learning_rate(optimizer, epoch + i / iters_per_epoch, args)
+            "first_epoch": 0,
+        },
+        # -b 4096, --epochs 100; the official run uses fp16 AMP (GradScaler): bf16 is our mixed precision
+        "train": {"epochs": 100, "batch_size": 4096, "precision": "bf16"},
     },
     "simclr": {
         "model": {"head": "mlp"},
@@ -221,16 +299,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
-    return out
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
     return out
 
 
@@ -395,18 +463,26 @@ def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"{name}: {value!r} is out of range; allowed: {allowed}")
 
 
+def _check_stats(d: DataConfig) -> None:
+    _check(len(d.mean) == 3 and all(0 <= v <= 1 for v in d.mean), "data.mean", d.mean, "3 values in [0, 1]")
+    _check(len(d.std) == 3 and all(0 < v <= 1 for v in d.std), "data.std", d.std, "3 values in (0, 1]")
+
+
 def validate(cfg: Config) -> None:
     """Raise ValueError naming the first bad field and its allowed range."""
     m, mo, a, o, t, e = cfg.model, cfg.moco, cfg.aug, cfg.optim, cfg.train, cfg.eval
     _check(m.arch in ARCHS, "model.arch", m.arch, ", ".join(ARCHS))
     _check(m.dim > 0, "model.dim", m.dim, "> 0")
     _check(m.hidden_dim >= 0, "model.hidden_dim", m.hidden_dim, ">= 0 (0 = backbone width)")
+    _check(m.proj_layers >= 1, "model.proj_layers", m.proj_layers, ">= 1")
     _check(mo.queue_size > 0, "moco.queue_size", mo.queue_size, "> 0")
     _check(0.0 <= mo.momentum < 1.0, "moco.momentum", mo.momentum, "0 <= m < 1")
     _check(mo.temperature > 0 and math.isfinite(mo.temperature), "moco.temperature", mo.temperature, "> 0")
     _check(mo.bn_splits >= 1, "moco.bn_splits", mo.bn_splits, ">= 1")
     _check(a.image_size >= 8, "aug.image_size", a.image_size, ">= 8")
     _check(0.0 <= a.strength <= 2.0, "aug.strength", a.strength, "0 <= strength <= 2")
+    _check(not (a.device == "gpu" and a.preset == "v3"), "aug.device", a.device, "cpu with aug.preset v3")
+    _check_stats(cfg.data)
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "> 0")
     _check(o.lr_reference_batch > 0, "optim.lr_reference_batch", o.lr_reference_batch, "> 0")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "0 <= momentum < 1")

@@ -17,10 +17,13 @@ FEATURE_DIMS: dict[str, int] = {
 }
 ARCHS: tuple[str, ...] = tuple(FEATURE_DIMS)
 
-QUEUE_SIZE = 4096  # K
-MOMENTUM = 0.99  # m of the key encoder's EMA
-TEMPERATURE = 0.1  # T of InfoNCE
-EMBED_DIM = 128  # output width of the projection head
+# MoCo v1/v2 on ImageNet (facebookresearch/moco main_moco.py: --moco-k 65536, --moco-m 0.999, --moco-t 0.07;
+# the v2 recipe passes --moco-t 0.2, which the moco_v2 preset sets). The CIFAR demo's K 4096 / m 0.99 / T 0.1 are
+# set by experiments/cifar10_mocov2_r18.yaml.
+QUEUE_SIZE = 65536  # K
+MOMENTUM = 0.999  # m of the key encoder's EMA
+TEMPERATURE = 0.07  # T of InfoNCE
+EMBED_DIM = 128  # output width of the projection head (--moco-dim 128)
 BN_SPLITS = 8  # SplitBatchNorm groups (official CIFAR demo)
 
 # Weighted kNN monitor (official CIFAR demo: k 200, T 0.1)
@@ -30,6 +33,9 @@ KNN_T = 0.1
 # Channel statistics the torchvision ImageNet models were trained with (0-1 scale)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# CIFAR-10 statistics as the official MoCo CIFAR-10 demo (moco_cifar10_demo) normalises with
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD: tuple[float, float, float] = (0.2023, 0.1994, 0.2010)
 
 
 def feature_dim(arch: str) -> int:

@@ -11,15 +11,21 @@ from moco_ray.core.defaults import feature_dim
 
 
 def torchvision_backbone(
-    arch: str, small_stem: bool = False, norm_layer: Callable[..., nn.Module] | None = None
+    arch: str,
+    small_stem: bool = False,
+    norm_layer: Callable[..., nn.Module] | None = None,
+    zero_init_residual: bool = False,
 ) -> nn.Module:
     """A plain ``torchvision.models.<arch>()`` with ``fc = Identity`` (and the small stem when asked).
 
     This is the module an exported encoder state dict loads into with ``strict=True``: the key names are
-    torchvision's, minus ``fc.*``.
+    torchvision's, minus ``fc.*``. ``zero_init_residual``: the last BN of each residual block starts at 0
+    (torchvision's option; MoCo v3's ResNet recipe turns it on).
     """
     feature_dim(arch)  # a clear error for an unknown name
-    kwargs = {"weights": None}
+    kwargs: dict = {"weights": None}
+    if zero_init_residual:
+        kwargs["zero_init_residual"] = True
     if norm_layer is not None:
         kwargs["norm_layer"] = norm_layer
     net = getattr(torchvision.models, arch)(**kwargs)
@@ -32,29 +38,40 @@ def torchvision_backbone(
 
 
 def build_backbone(
-    arch: str, small_stem: bool = False, norm_layer: Callable[..., nn.Module] | None = None
+    arch: str,
+    small_stem: bool = False,
+    norm_layer: Callable[..., nn.Module] | None = None,
+    zero_init_residual: bool = False,
 ) -> tuple[nn.Module, int]:
     """(backbone, feature width). The backbone maps [B,3,H,W] images to [B,feature width] pooled features."""
-    return torchvision_backbone(arch, small_stem, norm_layer), feature_dim(arch)
+    return torchvision_backbone(arch, small_stem, norm_layer, zero_init_residual), feature_dim(arch)
 
 
 def build_mlp_head(
-    in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, last_bn: bool = False
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    num_layers: int = 2,
+    last_bn: bool = False,
+    hidden_bn: bool | None = None,
 ) -> nn.Sequential:
     """MLP head: (Linear -> BN? -> ReLU) x (num_layers - 1) -> Linear (-> BN without affine if last_bn).
 
-    MoCo v2's head is ``Linear -> ReLU -> Linear`` (no BN); MoCo v3 adds BN after every Linear (and a final BN
-    without affine on the projector), which ``last_bn=True`` plus ``hidden_bn`` give.
+    MoCo v2's head is ``Linear -> ReLU -> Linear`` (no BN). MoCo v3 (official ``_build_mlp``) puts BN after every
+    hidden Linear, drops every Linear bias, and ends the projector in a BN without affine (``last_bn=True``) but
+    the predictor in a plain Linear (``last_bn=False, hidden_bn=True``). ``hidden_bn`` defaults to ``last_bn``.
     """
+    hidden_bn = last_bn if hidden_bn is None else hidden_bn
+    bias = not (hidden_bn or last_bn)
     layers: list[nn.Module] = []
     dim = in_dim
     for _ in range(num_layers - 1):
-        layers += [nn.Linear(dim, hidden_dim, bias=not last_bn)]
-        if last_bn:
+        layers += [nn.Linear(dim, hidden_dim, bias=bias)]
+        if hidden_bn:
             layers.append(nn.BatchNorm1d(hidden_dim))
         layers.append(nn.ReLU(inplace=True))
         dim = hidden_dim
-    layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
+    layers.append(nn.Linear(dim, out_dim, bias=bias))
     if last_bn:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
@@ -80,9 +97,10 @@ def build_encoder(
     hidden_dim: int = 0,
     norm_layer: Callable[..., nn.Module] | None = None,
     head_bn: bool = False,
+    zero_init_residual: bool = False,
 ) -> Encoder:
     """Backbone + head: ``linear`` (MoCo v1) or 2-layer ``mlp`` (MoCo v2; hidden width = feature width if 0)."""
-    backbone, feat = build_backbone(arch, small_stem, norm_layer)
+    backbone, feat = build_backbone(arch, small_stem, norm_layer, zero_init_residual)
     if head == "linear":
         proj: nn.Module = nn.Linear(feat, dim)
     elif head == "mlp":

@@ -39,18 +39,20 @@ def build_query_encoder(
     dim: int = 256,
     hidden_dim: int = 4096,
     pred_hidden_dim: int = 4096,
-    proj_layers: int = 3,
+    proj_layers: int = 2,
     norm_layer=None,
+    zero_init_residual: bool = True,
 ) -> QueryEncoder:
-    """The paper's ResNet heads: projector ``proj_layers``-layer MLP, predictor 2-layer MLP, BN after every Linear.
+    """The official ResNet heads (facebookresearch/moco-v3 ``MoCo_ResNet._build_projector_and_predictor_mlps``).
 
-    Both MLPs end in BN without affine (the paper: "all layers in both MLPs have BN"). The official code differs
-    slightly for ResNet (2-layer projector, no BN on the predictor output); ``proj_layers=2`` gives the former.
-    ``hidden_dim=0`` means the backbone feature width.
+    Projector: ``proj_layers``-layer MLP (official: 2), hidden width ``hidden_dim`` (``--moco-mlp-dim`` 4096),
+    BN after every hidden Linear, ending in BN without affine. Predictor: 2 layers, hidden ``pred_hidden_dim``
+    (4096), no BN after its last Linear. No Linear has a bias. ``zero_init_residual`` as the official ResNet
+    (``torchvision_models.__dict__[arch](zero_init_residual=True)``). ``hidden_dim=0`` = backbone feature width.
     """
-    backbone, feat = build_backbone(arch, small_stem, norm_layer)
+    backbone, feat = build_backbone(arch, small_stem, norm_layer, zero_init_residual)
     projector = build_mlp_head(feat, hidden_dim or feat, dim, num_layers=proj_layers, last_bn=True)
-    predictor = build_mlp_head(dim, pred_hidden_dim, dim, num_layers=2, last_bn=True)
+    predictor = build_mlp_head(dim, pred_hidden_dim, dim, num_layers=2, last_bn=False, hidden_bn=True)
     return QueryEncoder(backbone, projector, predictor)
 
 
@@ -75,7 +77,8 @@ class MoCoV3(nn.Module):
 
     ``encoder_q`` (a :class:`QueryEncoder`) is the only part that takes gradients; ``encoder_k`` is an EMA copy of
     its backbone + projector (no predictor), updated first thing in ``forward`` as in the official code. The paper
-    raises m from 0.99 to 1 with a cosine schedule over training; here m is the constant ``moco.momentum``.
+    raises m from 0.99 to 1 with a cosine schedule over training: the training loop sets ``self.m`` before each
+    step (``train.schedule.momentum_at``, ``moco.momentum_schedule: cosine``).
     There is no queue: the negatives are the other keys of the global batch.
     """
 

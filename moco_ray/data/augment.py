@@ -13,6 +13,15 @@ Presets (MoCo's official code):
   RandomGrayscale(p=0.2), GaussianBlur(sigma in [0.1, 2]) with p=0.5, horizontal flip. The blur kernel is ~10% of
   the image size (odd). Blur is used only when ``image_size >= 64``: the official CIFAR (32 px) demo omits it,
   since a 3 px kernel on a 32 px image mostly destroys the little detail there is.
+- ``v3`` (MoCo v3 ``augmentation1`` / ``augmentation2``, BYOL's asymmetric views): RandomResizedCrop(scale=(0.2, 1))
+  (``--crop-min .2`` of the ResNet recipe), ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, RandomGrayscale(p=0.2),
+  GaussianBlur(sigma in [0.1, 2]) with p=1.0 on view 1 and p=0.1 on view 2, Solarize (threshold 128) with p=0 on
+  view 1 and p=0.2 on view 2, horizontal flip. Views alternate by row: rows 0, 2, 4... (queries, and a single
+  view) use view 1's probabilities, rows 1, 3, 5... (keys) view 2's, as ``pair`` and the stream lay them out.
+  Blur follows the same image-size rule as v2. CPU path only (config refuses ``aug.device=gpu`` with v3).
+- ``cifar`` (the official CIFAR-10 demo's ``train_transform``): RandomResizedCrop(32) with torchvision's default
+  scale (0.08, 1), horizontal flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, RandomGrayscale(p=0.2), no blur
+  (flip commutes with the per-pixel colour ops, so the demo's flip-first order gives the same distribution).
 
 ``strength`` s (0..2; 1 = the preset) scales the distortions: jitter magnitudes linearly (hue capped at 0.5),
 the crop-scale lower bound ``1 - s * 0.8`` (clipped to [0.02, 1]), the log aspect-ratio range ``s * log(4/3)``,
@@ -29,10 +38,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
-PRESETS = ("v1", "v2")
+PRESETS = ("v1", "v2", "v3", "cifar")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Below this size the eval / GPU-source resize keeps the image at image_size (CIFAR-like data), and no blur is used.
@@ -62,6 +71,9 @@ class AugParams:
     blur_p: float
     sigma: tuple[float, float]
     blur_kernel: int  # odd; 0 when blur is off for this image size
+    # per view (view 1 = even rows, view 2 = odd rows): blur and solarize probabilities (v3's asymmetric views)
+    view_blur_p: tuple[float, float] = (0.0, 0.0)
+    view_solarize_p: tuple[float, float] = (0.0, 0.0)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -72,37 +84,51 @@ def blur_kernel_size(image_size: int) -> int:
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
 
+# Per preset: jitter (b, c, s, h), jitter p, grayscale p, crop-scale lower bound, blur p per view, solarize p per
+# view, whether grey comes before the jitter.
+_PRESET_TABLE: dict[str, dict] = {
+    "v1": {"jitter": (0.4, 0.4, 0.4, 0.4), "jitter_p": 1.0, "crop_min": 0.2, "blur": (0.0, 0.0)},
+    "v2": {"jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "crop_min": 0.2, "blur": (0.5, 0.5)},
+    "v3": {"jitter": (0.4, 0.4, 0.2, 0.1), "jitter_p": 0.8, "crop_min": 0.2, "blur": (1.0, 0.1), "sol": (0.0, 0.2)},
+    "cifar": {"jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "crop_min": 0.08, "blur": (0.0, 0.0)},
+}
+
+
 def aug_params(preset: str, image_size: int, strength: float = 1.0) -> AugParams:
-    """Distribution parameters for ``preset`` ("v1" | "v2") at ``image_size`` and ``strength`` (0..2)."""
+    """Distribution parameters for ``preset`` (see :data:`PRESETS`) at ``image_size`` and ``strength`` (0..2)."""
     if preset not in PRESETS:
         raise ValueError(f"aug.preset: {preset!r} is not one of {', '.join(PRESETS)}")
     if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"aug.image_size: {image_size!r} is out of range; allowed: an integer >= 8")
     if not (0.0 <= float(strength) <= 2.0):
         raise ValueError(f"aug.strength: {strength!r} is out of range; allowed: 0 <= strength <= 2")
-    s = float(strength)
-    jitter = (0.4, 0.4, 0.4, 0.4) if preset == "v1" else (0.4, 0.4, 0.4, 0.1)
+    s, row = float(strength), _PRESET_TABLE[preset]
+    jitter = row["jitter"]
     b, c, sat = (j * s for j in jitter[:3])
     hue = min(jitter[3] * s, 0.5)
     half_log_ratio = s * math.log(4.0 / 3.0)
-    use_blur = preset == "v2" and image_size >= SMALL_IMAGE
+    use_blur = max(row["blur"]) > 0 and image_size >= SMALL_IMAGE
+    blur = tuple(min(p * s, 1.0) if use_blur else 0.0 for p in row["blur"])
+    sol = tuple(min(p * s, 1.0) for p in row.get("sol", (0.0, 0.0)))
     return AugParams(
         preset=preset,
         image_size=image_size,
         strength=s,
-        scale=(min(max(1.0 - s * (1.0 - 0.2), 0.02), 1.0), 1.0),
+        scale=(min(max(1.0 - s * (1.0 - row["crop_min"]), 0.02), 1.0), 1.0),
         ratio=(math.exp(-half_log_ratio), math.exp(half_log_ratio)),
         flip_p=0.5 if s > 0 else 0.0,
-        jitter_p=(1.0 if preset == "v1" else 0.8) if s > 0 else 0.0,
+        jitter_p=row["jitter_p"] if s > 0 else 0.0,
         brightness=b,
         contrast=c,
         saturation=sat,
         hue=hue,
         gray_p=min(0.2 * s, 1.0),
         gray_first=preset == "v1",
-        blur_p=min(0.5 * s, 1.0) if use_blur else 0.0,
+        blur_p=blur[0],
         sigma=(0.1, 2.0),
         blur_kernel=blur_kernel_size(image_size) if use_blur else 0,
+        view_blur_p=blur,
+        view_solarize_p=sol,
     )
 
 
@@ -144,6 +170,7 @@ def draw_uniforms(
         "pos": rand(n, 2, dtype=torch.float64),
         "u": rand(n, 9),  # flip, jitter, gray, blur, brightness, contrast, saturation, hue, sigma
         "order": rand(n, 4),
+        "solarize": rand(n),  # drawn last: the draws above are those of the presets without solarize
     }
 
 
@@ -199,6 +226,10 @@ def params_from_uniforms(
     left = torch.where(any_fit, left, torch.div(W - w, 2, rounding_mode="floor"))
 
     u = draws["u"]
+    view2 = torch.arange(n, device=dev) % 2 == 1  # rows alternate view 1 (query) and view 2 (key)
+    blur_p = torch.where(view2, params.view_blur_p[1], params.view_blur_p[0])
+    sol_p = torch.where(view2, params.view_solarize_p[1], params.view_solarize_p[0])
+    u_sol = draws.get("solarize", torch.ones(n, device=dev))
     bri = _uniform(max(0.0, 1.0 - params.brightness), 1.0 + params.brightness, u[:, 4])
     con = _uniform(max(0.0, 1.0 - params.contrast), 1.0 + params.contrast, u[:, 5])
     sat = _uniform(max(0.0, 1.0 - params.saturation), 1.0 + params.saturation, u[:, 6])
@@ -210,7 +241,8 @@ def params_from_uniforms(
         "flip": u[:, 0] < params.flip_p,
         "jitter": u[:, 1] < params.jitter_p,
         "gray": u[:, 2] < params.gray_p,
-        "blur": u[:, 3] < params.blur_p,
+        "blur": u[:, 3] < blur_p,
+        "solarize": u_sol < sol_p,
         "brightness": bri,
         "contrast": con,
         "saturation": sat,
@@ -304,6 +336,8 @@ class ViewAugment:
             x = x.convert("L")
         if r["blur"] and P.blur_kernel:
             x = x.filter(ImageFilter.GaussianBlur(r["sigma"]))
+        if r.get("solarize"):
+            x = ImageOps.solarize(x, 128)  # MoCo v3's Solarize: values >= 128 inverted
         if r["flip"]:
             x = x.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return x

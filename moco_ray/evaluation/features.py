@@ -10,7 +10,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moco_ray.core.defaults import IMAGENET_MEAN, IMAGENET_STD
 from moco_ray.core.normalize import Normalizer
 
 Preprocess = Callable[[torch.Tensor, torch.device], torch.Tensor]
 
 
-def _normalizing(device: torch.device) -> Preprocess:
-    """uint8 [B,3,H,W] -> normalised float32 on ``device`` (the training normaliser); float input is taken as
-    already preprocessed."""
-    norm = Normalizer(device=device)
+def normalizing(
+    device: torch.device,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Preprocess:
+    """uint8 [B,3,H,W] -> normalised float32 on ``device`` (the training normaliser with the run's ``mean`` /
+    ``std``, ``data.mean`` / ``data.std``); float input is taken as already preprocessed."""
+    norm = Normalizer(mean, std, device=device)
 
     def prep(x: torch.Tensor, _device: torch.device) -> torch.Tensor:
         if x.is_floating_point():
@@ -67,7 +72,7 @@ def extract_features(
     ``on_batch(rows)``: called after each batch with its row count (progress lines; reads nothing on the device).
     """
     device = torch.device(device)
-    preprocess = preprocess or _normalizing(device)
+    preprocess = preprocess or normalizing(device)
     was_training = backbone.training
     backbone.eval()
     feats: list[torch.Tensor] = []

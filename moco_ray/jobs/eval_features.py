@@ -2,7 +2,8 @@
 
 The eval split is read with Ray Data (``eval_dataset``: decode + resize + centre crop in ``map_batches`` tasks) and
 one Ray task holding the backbone (``num_gpus=1`` when the cluster has a GPU) iterates it with
-``iter_torch_batches``. Features are cached per (run, shards, split, image size, row limit) in ``$MOCO_RAY_CACHE``
+``iter_torch_batches``, normalised with the encoder's recorded mean/std (``RunEncoder.mean``/``std``). Features
+are cached per (run, shards, split, image size, row limit, mean/std) in ``$MOCO_RAY_CACHE``
 (default ``~/.cache/moco-ray/features``); the cache holds the raw pooled features.
 """
 
@@ -24,13 +25,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moco-ray" / "features")
 
 
-def _extract_task(state, arch: str, small_stem: bool, datasets: dict, batch_size: int, rows: dict) -> dict:
+def _extract_task(state, arch: str, small_stem: bool, datasets: dict, batch_size: int, rows: dict, stats=None) -> dict:
     """Ray task body: run the backbone over each eval dataset -> {split: (raw features, labels)}.
 
-    ``rows``: each split's row count, for the progress lines (printed: a Ray task's stdout reaches the driver).
+    ``rows``: each split's row count, for the progress lines (printed: a Ray task's stdout reaches the driver);
+    ``stats``: ``(mean, std)`` the images are normalised with (None: ImageNet's).
     """
     from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
-    from moco_ray.evaluation.features import extract_features
+    from moco_ray.evaluation.features import extract_features, normalizing
     from moco_ray.evaluation.progress import Progress
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,12 +45,15 @@ def _extract_task(state, arch: str, small_stem: bool, datasets: dict, batch_size
                 yield {"img": b["img"][keep], "label": b["label"][keep]}
 
     cuda = device.type == "cuda"
+    prep = normalizing(device, *(stats or ()))
 
     def bar(split: str):
         return Progress(f"features {split}: rows", rows[split], lambda line: print(line, flush=True)).update
 
     return {
-        split: extract_features(net, clean(ds), device, normalize=False, channels_last=cuda, on_batch=bar(split))
+        split: extract_features(
+            net, clean(ds), device, normalize=False, channels_last=cuda, preprocess=prep, on_batch=bar(split)
+        )
         for split, ds in datasets.items()
     }
 
@@ -76,7 +81,8 @@ def features(
     """Raw backbone features + labels of each split, from the cache or extracted in one Ray task."""
     from moco_ray.evaluation.features import cache_path, cached_features
 
-    keys = {s: f"{_CACHE_VERSION}|{run_id}|{shards}|{s}|{image_size}|{limit}" for s in splits}
+    stats = (tuple(encoder.mean), tuple(encoder.std))
+    keys = {s: f"{_CACHE_VERSION}|{run_id}|{shards}|{s}|{image_size}|{limit}|{stats}" for s in splits}
     missing = [s for s in splits if not cache_path(keys[s], cache_dir()).is_file()]
     computed: dict[str, Any] = {}
     if missing:
@@ -94,5 +100,5 @@ def features(
         rows = {s: min(counts.get(s, 0), limit) if limit else counts.get(s, 0) for s in missing}
         task = ray.remote(_extract_task).options(num_cpus=1, num_gpus=1 if gpu else 0)
         state_ref = ray.put(encoder.state)
-        computed = ray.get(task.remote(state_ref, encoder.arch, encoder.small_stem, datasets, batch_size, rows))
+        computed = ray.get(task.remote(state_ref, encoder.arch, encoder.small_stem, datasets, batch_size, rows, stats))
     return {s: cached_features(keys[s], cache_dir(), lambda s=s: computed[s]) for s in splits}

@@ -184,9 +184,11 @@ def evaluate_linear(
     params = {"protocol": "linear", "linear_preset": name, **{f"linear_{k}": v for k, v in settings.items()},
               "data": shards, "split_train": split_train, "split_test": split_test, "image_size": size,
               "limit": limit, "seed": seed, "train_rows": len(ytr), "test_rows": len(yte)}  # fmt: skip
-    metrics = {"linear_top1": res.top1, "linear_top5": res.top5, "linear_train_top1": res.train_top1}
+    metrics = {"linear_top1": res.top1, "linear_top5": res.top5, "linear_train_top1": res.train_top1,
+               "linear_best_top1": res.best_top1, "linear_best_epoch": res.best_epoch}  # fmt: skip
     splits = {split_train: TRAINING, split_test: EVALUATION}
     eval_id = _log_child(log, parent, "linear", params, metrics, res.history, inputs=(manifest, splits))
     return {"top1": res.top1, "top5": res.top5, "train_top1": res.train_top1, "history": res.history,
+            "best_top1": res.best_top1, "best_epoch": res.best_epoch,
             "protocol": name, "settings": settings, "train_rows": len(ytr), "test_rows": len(yte), "data": shards,
             "image_size": size, "run_id": run_id, "eval_run_id": eval_id}  # fmt: skip

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moco_ray.core.defaults import feature_dim
+from moco_ray.core.defaults import IMAGENET_MEAN, IMAGENET_STD, feature_dim
 from moco_ray.tracking.store import client
 from moco_ray.version import __version__
 
@@ -43,6 +43,9 @@ class RunEncoder:
     arch: str
     small_stem: bool
     feature_dim: int
+    # the channel statistics its inputs were normalised with in training (ImageNet's for runs that predate them)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
 
 def _git_commit() -> str | None:
@@ -132,7 +135,9 @@ class RunLog:
                     "did its pretraining finish?"
                 ) from None
         arch = info["arch"]
-        return RunEncoder(state, arch, bool(info["small_stem"]), int(info.get("feature_dim") or feature_dim(arch)))
+        dim = int(info.get("feature_dim") or feature_dim(arch))
+        mean, std = tuple(info.get("mean") or IMAGENET_MEAN), tuple(info.get("std") or IMAGENET_STD)
+        return RunEncoder(state, arch, bool(info["small_stem"]), dim, mean, std)
 
     def logged_steps(self, key: str = "loss") -> set[int]:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
@@ -196,13 +201,22 @@ class RunLog:
     def reopen(self) -> None:
         self.client.update_run(self.run_id, status="RUNNING")
 
-    def log_encoder(self, backbone, arch: str, small_stem: bool) -> str:
-        """The backbone's torchvision state dict + how to build its module; returns the ``encoder/`` URI."""
+    def log_encoder(
+        self, backbone, arch: str, small_stem: bool, mean: list[float] | None = None, std: list[float] | None = None
+    ) -> str:
+        """The backbone's torchvision state dict + how to build its module and normalise its inputs (``mean`` /
+        ``std``, 0-1 scale; default: the run's ``data.mean`` / ``data.std``, else ImageNet's); returns the
+        ``encoder/`` URI."""
         import torch
 
         from moco_ray.core.backbone_io import torchvision_state_dict
 
+        if mean is None or std is None:
+            cfg = self.config()
+            mean = mean or (list(cfg.data.mean) if cfg else list(IMAGENET_MEAN))
+            std = std or (list(cfg.data.std) if cfg else list(IMAGENET_STD))
         info = {"arch": arch, "small_stem": small_stem, "feature_dim": feature_dim(arch)}
+        info.update({"mean": [float(v) for v in mean], "std": [float(v) for v in std]})
         info["format"] = "torchvision-state-dict"
         with tempfile.TemporaryDirectory() as d:
             torch.save(torchvision_state_dict(backbone), Path(d) / ENCODER_FILE)
@@ -225,7 +239,9 @@ class RunLog:
             )
         return info.model_uri
 
-    def log_trained_encoder(self, backbone, arch: str, small_stem: bool) -> str:
+    def log_trained_encoder(
+        self, backbone, arch: str, small_stem: bool, mean: list[float] | None = None, std: list[float] | None = None
+    ) -> str:
         """Everything a finished run logs of its encoder: ``encoder/`` (state dict + info), the mlflow.pytorch
         model of the plain torchvision module, and the tag pointing at that model (what export --register uses).
 
@@ -233,7 +249,7 @@ class RunLog:
         """
         from moco_ray.core.backbone_io import load_torchvision_backbone_from_state, torchvision_state_dict
 
-        encoder_uri = self.log_encoder(backbone, arch, small_stem)
+        encoder_uri = self.log_encoder(backbone, arch, small_stem, mean, std)
         plain = load_torchvision_backbone_from_state(torchvision_state_dict(backbone), arch, small_stem)
         self.set_tags({ENCODER_MODEL_URI_TAG: self.log_pytorch_model(plain)})
         return encoder_uri

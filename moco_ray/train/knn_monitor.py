@@ -1,4 +1,9 @@
-"""The kNN monitor inside training: rank 0 scores the query backbone on the labelled splits every few epochs."""
+"""The kNN monitor inside training: rank 0 scores the query encoder on the labelled splits every few epochs.
+
+``eval.knn_features``: ``backbone`` scores the pooled backbone features; ``query`` the query encoder's
+L2-normalised output with its head (the official CIFAR-10 demo's monitor: ``F.normalize(encoder_q(x))``). The
+views are normalised with ``data.mean`` / ``data.std``, as in training.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import torch
 
 from moco_ray.config import Config
 from moco_ray.core.backbone_io import backbone_of
+from moco_ray.core.normalize import Normalizer
 from moco_ray.evaluation.features import extract_features
 from moco_ray.evaluation.knn import knn_accuracy
 
@@ -29,13 +35,40 @@ class KnnMonitor:
         return (epoch + 1) % self.cfg.eval.knn_every == 0 or epoch == self.cfg.train.epochs - 1
 
     def score(self, model: torch.nn.Module, device: torch.device, autocast: torch.dtype | None) -> float:
-        backbone = backbone_of(model)
+        net = scored_module(model, self.cfg.eval.knn_features)
+        norm = Normalizer(self.cfg.data.mean, self.cfg.data.std, device=device)
+
+        def prep(x: torch.Tensor, _device: torch.device) -> torch.Tensor:
+            return norm(x)
 
         def batches(imgs: torch.Tensor, labels: torch.Tensor):
             for i in range(0, len(imgs), 256):
                 yield imgs[i : i + 256], labels[i : i + 256]
 
         e = self.cfg.eval
-        fb, lb = extract_features(backbone, batches(*self.bank), device, autocast_dtype=autocast, out_device=device)
-        fq, lq = extract_features(backbone, batches(*self.query), device, autocast_dtype=autocast, out_device=device)
+        kw = {"autocast_dtype": autocast, "out_device": device, "preprocess": prep}
+        fb, lb = extract_features(net, batches(*self.bank), device, **kw)
+        fq, lq = extract_features(net, batches(*self.query), device, **kw)
         return knn_accuracy(fb, lb, fq, lq, k=e.knn_k, t=e.knn_t, device=device)
+
+
+class _Projector(torch.nn.Module):
+    """A MoCo v3 query encoder without its predictor (backbone + projector, as the momentum encoder)."""
+
+    def __init__(self, enc: torch.nn.Module) -> None:
+        super().__init__()
+        self.enc = enc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc.project(x)
+
+
+def scored_module(model: torch.nn.Module, features: str) -> torch.nn.Module:
+    """What the monitor runs: the query backbone, or the whole query encoder (no DDP / compile wrapper; MoCo v3's
+    without its predictor)."""
+    if features == "backbone":
+        return backbone_of(model)
+    enc = getattr(model, "query_module", None) or model.encoder_q
+    enc = getattr(enc, "module", enc)
+    enc = getattr(enc, "_orig_mod", enc)
+    return _Projector(enc) if hasattr(enc, "project") else enc

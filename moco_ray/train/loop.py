@@ -23,7 +23,7 @@ from moco_ray.train.checkpoint import load_state, set_rng_state
 from moco_ray.train.model import build_method
 from moco_ray.train.progress import StepProgress, TimedIter
 from moco_ray.train.reporting import Reporter
-from moco_ray.train.schedule import lr_at
+from moco_ray.train.schedule import lr_at, momentum_at
 from moco_ray.train.spec import RunSpec
 from moco_ray.train.step import build_optimizer, set_lr, train_step
 from moco_ray.train.watchdog import StallWatchdog
@@ -111,7 +111,7 @@ class Worker:
             self.model.encoder_q = DDP(self.model.encoder_q, device_ids=[self.device.index] if on_gpu else None)
         if cfg.train.compile:  # the encoder's graph; the queue and EMA bookkeeping stay eager
             self.model.encoder_q = torch.compile(self.model.encoder_q)
-        self.normalize = Normalizer(device=self.device, channels_last=self.channels_last)
+        self.normalize = Normalizer(cfg.data.mean, cfg.data.std, device=self.device, channels_last=self.channels_last)
         self.gpu_aug = self._gpu_augment()
         self.knn = self._knn_monitor()
         self.progress = self._step_progress()
@@ -192,6 +192,7 @@ class Worker:
         for batch in batches:
             lr = lr_at(cfg.optim, cfg.lr, epoch, n, steps, cfg.train.epochs)
             set_lr(self.opt, lr)
+            self.model.m = momentum_at(cfg.moco, epoch, n, steps, cfg.train.epochs)
             out = train_step(self.model, self.opt, *self.views(batch), autocast=self.autocast)
             sums[0] += out["loss"]
             sums[1] += out["acc1"]

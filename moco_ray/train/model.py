@@ -20,7 +20,16 @@ def build_method(cfg: Config) -> nn.Module:
     norm = split_bn_factory(mo.bn_splits) if bn_mode == "split" and mo.bn_splits > 1 else None
     if mo.method in ("moco_v1", "moco_v2"):
         head = "linear" if m.head == "linear" else "mlp"
-        enc = build_encoder(m.arch, m.small_stem, head, m.dim, m.hidden_dim, norm_layer=norm, head_bn=m.head_bn)
+        enc = build_encoder(
+            m.arch,
+            m.small_stem,
+            head,
+            m.dim,
+            m.hidden_dim,
+            norm_layer=norm,
+            head_bn=m.head_bn,
+            zero_init_residual=m.zero_init_residual,
+        )
         return MoCo(
             enc,
             dim=m.dim,
@@ -36,10 +45,18 @@ def build_method(cfg: Config) -> nn.Module:
     if mo.method == "moco_v3":
         if m.head != "mlp":
             raise ValueError(f"model.head: {m.head!r} is not supported by moco_v3; use mlp")
-        enc = build_query_encoder(m.arch, m.small_stem, m.dim, m.hidden_dim, m.pred_hidden_dim)
+        enc = build_query_encoder(
+            m.arch,
+            m.small_stem,
+            m.dim,
+            m.hidden_dim,
+            m.pred_hidden_dim,
+            proj_layers=m.proj_layers,
+            zero_init_residual=m.zero_init_residual,
+        )
         return MoCoV3(enc, momentum=mo.momentum, temperature=mo.temperature, symmetric=mo.symmetric)
     if mo.method == "simclr":
-        enc = build_encoder(m.arch, m.small_stem, m.head, m.dim, m.hidden_dim)
+        enc = build_encoder(m.arch, m.small_stem, m.head, m.dim, m.hidden_dim, zero_init_residual=m.zero_init_residual)
         return SimCLR(enc, temperature=mo.temperature)
     raise ValueError(f"moco.method: {mo.method!r} is not one of moco_v1, moco_v2, moco_v3, simclr")
 

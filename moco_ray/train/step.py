@@ -18,8 +18,13 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD with the config's momentum and weight decay at the batch-scaled learning rate ``cfg.lr``."""
+    """SGD (or MoCo v3's LARS, ``optim.optimizer: lars``) with the config's momentum and weight decay at the
+    batch-scaled learning rate ``cfg.lr``."""
     o = cfg.optim
+    if o.optimizer == "lars":
+        from moco_ray.train.lars import LARS
+
+        return LARS(trainable_parameters(model), lr=cfg.lr, weight_decay=o.weight_decay, momentum=o.momentum)
     return torch.optim.SGD(trainable_parameters(model), lr=cfg.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 

@@ -105,17 +105,20 @@ def _tiny_v3(momentum: float = 0.9, temperature: float = 0.2, symmetric: bool = 
     return MoCoV3(QueryEncoder(_toy_backbone(), proj, pred), momentum, temperature, symmetric)
 
 
-def test_v3_heads_follow_the_paper():
+def test_v3_heads_follow_the_official_resnet_code():
+    # moco-v3 MoCo_ResNet: projector _build_mlp(2, 2048, mlp_dim, dim) (last BN affine-free), predictor
+    # _build_mlp(2, dim, mlp_dim, dim, last_bn=False); no Linear bias
     torch.manual_seed(0)
     enc = build_query_encoder("resnet18", True, dim=16, hidden_dim=32, pred_hidden_dim=24)
     assert enc.head[0].in_features == 512
     proj = [type(m) for m in enc.head]
     pred = [type(m) for m in enc.predictor]
     lin, bn, relu = nn.Linear, nn.BatchNorm1d, nn.ReLU
-    assert proj == [lin, bn, relu, lin, bn, relu, lin, bn]
-    assert pred == [lin, bn, relu, lin, bn]
-    assert not enc.head[-1].affine and not enc.predictor[-1].affine
-    assert enc.predictor[0].in_features == enc.predictor[-2].out_features == 16
+    assert proj == [lin, bn, relu, lin, bn]
+    assert pred == [lin, bn, relu, lin]
+    assert not enc.head[-1].affine
+    assert all(m.bias is None for m in [*enc.head, *enc.predictor] if isinstance(m, nn.Linear))
+    assert enc.predictor[0].in_features == enc.predictor[-1].out_features == 16
     assert enc.predictor[0].out_features == 24
 
 
