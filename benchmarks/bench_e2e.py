@@ -130,6 +130,7 @@ def run_one(name: str, cfg: Config, out_dir: Path, ceiling_iters: int) -> dict[s
 
     device = torch.device("cuda" if cfg.train.use_gpu else "cpu")
     warmup = max(1, ceiling_iters // 3)
+    cudnn = bench_step.cudnn_like_loop(device)  # the worker turns it on too: the ratio compares like settings
     ceiling = bench_step.measure_config(cfg, device, warmup, ceiling_iters)
     ceiling_aug = None
     if cfg.aug.device == "gpu":
@@ -159,6 +160,7 @@ def run_one(name: str, cfg: Config, out_dir: Path, ceiling_iters: int) -> dict[s
         "ceiling_img_per_s": ceiling["img_per_s"],
         "ceiling_with_gpu_aug_img_per_s": ceiling_aug["img_per_s"] if ceiling_aug else None,
         "ratio_to_ceiling": last["images_per_s"] / bound["img_per_s"],
+        "cudnn_benchmark": cudnn,
         "gpu_util_epochs_2_on": gpu.stats(*after_first) if gpu.available and reports else None,
         "gpu_util_busy_window": gpu.stats(*busy) if gpu.available else None,
         "wall_s": round(wall, 1),

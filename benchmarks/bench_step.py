@@ -13,8 +13,10 @@ Both sides use the BatchNorm handling a one-worker run uses (``--bn split``: Spl
 in-batch shuffle of the keys, as the official CIFAR demo; ``--bn none``: plain BN), so the ratio isolates the
 step's implementation and precision. Cases: ``r50-224`` (ResNet-50, 224 px, batch 256, K 65536, MLP head) and
 ``r18-32`` (ResNet-18 small stem, 32 px, batch 512, K 4096); ``--tiny`` swaps in a small ResNet-18 case for smoke
-runs on CPU. cuDNN autotuning is off for all variants by default, as in our training loop (the official
-main_moco.py turns it on: ``--cudnn-benchmark on`` for both sides). Peak GPU memory is per variant.
+runs on CPU. cuDNN autotuning is on for every variant on a GPU, as in our training loop and the official
+main_moco.py (``--cudnn-benchmark off`` turns it off for all). Peak GPU memory is per variant. The JSON is
+rewritten after every variant, and a variant that fails (a compile error, out of memory) is recorded with its
+error while the others still run, so a failure loses nothing measured before it.
 
 Usage: python benchmarks/bench_step.py [--cases r50-224,r18-32] [--variants ...] [--warmup 10] [--iters 30]
        [--device cuda] [--bn split] [--out step.json];  python benchmarks/bench_step.py --device cpu --tiny
@@ -311,10 +313,25 @@ def run_variant(cfg: Config, variant: str, device: torch.device, warmup: int, it
     return measure_config(cfg, device, warmup, iters, precision=prec, channels_last=cl, compile=comp)
 
 
+def cudnn_like_loop(device: torch.device, on: bool = True) -> bool:
+    """cuDNN autotuning as ``moco_ray.train.loop.Worker`` sets it (on, on a GPU): ceilings and runs alike."""
+    torch.backends.cudnn.benchmark = on and device.type == "cuda"
+    return torch.backends.cudnn.benchmark
+
+
 def bench_case(
-    name: str, cfg: Config, device: torch.device, variants: list[str], warmup: int, iters: int
+    name: str,
+    cfg: Config,
+    device: torch.device,
+    variants: list[str],
+    warmup: int,
+    iters: int,
+    save: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Every variant of one case (a table row printed as each finishes), and its img/s relative to the reference."""
+    """Every variant of one case (a table row printed as each finishes), and its img/s relative to the reference.
+
+    ``save`` gets the case's results so far after every variant; a failing variant is recorded as its error.
+    """
     m, t = cfg.model, cfg.train
     print(
         f"\n{name}: {m.arch}{' small stem' if m.small_stem else ''}, {cfg.aug.image_size} px, batch {t.batch_size}, "
@@ -324,8 +341,16 @@ def bench_case(
     print(f"{'variant':<24}{'img/s':>10}{'ms/step':>10}{'1st step s':>12}{'peak GiB':>10}{'x ref':>8}", flush=True)
     results: dict[str, dict[str, float]] = {}
     ratios: dict[str, float] = {}
+    out = {"case": name, "bn_mode": cfg.bn_mode, "variants": results, "ratio_to_reference": ratios}
     for v in variants:
-        r = results[v] = run_variant(cfg, v, device, warmup, iters)
+        try:
+            r = results[v] = run_variant(cfg, v, device, warmup, iters)
+        except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the others' figures
+            results[v] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"{v:<24}failed: {results[v]['error']}", flush=True)
+            if save is not None:
+                save(out)
+            continue
         ref = results.get("reference-fp32", {}).get("img_per_s")
         if ref and v != "reference-fp32":
             ratios[v] = r["img_per_s"] / ref
@@ -333,7 +358,9 @@ def bench_case(
         ratio = f"{ratios[v]:.2f}" if v in ratios else "-"
         rate = fmt_rate(r["img_per_s"])
         print(f"{v:<24}{rate:>10}{r['ms_per_step']:>10.1f}{r['first_step_s']:>12.1f}{peak:>10}{ratio:>8}", flush=True)
-    return {"case": name, "bn_mode": cfg.bn_mode, "variants": results, "ratio_to_reference": ratios}
+        if save is not None:
+            save(out)
+    return out
 
 
 def figures(results: dict[str, Any]) -> str:
@@ -342,6 +369,9 @@ def figures(results: dict[str, Any]) -> str:
     for name, res in results["cases"].items():
         cells = []
         for v, r in res["variants"].items():
+            if "error" in r:
+                cells.append(f"{v} failed")
+                continue
             ratio = res["ratio_to_reference"].get(v)
             cells.append(f"{v} {fmt_rate(r['img_per_s'])} img/s" + (f" (x{ratio:.2f})" if ratio else ""))
         parts.append(f"{name} step ceiling: " + ", ".join(cells))
@@ -354,7 +384,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--variants", default="", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bn", default="split", choices=["split", "none"], help="BatchNorm handling on both sides")
-    ap.add_argument("--cudnn-benchmark", default="off", choices=["on", "off"], help="cuDNN autotuning, all variants")
+    ap.add_argument(
+        "--cudnn-benchmark", default="on", choices=["on", "off"], help="cuDNN autotuning, all variants (loop: on)"
+    )
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--tiny", action="store_true", help="the tiny case only, 1 warm-up + 2 timed steps (smoke)")
@@ -378,8 +410,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if bad:
         raise ValueError(f"--variants: unknown {', '.join(bad)}; known: {', '.join(VARIANTS)}")
     warmup, iters = (1, 2) if a.tiny else (a.warmup, a.iters)
-    # The official main_moco.py turns cuDNN autotuning on; moco_ray.train.loop does not (yet): one setting for both.
-    torch.backends.cudnn.benchmark = a.cudnn_benchmark == "on"
+    # One setting for the reference and ours: the training loop's (on, on a GPU), unless asked otherwise
+    cudnn_like_loop(device, a.cudnn_benchmark == "on")
 
     results: dict[str, Any] = {
         "machine": machine(),
@@ -394,9 +426,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for name in names:
         case = CASES[name]
-        res = bench_case(name, case_config(case, a.bn), device, variants, warmup, iters)
-        res["case_settings"] = asdict(case)
-        results["cases"][name] = res
+
+        def save(res: dict[str, Any], case=case, name=name) -> None:  # after every variant: nothing is lost
+            results["cases"][name] = {**res, "case_settings": asdict(case)}
+            write_json(a.out, results)
+
+        bench_case(name, case_config(case, a.bn), device, variants, warmup, iters, save)
     cmd = "python benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["results_line"] = results_line(cmd, figures(results))
     print(f"\nRESULTS.md: {results['results_line']}")
@@ -404,5 +439,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def failed_variants(results: dict[str, Any]) -> list[str]:
+    return [f"{c}/{v}" for c, res in results["cases"].items() for v, r in res["variants"].items() if "error" in r]
+
+
 if __name__ == "__main__":
-    main()
+    failed = failed_variants(main())
+    if failed:
+        sys.exit(f"bench_step: failed variants (errors in the JSON): {', '.join(failed)}")

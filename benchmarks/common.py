@@ -63,7 +63,9 @@ def write_json(path: str | os.PathLike | None, obj: Any) -> None:
         return
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp = p.with_name(p.name + ".tmp")  # rewritten as results come in: a killed run leaves the last whole file
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(p)
 
 
 def train_files(root: Path) -> list[Path]:

@@ -7,6 +7,8 @@ views are normalised with ``data.mean`` / ``data.std``, as in training.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from moco_ray.config import Config
@@ -14,6 +16,9 @@ from moco_ray.core.backbone_io import backbone_of
 from moco_ray.core.normalize import Normalizer
 from moco_ray.evaluation.features import extract_features
 from moco_ray.evaluation.knn import knn_accuracy
+
+_log = logging.getLogger(__name__)
+LARGE_DECODE_BYTES = 4 * 2**30  # above this, rank 0's serial decode before step 1 is worth a warning
 
 
 class KnnMonitor:
@@ -27,6 +32,7 @@ class KnnMonitor:
         from moco_ray.data.stream import eval_arrays
 
         d, e = cfg.data, cfg.eval
+        warn_if_large(cfg)
         bank = eval_arrays(d.shards, d.knn_train_split, cfg.aug.image_size, e.knn_max_bank)[:2]
         query = eval_arrays(d.shards, d.knn_test_split, cfg.aug.image_size, e.knn_max_queries)[:2]
         return cls(cfg, bank, query)
@@ -72,3 +78,28 @@ def scored_module(model: torch.nn.Module, features: str) -> torch.nn.Module:
     enc = getattr(enc, "module", enc)
     enc = getattr(enc, "_orig_mod", enc)
     return _Projector(enc) if hasattr(enc, "project") else enc
+
+
+def warn_if_large(cfg: Config) -> int:
+    """Warn (and return the bytes) when the monitor would decode more than ``LARGE_DECODE_BYTES`` of uint8.
+
+    Rank 0 decodes both splits serially before step 1 while the other ranks wait in their first collective (an
+    NCCL timeout, or host memory, on ImageNet-size splits); ``eval.knn_max_bank`` / ``knn_max_queries`` cap it.
+    """
+    from moco_ray.data.manifest import read_manifest
+
+    d, e = cfg.data, cfg.eval
+    manifest = read_manifest(d.shards)
+    rows = 0
+    for split, cap in ((d.knn_train_split, e.knn_max_bank), (d.knn_test_split, e.knn_max_queries)):
+        n = manifest.rows(split)
+        rows += min(n, cap) if cap > 0 else n
+    nbytes = rows * 3 * cfg.aug.image_size**2
+    if nbytes > LARGE_DECODE_BYTES:
+        _log.warning(
+            "kNN monitor: rank 0 decodes %d images (%.1f GiB) before the first step while the other ranks wait; "
+            "set eval.knn_max_bank / eval.knn_max_queries (or eval.knn_every=0) for a large dataset",
+            rows,
+            nbytes / 2**30,
+        )
+    return nbytes

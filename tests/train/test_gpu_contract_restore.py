@@ -86,3 +86,14 @@ def test_cuda_rng_saved_for_this_device_only_and_restored_from_either_format(mon
     set_rng_state(fewer)
     assert [int(s[0]) for s in got] == [40, 1, 0]
     assert all(s.device.type == "cpu" for s in got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_checkpoint_mapped_to_the_gpu_restores_rng_states(tmp_path):
+    nexts, _ = _checkpoint(tmp_path)
+    state = load_state(tmp_path, map_location="cuda")
+    assert state["model"]["queue.keys"].is_cuda
+    set_rng_state(state["rng"][0])
+    assert torch.equal(torch.rand(4), nexts[0])
+    torch.cuda.init()
+    set_rng_state(rng_state())  # this device's CUDA state round-trips

@@ -134,3 +134,30 @@ def test_gpu_augmentation_and_normalisation_never_block_on_the_device():
     on_device = [e for e in events if e[1] not in ("cpu", "cpu->meta") or "blocking" in e[0]]
     assert on_device == [], on_device
     assert any(e == ("aten._to_copy", "cpu->meta") for e in events)  # the CPU-drawn parameters, non-blocking
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_step_with_gpu_views_never_syncs():
+    """The real check on a GPU: torch's sync debug mode raises on any synchronising call in the step."""
+    model, opt, _, _ = _step_setup(channels_last=True)
+    dev = torch.device("cuda")
+    model = model.to(dev)
+    opt = build_optimizer(load_config(None, {**TINY_MODEL, "moco.queue_size": 32, "train.batch_size": 16}), model)
+    aug, norm = GpuViewAugment("v2", 16), Normalizer(device=dev, channels_last=True)
+    imgs = torch.randint(0, 256, (16, 3, 20, 20), dtype=torch.uint8).pin_memory()
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)
+
+    def step():
+        q, k = aug.pair(imgs.to(dev, non_blocking=True))
+        out = train_step(model, opt, norm(q), norm(k), autocast=torch.bfloat16)
+        sums[0] += out["loss"]
+        sums[1] += out["acc1"]
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(sums).all()
