@@ -25,6 +25,17 @@ per-run report logs and the MLflow store (``sqlite:///<out-dir>/mlflow.db``) go 
 Usage: python benchmarks/bench_e2e.py [--datasets cifar,imagenet] [--aug cpu,gpu] [--epochs 3] [--max-steps 60]
        [--cpus-per-worker 2] [--cifar-root DIR] [--out-dir DIR]
 Smoke (CPU): python benchmarks/bench_e2e.py --device cpu --tiny
+
+``--vs-plain`` (CPU): the CIFAR config (ResNet-18 small stem, 32 px, ``--batch``) two ways back to back on the same
+images and the same ``--cpus`` (2: one core for the step, the rest for the views): a plain PyTorch loop (an
+ImageFolder-style dataset with the official-style PIL transforms of bench_views.py, ``DataLoader(num_workers=
+cpus - cpus_per_worker)``, normalised in the main process, the same ``build_method`` model, optimizer and
+``train.step.train_step``, ``torch.set_num_threads(cpus_per_worker)``), then ``run_pretraining`` with one worker of
+``--cpus-per-worker`` CPUs (Ray Data gets the rest). Each runs ``--epochs`` epochs of ``--max-steps`` steps; the
+last epoch's img/s are compared (both pay their loader's start-up in epoch 1). ``--ray-nice`` sets Ray's worker
+niceness (Ray's default 15 starves Ray's processes next to anyone else's work on a shared machine; the plain loop
+runs at 0). Example: python benchmarks/bench_e2e.py --vs-plain --device cpu --cpus 2 --cpus-per-worker 1
+--batch 64 --epochs 2 --max-steps 100
 """
 
 from __future__ import annotations
@@ -169,6 +180,77 @@ def run_one(name: str, cfg: Config, out_dir: Path, ceiling_iters: int) -> dict[s
     }
 
 
+def plain_loop(cfg: Config, tree: Path, loader_workers: int) -> dict[str, Any]:
+    """The loop a MoCo user would write (see the module docstring); img/s of each epoch of max_steps steps."""
+    from bench_stream_vs_loader import PairFolder
+
+    from moco_ray.core.defaults import IMAGENET_MEAN, IMAGENET_STD
+    from moco_ray.train.model import build_method
+    from moco_ray.train.step import build_optimizer, train_step
+
+    torch.manual_seed(cfg.train.seed or 0)
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    model = build_method(cfg)
+    opt = build_optimizer(cfg, model)
+    B, steps = cfg.train.batch_size, cfg.train.max_steps_per_epoch
+    data = PairFolder(common_train_files(tree), cfg.aug.image_size)
+    dl = torch.utils.data.DataLoader(
+        data, batch_size=B, shuffle=True, drop_last=True, num_workers=loader_workers, persistent_workers=True
+    )
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    model.train()
+    rates = []
+    for _ in range(cfg.train.epochs):
+        t0, n = time.perf_counter(), 0
+        for q, k, _y in dl:
+            train_step(model, opt, (q - mean) / std, (k - mean) / std)
+            n += 1
+            if n == steps:
+                break
+        if n == 0:
+            raise ValueError(f"plain loop: {len(data)} images give no full batch of {B}")
+        rates.append(n * B / (time.perf_counter() - t0))
+    del dl
+    return {"images_per_s_by_epoch": [round(r, 2) for r in rates], "images_per_s_last": rates[-1]}
+
+
+def common_train_files(tree: Path) -> list[Path]:
+    from common import train_files
+
+    return train_files(tree)
+
+
+def vs_plain(a: argparse.Namespace, workdir: Path, out_dir: Path) -> dict[str, Any]:
+    """Plain PyTorch loop, then run_pretraining (1 worker), same images, config and CPUs; the ratio."""
+    import ray
+
+    from moco_ray.jobs.pretrain import run_pretraining
+
+    shards, info = prepare_shards("cifar", a, workdir)
+    tree = workdir / f"cifar-x{a.cifar_rows}"
+    cfg = run_config("cifar", "cpu", shards, a, out_dir, workdir)
+    cpus = a.cpus or os.cpu_count() or 1
+    plain = plain_loop(cfg, tree, max(1, cpus - int(cfg.train.cpus_per_worker)))
+    print(f"plain loop: {plain}", flush=True)
+    kw = local_init_kwargs(cpus)
+    kw["_system_config"] = {**kw["_system_config"], "worker_niceness": a.ray_nice}
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False, **kw)
+    try:
+        res = run_pretraining(cfg)
+    finally:
+        ray.shutdown()
+    ours = [h["images_per_s"] for h in res.history]
+    ratio = ours[-1] / plain["images_per_s_last"]
+    print(f"moco-ray pretrain: {[round(r, 2) for r in ours]} img/s by epoch", flush=True)
+    figures = (
+        f"{info['train_rows']} CIFAR-10 JPEGs, {cfg.model.arch} small stem, {cfg.aug.image_size} px, batch "
+        f"{cfg.train.batch_size}, {cpus} CPUs ({cfg.train.cpus_per_worker:g} for the step), {cfg.train.epochs} x "
+        f"{cfg.train.max_steps_per_epoch} steps, last epoch: plain loop {fmt_rate(plain['images_per_s_last'])} "
+        f"img/s, moco-ray pretrain {fmt_rate(ours[-1])} img/s = {ratio:.2f}x (load {os.getloadavg()[0]:.0f})"
+    )
+    return {"plain": plain, "ours_by_epoch": ours, "ratio": ratio, "dataset": info, "figures": figures}
+
+
 def _util(r: dict[str, Any]) -> str:
     u = r["gpu_util_epochs_2_on"] or r["gpu_util_busy_window"]
     return f", GPU util {u['mean']:.0f}%" if u and u["mean"] is not None else ""
@@ -202,6 +284,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workdir", default=str(REPO / "data" / "bench"), help="trees, shards, checkpoints")
     ap.add_argument("--out-dir", default=str(REPO / "data" / "bench-out"), help="logs, MLflow, JSON")
     ap.add_argument("--out", default="", help="JSON results file (default: OUT_DIR/e2e.json)")
+    ap.add_argument("--vs-plain", action="store_true", help="plain PyTorch loop vs run_pretraining (CPU; see above)")
+    ap.add_argument("--ray-nice", type=int, default=15, help="Ray worker niceness (--vs-plain; Ray's default 15)")
     ap.add_argument("--tiny", action="store_true", help="smoke settings: tiny model, 64 rows, 1 epoch of 2 steps")
     a = ap.parse_args(argv)
     if a.tiny:
@@ -226,6 +310,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
 
+    if a.vs_plain:
+        r = vs_plain(a, workdir, out_dir)
+        cmd = "python benchmarks/bench_e2e.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        r["results_line"] = results_line(cmd, r["figures"])
+        print(f"\nRESULTS.md: {r['results_line']}")
+        write_json(out_json, r)
+        return r
     import ray
 
     started = not ray.is_initialized()

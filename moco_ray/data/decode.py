@@ -190,3 +190,70 @@ def decode_batch(images: Sequence[bytes | None]) -> tuple[list[torch.Tensor], np
         else:
             out[i] = torch.full((3, FALLBACK_SIZE, FALLBACK_SIZE), 128, dtype=torch.uint8)
     return out, corrupt  # type: ignore[return-value]
+
+
+def _jpeg_on_device_ok(data: bytes | None) -> bool:
+    """A JPEG the batched decoder can take: upright (nvJPEG cannot apply EXIF orientation, so rotated photos go to
+    the CPU decoder); the cheap byte check skips the header parse for the common no-EXIF file."""
+    if not data or sniff_format(data) != "JPEG":
+        return False
+    if b"Exif\x00\x00" not in data[:65536]:
+        return True
+    try:
+        return exif_orientation(open_image(data)) == 1
+    except CorruptImageError:
+        return False
+
+
+def _batched_jpeg(bufs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """torchvision's batched JPEG decode (nvJPEG on CUDA); on an error (it returns nothing partial) each one alone,
+    None for those that still fail."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+        try:
+            return list(decode_jpeg(bufs, mode=ImageReadMode.RGB, device=device))
+        except Exception:
+            out: list[torch.Tensor | None] = []
+            for b in bufs:
+                try:
+                    out.append(decode_jpeg(b, mode=ImageReadMode.RGB, device=device))
+                except Exception:
+                    out.append(None)
+            return out
+
+
+def decode_batch_on(
+    images: Sequence[bytes | None], device: torch.device | str
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`decode_batch` with the decoded images on `device`: the ``aug.device=gpu`` decode.
+
+    Upright JPEGs are decoded in one batched call on the device (nvJPEG when it is CUDA, libjpeg-turbo on the CPU);
+    PNG and the other formats, EXIF-rotated JPEGs and JPEGs the batched decoder rejects are decoded on the CPU
+    (`decode_image`) and copied over. Corrupt rows are replaced by the nearest valid image of the batch and
+    flagged, as in `decode_batch`. Returns (uint8 [3, H, W] each, on `device`; corrupt flags int64 [B], CPU).
+    """
+    device = torch.device(device)
+    out: list[torch.Tensor | None] = [None] * len(images)
+    fast = [i for i, d in enumerate(images) if _jpeg_on_device_ok(d)]
+    if fast:
+        bufs = [torch.frombuffer(bytearray(images[i]), dtype=torch.uint8) for i in fast]  # type: ignore[arg-type]
+        for i, img in zip(fast, _batched_jpeg(bufs, device), strict=True):
+            out[i] = img
+    for i, data in enumerate(images):
+        if out[i] is None and data is not None:
+            try:
+                out[i] = decode_image(data).to(device, non_blocking=True)
+            except CorruptImageError:
+                pass
+    corrupt = torch.tensor([t is None for t in out], dtype=torch.int64)
+    valid = [i for i, t in enumerate(out) if t is not None]
+    for i in torch.nonzero(corrupt).flatten().tolist():
+        if valid:
+            out[i] = out[min(valid, key=lambda j: (abs(j - i), j))]
+        else:
+            out[i] = torch.full((3, FALLBACK_SIZE, FALLBACK_SIZE), 128, dtype=torch.uint8, device=device)
+    return out, corrupt  # type: ignore[return-value]

@@ -188,3 +188,23 @@ def _check_batch(imgs: torch.Tensor) -> None:
         raise ValueError(f"GpuViewAugment: expected uint8 or float images [B, 3, H, W], got {got}")
     if imgs.shape[0] == 0 or imgs.shape[2] < 1 or imgs.shape[3] < 1:
         raise ValueError(f"GpuViewAugment: empty batch {tuple(imgs.shape)}")
+
+
+def sources_from_bytes(
+    images: list[bytes | None], image_size: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded images -> the ``aug.device=gpu`` source batch on `device`: decoded there (batched nvJPEG on CUDA,
+    see `moco_ray.data.decode.decode_batch_on`), each shorter side -> ``source_size``, centre square (exactly
+    `resize_for_gpu`, now on the device), stacked uint8 [B, 3, P, P]; plus the corrupt flags int64 [B] (CPU).
+
+    Images already P x P (CIFAR at 32 px) are stacked as they are; the others are resized one by one (sizes differ).
+    """
+    from moco_ray.data.augment import resize_for_gpu, source_size
+    from moco_ray.data.decode import decode_batch_on
+
+    if not images:
+        raise ValueError("sources_from_bytes: empty batch")
+    imgs, corrupt = decode_batch_on(images, device)
+    P = source_size(image_size)
+    same = all(tuple(t.shape[1:]) == (P, P) for t in imgs)
+    return torch.stack(imgs if same else [resize_for_gpu(t, image_size) for t in imgs]), corrupt

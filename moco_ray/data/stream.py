@@ -1,9 +1,10 @@
 """Ray Data view-pair stream: read_parquet -> file shuffle -> decode + two augmentations (map_batches) -> (q, k).
 
-Batches carry uint8 ``q``/``k`` [B,3,S,S] (or ``img`` with ``aug.device == "gpu"``: decoded, resized, one copy,
-augmented later on the training device), ``label`` int64 and ``corrupt`` int64 (1 where a corrupt image was
+Batches carry uint8 ``q``/``k`` [B,3,S,S], ``label`` int64 and ``corrupt`` int64 (1 where a corrupt image was
 replaced by another image of its batch, see `moco_ray.data.decode`). uint8 ships 4x fewer bytes than float;
-normalisation happens on the device.
+normalisation happens on the device. With ``aug.device == "gpu"`` the CPU work is reading bytes only: batches
+carry ``jpeg`` (the encoded images as stored, a list of ``bytes`` after `iter_pairs`) and ``label``; the training
+worker decodes them on its device in one batched call, counts corrupt rows and draws the views there.
 
 Randomness: with a seed, row ``id``'s views in epoch ``e`` come from a torch.Generator seeded by
 (seed, e, crc32(id)), so they are reproducible and differ between epochs. Each epoch of Ray Train is one execution
@@ -85,6 +86,7 @@ def iter_pairs(
             drop_last=True,
             local_shuffle_buffer_size=buf or None,
             prefetch_batches=prefetch,
+            collate_fn=_pair_collate(),
         )
     )
     try:
@@ -97,6 +99,36 @@ def iter_pairs(
         close = getattr(batches, "close", None)
         if close is not None:
             close()
+
+
+def _pair_collate() -> Any:
+    """iter_torch_batches' collate: Ray's default for the view batches; for ``jpeg`` batches (aug.device=gpu) the
+    bytes as a Python list (Arrow binary has no tensor form) beside the tensor columns, all left on the CPU
+    (Ray moves only pure tensor batches to the device; the bytes must stay host-side for the decoder)."""
+    from ray.data.collate_fn import ArrowBatchCollateFn, DefaultCollateFn
+
+    class PairCollate(ArrowBatchCollateFn):
+        def __init__(self) -> None:
+            super().__init__()
+            self.default = DefaultCollateFn(combine_chunks=not _train_device_is_cuda())
+
+        def __call__(self, batch: Any) -> Any:
+            if "jpeg" not in batch.column_names:
+                return self.default(batch)
+            out = {c: torch.tensor(batch[c].to_numpy()) for c in batch.column_names if c not in ("jpeg", "id")}
+            return {**out, "jpeg": batch["jpeg"].to_pylist()}
+
+    return PairCollate()
+
+
+def _train_device_is_cuda() -> bool:
+    """Whether Ray moves batches to a CUDA device here (what iter_torch_batches' device="auto" resolves to)."""
+    try:
+        import ray.train.torch
+
+        return ray.train.torch.get_device().type == "cuda"
+    except Exception:  # not in a Train worker
+        return False
 
 
 def split_files(shards: str, manifest: Manifest, split: str, limit: int = 0) -> tuple[list[str], frozenset[str]]:
@@ -249,15 +281,15 @@ def make_pairs(
     drop_ids: frozenset[str] = frozenset(),
     keep_id: bool = False,
 ) -> dict[str, np.ndarray]:
-    """map_batches body: decode, then two views per image (``q``, ``k``) or one resized copy (``img``, gpu)."""
+    """map_batches body: decode, then two views per image (``q``, ``k``), or with ``device == "gpu"`` the encoded
+    bytes unchanged (``jpeg``, any format; the consumer decodes them, counts corrupt rows and draws the views:
+    `moco_ray.data.gpu_augment.sources_from_bytes`)."""
     batch = _drop(batch, drop_ids)
     ids = [str(i) for i in batch["id"]]
     out: dict[str, np.ndarray] = {}
-    if device == "gpu":
-        from moco_ray.data.augment import resize_for_gpu, source_size
-
-        imgs, corrupt = decode_batch(list(batch["image"]))
-        out["img"] = _stack([resize_for_gpu(im, image_size) for im in imgs], source_size(image_size))
+    if device == "gpu":  # the bytes as read: decode, resize and views happen on the training device
+        out["jpeg"] = np.asarray(batch["image"], dtype=object)
+        corrupt = None
     else:
         aug = _view_augment(preset, image_size, strength)
         epoch = current_epoch(epoch_offset)
@@ -268,7 +300,8 @@ def make_pairs(
             gens = [torch.Generator().manual_seed(row_seed(seed, epoch, rid)) for rid in ids]
         out["q"], out["k"], corrupt = _train_pairs(aug, list(batch["image"]), gens)
     out["label"] = np.asarray(batch["label"], dtype=np.int64)
-    out["corrupt"] = corrupt
+    if corrupt is not None:
+        out["corrupt"] = corrupt
     if keep_id:
         out["id"] = np.asarray(ids, dtype=object)
     return out

@@ -167,9 +167,17 @@ class Worker:
                             run.log_step_metrics, _log.info)  # fmt: skip
 
     def views(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two normalised views of a batch, on the device."""
+        """The two normalised views of a batch, on the device.
+
+        aug.device=gpu: the batch carries encoded bytes (``jpeg``); they are decoded on the device here and the
+        corrupt flags of that decode are put into ``batch["corrupt"]``, where the epoch's count reads them.
+        """
         if self.gpu_aug is not None:
-            q_u8, k_u8 = self.gpu_aug.pair(batch["img"].to(self.device, non_blocking=True))
+            from moco_ray.data.gpu_augment import sources_from_bytes
+
+            src, corrupt = sources_from_bytes(batch["jpeg"], self.gpu_aug.image_size, self.device)
+            batch["corrupt"] = corrupt.to(self.device, non_blocking=True)
+            q_u8, k_u8 = self.gpu_aug.pair(src)
         else:
             q_u8, k_u8 = batch["q"], batch["k"]
         return self.normalize(q_u8), self.normalize(k_u8)
