@@ -90,7 +90,7 @@ def test_strength_scales_every_distortion():
 
 @pytest.mark.parametrize(
     "args, match",
-    [(("v3", 32, 1.0), "aug.preset"), (("v2", 4, 1.0), "aug.image_size"), (("v2", 32, 2.5), "aug.strength")],
+    [(("v4", 32, 1.0), "aug.preset"), (("v2", 4, 1.0), "aug.image_size"), (("v2", 32, 2.5), "aug.strength")],
 )
 def test_bad_parameters_raise_one_line_errors(args, match):
     with pytest.raises(ValueError, match=match):
