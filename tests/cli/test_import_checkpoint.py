@@ -8,8 +8,10 @@ the other layouts go through the same parser in-process (`main(argv)`), which is
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +19,19 @@ from official_layouts import main_lincls_load, official_checkpoint, query_backbo
 
 from moco_ray.cli.main import main
 
+REPO = Path(__file__).resolve().parents[2]
 REPO_CLI = [sys.executable, "-m", "moco_ray.cli.main"]
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Run in tmp_path: a fresh sqlite store puts its artifacts under ./mlruns of the working directory."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([*REPO_CLI, *args], capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([*REPO_CLI, *args], capture_output=True, text=True, timeout=600, env=env)
 
 
 def _run_id(stdout: str) -> str:
