@@ -13,7 +13,7 @@ was 0.006-0.014, over steps 30-59 0.037-0.060 (chance 1/257 = 0.004); the rise w
 for a rise of 0.015 and a late top-1 of 3/257 = 0.012. The earlier assertions failed here: the accuracy of the
 last 10 steps against the first 10 rose by only 0.025 for seed 0, and the InfoNCE loss, against a queue of ever
 better keys, does not fall within 60 steps (its last-10 mean sat 0.003-0.08 below its worst 10-step window for
-3 of the 9 runs, under the 0.1 asked; over the last 12 steps it was above steps 8-19 in 7 of 9), so it is only
+4 of the 9 runs, under the 0.1 asked; over the last 12 steps it was above steps 8-19 in 7 of 9), so it is only
 checked finite.
 """
 
