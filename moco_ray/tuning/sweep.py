@@ -30,6 +30,7 @@ from moco_ray.jobs.resolve import Prepared, check_resources, prepare, with_absol
 from moco_ray.jobs.resources import TRIAL_CPU
 from moco_ray.tracking.run_log import RunLog, create_run, open_run, version_tags
 from moco_ray.tracking.store import client
+from moco_ray.train.hooks import FaultHooks
 from moco_ray.tuning import report
 from moco_ray.tuning.cleanup import remove_orphaned_placement_groups
 from moco_ray.tuning.space import SweepSettings, SweepSpec, asha_horizon, load_sweep, parse_search, settings_from
@@ -283,11 +284,11 @@ def _open_sweep(spec: SweepSpec, prep: Prepared, root: str, resume: bool) -> _Sw
     return _Sweep(spec, prep, root, exp_dir, experiment, parent, spec.base_raw, fixed)
 
 
-def _tuner(sw: _Sweep, resume: bool):
+def _tuner(sw: _Sweep, resume: bool, hooks: FaultHooks | None = None):
     from ray import tune
 
     s, cfg = sw.spec.settings, sw.spec.base
-    trainable = make_trainable(sw.base_raw, sw.fixed, sw.parent.run_id, s.name, sw.prep)
+    trainable = make_trainable(sw.base_raw, sw.fixed, sw.parent.run_id, s.name, sw.prep, hooks)
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     if resume:
         return tune.Tuner.restore(sw.exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -319,8 +320,12 @@ def run_sweep(
     *,
     overrides: list[str] | dict[str, Any] | None = None,
     resume: bool = False,
+    hooks: FaultHooks | None = None,
 ) -> SweepResult:
-    """Run (or with ``resume=True`` continue) the sweep described by `config` (a sweep YAML path or dict)."""
+    """Run (or with ``resume=True`` continue) the sweep described by `config` (a sweep YAML path or dict).
+
+    ``hooks``: test-only fault injection for every trial (never set by the CLI).
+    """
     spec = load_sweep(config, overrides)
     s, cfg = spec.settings, spec.base
     prep = prepare(with_absolute_paths(cfg))  # tracking store, storage, shards: one clear error before Ray starts
@@ -329,7 +334,7 @@ def run_sweep(
     check_resources(cfg, TRIAL_CPU, "a trial")  # one clear line before the parent run or any trial starts
     sw = _open_sweep(spec, prep, root, resume)
     print(f"[sweep] {sw.spec.settings.name}: parent MLflow run {sw.parent.run_id}; Tune experiment {sw.exp_dir}")
-    tuner = _tuner(sw, resume)
+    tuner = _tuner(sw, resume, hooks)
     interrupted = False
     try:
         with _lenient_metrics():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from moco_ray.jobs.resolve import Prepared
+    from moco_ray.train.hooks import FaultHooks
 
 TRIAL_TAG = "moco_ray.trial_id"
 TRIAL_NAME_TAG = "moco_ray.trial_name"
@@ -26,13 +28,19 @@ def _short(v: Any) -> str:
 
 
 def make_trainable(
-    base_raw: dict[str, Any], fixed: dict[str, Any], parent_run_id: str, sweep_name: str, prepared: Prepared
+    base_raw: dict[str, Any],
+    fixed: dict[str, Any],
+    parent_run_id: str,
+    sweep_name: str,
+    prepared: Prepared,
+    hooks: FaultHooks | None = None,
 ) -> Callable:
     """A function trainable closing over the base config layers and the overrides every trial shares.
 
     ``fixed``: dotted overrides set by the sweep (tracking store and experiment, absolute paths). The trial's
     search values come on top. ``prepared``: the store and shards the sweep checked once, reused by every trial
-    whose overrides keep them. Worker reports reach Tune through TuneReportCallback on the TorchTrainer.
+    whose overrides keep them. ``hooks``: test-only faults, handed to every trial's run. Worker reports reach Tune
+    through TuneReportCallback on the TorchTrainer.
     """
 
     def moco_trial(params: dict[str, Any]) -> None:
@@ -55,6 +63,7 @@ def make_trainable(
             extra_tags=tags,
             callbacks=[TuneReportCallback()],
             prepared=prepared,
+            hooks=copy.deepcopy(hooks),
         )
 
     return moco_trial
