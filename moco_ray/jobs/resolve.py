@@ -66,26 +66,29 @@ def check_writable(path: str) -> None:
 
 
 def prepare(cfg: Config, known: Prepared | None = None) -> Prepared:
-    """Tracking store, storage and shards checked (one clear error each), or ``known`` when it serves ``cfg``."""
+    """Tracking store, storage and shards checked (one clear error each), or ``known`` when it serves ``cfg``.
+
+    A sqlite store is created last, once everything else passed: a refused input leaves nothing behind.
+    """
     from moco_ray.data.ingest import ensure_shards
     from moco_ray.data.schema import validate_shards
     from moco_ray.data.stream import check_enough_rows
-    from moco_ray.tracking.store import open_store
+    from moco_ray.tracking.store import check_tracking_uri, ensure_store, resolve_tracking_uri
 
     if known is not None and known.serves(cfg):
-        manifest = known.manifest
-        prep = known
-    else:
-        uri = open_store(cfg.tracking.tracking_uri)
-        store = storage_path(cfg)
-        check_writable(store)
-        if not cfg.data.shards:
-            raise ValueError("data.shards: no dataset given; ingest one with `moco-ray ingest SOURCE OUT`")
-        ensure_shards(cfg.data.shards, cfg.data.source)
-        manifest = validate_shards(cfg.data.shards)
-        prep = Prepared(uri, store, manifest)
+        check_enough_rows(known.manifest, cfg.data.train_split, cfg.train.batch_size, cfg.data.limit)
+        return known
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    check_tracking_uri(uri)
+    store = storage_path(cfg)
+    check_writable(store)
+    if not cfg.data.shards:
+        raise ValueError("data.shards: no dataset given; ingest one with `moco-ray ingest SOURCE OUT`")
+    ensure_shards(cfg.data.shards, cfg.data.source)
+    manifest = validate_shards(cfg.data.shards)
     check_enough_rows(manifest, cfg.data.train_split, cfg.train.batch_size, cfg.data.limit)
-    return prep
+    ensure_store(uri)
+    return Prepared(uri, store, manifest)
 
 
 def check_resources(cfg: Config, driver_cpu: float = 0.0, what: str = "the run"):
