@@ -29,16 +29,17 @@ Where the other half went (2026-12-02, 2 shared cores at load 25-95, 2,000 CIFAR
    for a like-for-like comparison; ``moco_ray.jobs.local_ray.local_init_kwargs`` keeps Ray's default.
 3. Ray's own processes (raylet, GCS, agents, pooled idle workers) cost ~0.08-0.10 cores at rest (``idle_cores``):
    small on 16 cores, 5 % of this 2-core machine.
-4. More shards, slower: the same 2,000 images in 7 shards instead of 1 made 0.85x the pairs/s and 0.68x the pairs
-   per CPU-second. Each Parquet file is one fused read + map_batches task: a task start, a file open and metadata
-   read, and a short last map batch per file (rows per file not a multiple of ``data.map_batch_size``), and more,
-   smaller blocks for the consumer to re-batch and shuffle. Keep shards large (ingest's default 64 MB holds
-   ~70,000 CIFAR JPEGs of ~0.9 KB, ~600 ImageNet JPEGs of ~110 KB); grouping small files into fewer read tasks
-   (``read_parquet(override_num_blocks=...)``) is the next thing to measure (not done).
+4. More shards: not settled at this noise. The same 2,000 images in 7 shards instead of 1 made 0.85x the pairs/s
+   and 0.68x the pairs per CPU-second in run 1, and 1.14x / 1.58x in run 2 (whose 1-shard pass overlapped a test
+   run on the same 2 cores). What each extra file costs: one fused read + map_batches task (task start, file open
+   and Parquet metadata read), a short last map batch per file (rows per file not a multiple of
+   ``data.map_batch_size``), and smaller blocks for the consumer to re-batch; grouping small files into fewer read
+   tasks (``read_parquet(override_num_blocks=...)``) is the next thing to measure, on a quiet machine (not done).
 5. The consumer (``iter_torch_batches``: re-batching, the 1,024-row local shuffle buffer, uint8 -> tensor collate)
    and the object store hand-off are what remains between the in-process rate (bench_views.py: ~1,100 pairs per
-   CPU-second) and the stream's ~760-970 per CPU-second; a DataLoader pays more for the same step (pickling float32
-   views, 4x the bytes of uint8, through its worker queues: 334 pairs per CPU-second vs 676 in-process).
+   CPU-second) and the stream's 472-759 per CPU-second (652-1,156 above idle); a DataLoader pays more for the
+   same work (pickling float32 views, 4x the bytes of uint8, through its worker queues: 334-415 pairs per
+   CPU-second vs 676 in-process).
 
 Gotcha for anyone measuring from a git worktree: Ray's worker processes import ``moco_ray`` from the installed
 (editable) package, not from the driver's working directory; run with ``PYTHONPATH=<worktree>`` or the view tasks
