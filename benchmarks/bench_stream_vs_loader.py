@@ -17,10 +17,35 @@ imports and the page cache are warm). Two rates per column:
   during the pass (DataLoader workers; Ray's raylet, GCS and worker processes): the stream's efficiency, which
   other load on the machine barely moves. On an idle machine with both streams CPU-bound, the ratios agree.
 
-Where the other half went (2026-12-02, 2 shared cores, 10,000 CIFAR-10 JPEGs): see ``FINDINGS`` below; the
-script prints it with ``--findings``.
+Where the other half went (2026-12-02, 2 shared cores at load 25-95, 2,000 CIFAR-10 JPEGs; the issue's 0.52x /
+0.39x were measured with the views of that time):
 
-Usage: python benchmarks/bench_stream_vs_loader.py [--root DIR] [--rows 10000] [--batch 256] [--cpus 2]
+1. The views themselves: the map_batches body made 0.4-0.6x the PIL pipeline's pairs per core; now 1.6x
+   (bench_views.py). That alone turns the stream from about half the DataLoader to more than it.
+2. Ray's worker processes run at niceness 15 (Ray's ``worker_niceness`` default) while a DataLoader's workers run at
+   0: on a machine shared with anything else, the view tasks get a small share of the cores (at load ~70 Ray's
+   first pass ran at 23 pairs/s beside the DataLoader's 64). Inside a Ray Train run every process, the training
+   worker included, is at 15, so on a dedicated node it does not matter. The benchmark sets it to 0 (``--ray-nice``)
+   for a like-for-like comparison; ``moco_ray.jobs.local_ray.local_init_kwargs`` keeps Ray's default.
+3. Ray's own processes (raylet, GCS, agents, pooled idle workers) cost ~0.08-0.10 cores at rest (``idle_cores``):
+   small on 16 cores, 5 % of this 2-core machine.
+4. More shards: not settled at this noise. The same 2,000 images in 7 shards instead of 1 made 0.85x the pairs/s
+   and 0.68x the pairs per CPU-second in run 1, and 1.14x / 1.58x in run 2 (whose 1-shard pass overlapped a test
+   run on the same 2 cores). What each extra file costs: one fused read + map_batches task (task start, file open
+   and Parquet metadata read), a short last map batch per file (rows per file not a multiple of
+   ``data.map_batch_size``), and smaller blocks for the consumer to re-batch; grouping small files into fewer read
+   tasks (``read_parquet(override_num_blocks=...)``) is the next thing to measure, on a quiet machine (not done).
+5. The consumer (``iter_torch_batches``: re-batching, the 1,024-row local shuffle buffer, uint8 -> tensor collate)
+   and the object store hand-off are what remains between the in-process rate (bench_views.py: ~1,100 pairs per
+   CPU-second) and the stream's 472-759 per CPU-second (652-1,156 above idle); a DataLoader pays more for the
+   same work (pickling float32 views, 4x the bytes of uint8, through its worker queues: 334-415 pairs per
+   CPU-second vs 676 in-process).
+
+Gotcha for anyone measuring from a git worktree: Ray's worker processes import ``moco_ray`` from the installed
+(editable) package, not from the driver's working directory; run with ``PYTHONPATH=<worktree>`` or the view tasks
+run another checkout's code.
+
+Usage: PYTHONPATH=. python benchmarks/bench_stream_vs_loader.py [--root DIR] [--rows 10000] [--batch 256] [--cpus 2]
 Prints a table and a line to paste into benchmarks/RESULTS.md.
 """
 
@@ -44,8 +69,6 @@ import common  # noqa: E402
 from bench_views import cpu_model, plain_transform  # noqa: E402
 
 FULL_TGZ = common.REPO.parent / "shared" / "data" / "cifar10-full.tgz"
-
-FINDINGS = """(filled in from the measurements; see the module docstring)"""
 
 
 class PairFolder(torch.utils.data.Dataset):
@@ -196,16 +219,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     ap.add_argument("--passes", type=int, default=2, help="epochs per stream; the last is timed")
     ap.add_argument("--many-shard-mb", type=float, default=1.0, help="shard size of the many-shard ingest")
-    ap.add_argument("--ray-nice", type=int, default=0, help="Ray worker niceness (Ray's default: 15; see FINDINGS)")
+    ap.add_argument("--ray-nice", type=int, default=0, help="Ray worker niceness (Ray default: 15; see the docstring)")
     ap.add_argument("--idle-s", type=float, default=10.0, help="seconds to sample the idle Ray cluster's CPU use")
     ap.add_argument("--skip", default="", help="comma-separated columns to skip: loader, one, many")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "bench_stream_vs_loader"))
     ap.add_argument("--out", default="", help="JSON results file")
-    ap.add_argument("--findings", action="store_true", help="print what the measurements showed and exit")
     a = ap.parse_args(argv)
-    if a.findings:
-        print(FINDINGS)
-        return {}
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
