@@ -132,6 +132,7 @@ def run_config(name: str, aug: str, shards: Path, a: argparse.Namespace, out_dir
         over["train.batch_size"] = a.batch
     if a.tiny:
         over.update(TINY_MODEL)
+        over["data.cpus"] = 1  # the CIFAR file reserves 2 stream CPUs: a 2-CPU machine has 1 beside the worker
     return load_config(EXPERIMENTS[name], over)
 
 

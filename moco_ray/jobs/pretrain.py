@@ -44,12 +44,19 @@ class PretrainResult:
     status: str = "FINISHED"
 
 
+def resume_command(run_id: str, uri: str) -> str:
+    """The command that continues ``run_id``: it names the tracking store when a bare ``--resume`` would look in
+    another one (the store came from a config file, an override or a different environment)."""
+    store = "" if uri == resolve_tracking_uri("") else f" tracking.tracking_uri={uri}"
+    return f"moco-ray pretrain --resume {run_id}{store}"
+
+
 class RunInterrupted(RuntimeError):
     """The run stopped before its last epoch; ``moco-ray pretrain --resume RUN_ID`` continues it."""
 
-    def __init__(self, run_id: str, epoch: int) -> None:
+    def __init__(self, run_id: str, epoch: int, uri: str = "") -> None:
         super().__init__(
-            f"run {run_id} stopped after epoch {epoch + 1}; continue with: moco-ray pretrain --resume {run_id}"
+            f"run {run_id} stopped after epoch {epoch + 1}; continue with: {resume_command(run_id, uri)}"
         )
         self.run_id, self.epoch = run_id, epoch
 
@@ -57,8 +64,8 @@ class RunInterrupted(RuntimeError):
 class RunKilled(KeyboardInterrupt):
     """Ctrl-C during a run: its MLflow run is KILLED and ``moco-ray pretrain --resume RUN_ID`` continues it."""
 
-    def __init__(self, run_id: str) -> None:
-        super().__init__(f"run {run_id} interrupted (KILLED); continue with: moco-ray pretrain --resume {run_id}")
+    def __init__(self, run_id: str, uri: str = "") -> None:
+        super().__init__(f"run {run_id} interrupted (KILLED); continue with: {resume_command(run_id, uri)}")
         self.run_id = run_id
 
 
@@ -187,7 +194,7 @@ def run_pretraining(
         return _finish(spec, log, result)
     except KeyboardInterrupt:  # Ctrl-C: KILLED (not FAILED), and how to continue
         log.finish("KILLED")
-        raise RunKilled(log.run_id) from None
+        raise RunKilled(log.run_id, log.uri) from None
 
 
 def _spec(cfg: Config, prep: Prepared, log: RunLog, resume_from: str | None, hooks: FaultHooks | None) -> RunSpec:
@@ -289,7 +296,7 @@ def _finish(spec: RunSpec, log: RunLog, result) -> PretrainResult:
         log.log_artifact(plot_training_curves(history, Path(d) / "training_curves.png", title=title), "plots")
     if last_epoch + 1 < cfg.train.epochs:
         log.finish("KILLED")
-        raise RunInterrupted(log.run_id, last_epoch)
+        raise RunInterrupted(log.run_id, last_epoch, log.uri)
     model = build_method(cfg)
     model.load_state_dict(state["model"])
     encoder_uri = log.log_trained_encoder(backbone_of(model).eval(), cfg.model.arch, cfg.model.small_stem)

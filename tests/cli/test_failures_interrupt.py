@@ -90,7 +90,8 @@ def test_ctrl_c_kills_the_run_and_resume_finishes_it(small_shards, tmp_path, mlf
     # the driver prints no traceback (Ray's own processes may: their lines carry a "(Name pid=N)" prefix)
     assert not any(ln.startswith("Traceback") for ln in err.splitlines()), err[-3000:]
     hint = [ln for ln in err.splitlines() if "--resume" in ln]
-    assert hint == [f"moco-ray: run {run_id} interrupted (KILLED); continue with: moco-ray pretrain --resume {run_id}"]
+    resume = f"moco-ray pretrain --resume {run_id} tracking.tracking_uri={mlflow_uri}"  # the store is not the default
+    assert hint == [f"moco-ray: run {run_id} interrupted (KILLED); continue with: {resume}"]
     c = MlflowClient(mlflow_uri)
     run = c.get_run(run_id)
     assert run.info.status == "KILLED"
@@ -99,7 +100,7 @@ def test_ctrl_c_kills_the_run_and_resume_finishes_it(small_shards, tmp_path, mlf
 
     # --resume continues the same run (the two remaining epochs only: the epoch count is an override)
     r = subprocess.run(
-        [*cmd[:3], "pretrain", "--resume", run_id, f"train.epochs={done + 2}"],
+        [*cmd[:3], *resume.split()[1:], f"train.epochs={done + 2}"],  # the hint as printed, plus more epochs
         cwd=REPO,
         env=_env(),
         capture_output=True,
