@@ -9,13 +9,15 @@ import argparse
 
 
 def run(a: argparse.Namespace) -> int:
-    """``moco-ray eval knn|linear --run ID [--data SHARDS] [--epochs N] [--protocol-preset small|paper]``."""
+    """``moco-ray eval knn|linear --run ID [--data SHARDS] [--epochs N] [--protocol-preset small|paper|lincls]
+    [--image-size PX] [--limit ROWS]``."""
     from moco_ray.jobs import evaluate as runner
 
     uri = getattr(a, "tracking_uri", "") or ""
     size = getattr(a, "image_size", None)
+    limit = getattr(a, "limit", 0) or 0
     if a.protocol == "knn":
-        r = runner.evaluate_knn(a.run, getattr(a, "data", None), tracking_uri=uri, image_size=size)
+        r = runner.evaluate_knn(a.run, getattr(a, "data", None), tracking_uri=uri, image_size=size, limit=limit)
         print(
             f"kNN top-1 {r['top1']:.4f}  (k={r['k']}, t={r['t']}; {r['train_rows']} train / {r['test_rows']} test "
             f"rows at {r['image_size']} px of {r['data']})"
@@ -28,9 +30,11 @@ def run(a: argparse.Namespace) -> int:
             protocol=getattr(a, "protocol_preset", None),
             epochs=getattr(a, "epochs", None),
             image_size=size,
+            limit=limit,
         )
         print(
-            f"linear top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  train top-1 {r['train_top1']:.4f}  "
+            f"linear top-1 {r['top1']:.4f} (best {r['best_top1']:.4f} at epoch {r['best_epoch'] + 1})  "
+            f"top-5 {r['top5']:.4f}  train top-1 {r['train_top1']:.4f}  "
             f"(protocol {r['protocol']}, {r['settings']['epochs']} epochs; {r['train_rows']} train / "
             f"{r['test_rows']} test rows at {r['image_size']} px of {r['data']})"
         )

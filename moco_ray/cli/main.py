@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", required=True, metavar="RUN_ID")
     ev.add_argument("--data", help="shards to evaluate on (default: the run's own)")
     ev.add_argument("--epochs", type=int, default=None, help="linear probe epochs")
-    ev.add_argument("--protocol-preset", choices=["small", "paper"], default=None)
+    ev.add_argument("--protocol-preset", choices=["small", "paper", "lincls"], default=None)
     ev.add_argument("--image-size", type=int, default=None, help="px (default: the run's aug.image_size, else 224)")
+    ev.add_argument("--limit", type=int, default=0, help="rows per split (0 = all)")
     ev.add_argument("--tracking-uri", default="")
     ev.set_defaults(func=cmd_eval)
 

@@ -32,6 +32,7 @@ baseline for sweeps).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -41,9 +42,10 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
+from moco_ray.core.defaults import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported for callers)
+from moco_ray.core.normalize import Normalizer
+
 PRESETS = ("v1", "v2", "v3", "cifar")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Below this size the eval / GPU-source resize keeps the image at image_size (CIFAR-like data), and no blur is used.
 SMALL_IMAGE = 64
 CROP_TRIES = 10  # RandomResizedCrop's attempts before it falls back to a central crop
@@ -438,12 +440,11 @@ def resize_for_gpu(img: torch.Tensor, image_size: int) -> torch.Tensor:
 def normalize_on_device(
     x: torch.Tensor, device: torch.device | str, dtype: torch.dtype = torch.float32, channels_last: bool = False
 ) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> ImageNet-normalised ``dtype`` on ``device`` (copied non-blocking, maths in fp32)."""
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
-        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"normalize_on_device: expected a uint8 tensor [B, 3, H, W], got {got}")
-    x = x.to(device, non_blocking=True)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255.0)
-    out = ((x.float() - mean) * inv_std).to(dtype)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    """uint8 [B, 3, H, W] -> ImageNet-normalised ``dtype`` on ``device``: the training normaliser
+    (:class:`moco_ray.core.normalize.Normalizer`), one per (device, dtype, memory format)."""
+    return _normalizer(str(torch.device(device)), dtype, channels_last)(x)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalizer(device: str, dtype: torch.dtype, channels_last: bool) -> Normalizer:
+    return Normalizer(device=device, dtype=dtype, channels_last=channels_last)

@@ -397,6 +397,33 @@ def eval_dataset(
     return ds
 
 
+def original_images(shards: str, split: str, limit: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """The labelled split decoded in this process at the images' own sizes (uint8 [3, H, W] each, EXIF-upright),
+    for protocols that crop afresh every epoch (the official linear probe). Corrupt rows are left out and counted.
+    """
+    import pyarrow.parquet as pq
+
+    from moco_ray.data.decode import CorruptImageError, decode_image
+
+    manifest = read_manifest(shards)
+    files, drop_ids = split_files(shards, manifest, split, limit)
+    fs, _ = resolve_fs(shards)
+    imgs: list[torch.Tensor] = []
+    labels: list[int] = []
+    corrupt = 0
+    for f in files:
+        table = pq.read_table(f, columns=["image", "label", "id"], filesystem=fs)
+        for data, label, row_id in zip(*(table[c].to_pylist() for c in ("image", "label", "id"))):
+            if row_id in drop_ids:
+                continue
+            try:
+                imgs.append(decode_image(data))
+                labels.append(int(label))
+            except CorruptImageError:
+                corrupt += 1
+    return imgs, torch.tensor(labels, dtype=torch.long), corrupt
+
+
 def eval_arrays(shards: str, split: str, image_size: int, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The labelled eval split decoded in this process: (uint8 [N,3,S,S], int64 labels [N], corrupt count).
 

@@ -149,6 +149,36 @@ def _check_inputs(feats: torch.Tensor, labels: torch.Tensor, name: str) -> torch
     return labels.long()
 
 
+def _probe_checks(
+    train_feats, train_labels, test_feats, test_labels, num_classes, epochs, lr, batch_size, wd, schedule
+):
+    """The probe's inputs checked (one ValueError naming the problem); returns the labels and the class count."""
+    train_labels = _check_inputs(train_feats, train_labels, "train")
+    test_labels = _check_inputs(test_feats, test_labels, "test")
+    if train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(f"train_linear_probe: train dim {train_feats.shape[1]} != test dim {test_feats.shape[1]}")
+    if epochs < 1 or lr <= 0 or batch_size < 1 or wd < 0:
+        raise ValueError(
+            f"train_linear_probe: need epochs >= 1, lr > 0, batch_size >= 1, weight_decay >= 0; got "
+            f"epochs={epochs}, lr={lr}, batch_size={batch_size}, weight_decay={wd}"
+        )
+    if schedule not in ("cosine", "step"):
+        raise ValueError(f"train_linear_probe: schedule {schedule!r} is not one of cosine, step")
+    max_label = int(max(train_labels.max(), test_labels.max()))
+    if num_classes is None:
+        num_classes = max_label + 1
+    elif max_label >= num_classes:
+        raise ValueError(f"train_linear_probe: num_classes={num_classes} but labels go up to {max_label}")
+    return train_labels, test_labels, num_classes
+
+
+def _probe_lr(schedule: str, lr: float, epoch: int, step: int, total: int, milestones: Sequence[int]) -> float:
+    """cosine: per step, to 0 over ``total`` steps; step: x0.1 at each epoch in ``milestones``."""
+    if schedule == "step":
+        return lr * 0.1 ** sum(epoch >= m for m in milestones)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
 def train_linear_probe(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -173,22 +203,9 @@ def train_linear_probe(
     initialised as in the official code (weights N(0, 0.01), bias 0). Deterministic given ``seed``.
     ``on_epoch``: called with each epoch's history entry (progress lines for long probes).
     """
-    train_labels = _check_inputs(train_feats, train_labels, "train")
-    test_labels = _check_inputs(test_feats, test_labels, "test")
-    if train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(f"train_linear_probe: train dim {train_feats.shape[1]} != test dim {test_feats.shape[1]}")
-    if epochs < 1 or lr <= 0 or batch_size < 1 or weight_decay < 0:
-        raise ValueError(
-            f"train_linear_probe: need epochs >= 1, lr > 0, batch_size >= 1, weight_decay >= 0; got "
-            f"epochs={epochs}, lr={lr}, batch_size={batch_size}, weight_decay={weight_decay}"
-        )
-    if schedule not in ("cosine", "step"):
-        raise ValueError(f"train_linear_probe: schedule {schedule!r} is not one of cosine, step")
-    max_label = int(max(train_labels.max(), test_labels.max()))
-    if num_classes is None:
-        num_classes = max_label + 1
-    elif max_label >= num_classes:
-        raise ValueError(f"train_linear_probe: num_classes={num_classes} but labels go up to {max_label}")
+    train_labels, test_labels, num_classes = _probe_checks(
+        train_feats, train_labels, test_feats, test_labels, num_classes, epochs, lr, batch_size, weight_decay, schedule
+    )
 
     device = torch.device(device)
     xtr, ytr = train_feats.to(device, torch.float32), train_labels.to(device)
@@ -209,13 +226,10 @@ def train_linear_probe(
     step = 0
     history: list[dict[str, Any]] = []
     for epoch in range(epochs):
-        if schedule == "step":
-            cur = lr * 0.1 ** sum(epoch >= m for m in milestones)
         perm = torch.randperm(n, generator=g).to(device)
         loss_sum = 0.0
         for s in range(0, n, batch_size):
-            if schedule == "cosine":
-                cur = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+            cur = _probe_lr(schedule, lr, epoch, step, total, milestones)
             for group in opt.param_groups:
                 group["lr"] = cur
             idx = perm[s : s + batch_size]

@@ -162,12 +162,15 @@ def evaluate_linear(
     use_gpu: bool | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Linear probe on the run's frozen features (see ``linear_protocol`` for the defaults).
+    """Linear probe on the run's frozen features (see ``linear_protocol`` for the defaults); ``protocol="lincls"``
+    runs the official ``main_lincls`` protocol instead (fresh augmented crops every epoch, see ``_evaluate_lincls``).
 
     Returns the ``LinearProbeResult`` fields (``top1``, ``top5``, ``train_top1``, ``history``) plus
     ``protocol``, ``settings``, ``train_rows``, ``test_rows``, ``data``, ``image_size``, ``run_id``,
     ``eval_run_id``; the result is logged as a child run (see the module docstring).
     """
+    if protocol == "lincls":
+        return _evaluate_lincls(run_id, data, tracking_uri, epochs, split_train, split_test, image_size, limit, seed)
     log, parent, shards, size, manifest, enc = _prepare(
         run_id, data, tracking_uri, image_size, [split_train, split_test]
     )
@@ -192,3 +195,53 @@ def evaluate_linear(
             "best_top1": res.best_top1, "best_epoch": res.best_epoch,
             "protocol": name, "settings": settings, "train_rows": len(ytr), "test_rows": len(yte), "data": shards,
             "image_size": size, "run_id": run_id, "eval_run_id": eval_id}  # fmt: skip
+
+
+def _evaluate_lincls(
+    run_id: str,
+    data: str | None,
+    tracking_uri: str,
+    epochs: int | None,
+    split_train: str,
+    split_test: str,
+    image_size: int | None,
+    limit: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The official ``main_lincls`` protocol on the run's frozen backbone, in this process: RandomResizedCrop +
+    flip views drawn afresh every epoch from the decoded images, Resize + CenterCrop for validation, SGD lr 30,
+    x0.1 at 60/80 of 100 epochs (scaled with ``epochs``); best and last epoch reported. The images are decoded
+    at their own sizes into memory: use ``limit`` (rows per split) on large datasets.
+    """
+    from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
+    from moco_ray.core.normalize import Normalizer
+    from moco_ray.data.stream import original_images
+    from moco_ray.evaluation.linear import LinclsProtocol, train_lincls
+
+    log, parent, shards, size, manifest, enc = _prepare(
+        run_id, data, tracking_uri, image_size, [split_train, split_test]
+    )
+    proto = LinclsProtocol(image_size=size)
+    if epochs is not None:
+        if epochs < 1:
+            raise ValueError(f"linear probe epochs {epochs} is out of range; allowed: >= 1")
+        ms = tuple(max(1, round(m * epochs / proto.epochs)) for m in proto.milestones)
+        proto = dataclasses.replace(proto, epochs=epochs, milestones=ms)
+    xtr, ytr, _ = original_images(shards, split_train, limit)
+    xte, yte, _ = original_images(shards, split_test, limit)
+    device = _device()
+    net = load_torchvision_backbone_from_state(enc.state, enc.arch, enc.small_stem).to(device)
+    prep = Normalizer(enc.mean, enc.std, device=device)
+    res = train_lincls(net, xtr, ytr, xte, yte, prep, len(manifest.classes) or None, proto, device=device, seed=seed)
+    settings = dataclasses.asdict(proto)
+    params = {"protocol": "linear", "linear_preset": "lincls", **{f"linear_{k}": v for k, v in settings.items()},
+              "data": shards, "split_train": split_train, "split_test": split_test, "image_size": size,
+              "limit": limit, "seed": seed, "train_rows": len(ytr), "test_rows": len(yte)}  # fmt: skip
+    metrics = {"linear_top1": res.top1, "linear_top5": res.top5, "linear_train_top1": res.train_top1,
+               "linear_best_top1": res.best_top1, "linear_best_epoch": res.best_epoch}  # fmt: skip
+    splits = {split_train: TRAINING, split_test: EVALUATION}
+    eval_id = _log_child(log, parent, "linear", params, metrics, res.history, inputs=(manifest, splits))
+    return {"top1": res.top1, "top5": res.top5, "train_top1": res.train_top1, "history": res.history,
+            "best_top1": res.best_top1, "best_epoch": res.best_epoch,
+            "protocol": "lincls", "settings": settings, "train_rows": len(ytr), "test_rows": len(yte),
+            "data": shards, "image_size": size, "run_id": run_id, "eval_run_id": eval_id}  # fmt: skip
