@@ -22,7 +22,7 @@ from moco_ray.jobs.resolve import (
 )
 from moco_ray.jobs.resources import TRIAL_CPU
 from moco_ray.tracking.run_log import CONFIG_FILE, RunLog, create_run, open_run, version_tags
-from moco_ray.tracking.store import open_store
+from moco_ray.tracking.store import open_store, resolve_tracking_uri
 from moco_ray.train.hooks import FaultHooks
 from moco_ray.train.spec import RunSpec
 
@@ -55,9 +55,7 @@ class RunInterrupted(RuntimeError):
     """The run stopped before its last epoch; ``moco-ray pretrain --resume RUN_ID`` continues it."""
 
     def __init__(self, run_id: str, epoch: int, uri: str = "") -> None:
-        super().__init__(
-            f"run {run_id} stopped after epoch {epoch + 1}; continue with: {resume_command(run_id, uri)}"
-        )
+        super().__init__(f"run {run_id} stopped after epoch {epoch + 1}; continue with: {resume_command(run_id, uri)}")
         self.run_id, self.epoch = run_id, epoch
 
 
