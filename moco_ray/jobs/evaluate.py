@@ -183,18 +183,9 @@ def evaluate_linear(
         xtr, ytr, xte, yte, num_classes=len(manifest.classes) or None, device=_device(), seed=seed,
         on_epoch=_probe_progress(proto.epochs),
     )  # fmt: skip
-    settings = dataclasses.asdict(proto)
-    params = {"protocol": "linear", "linear_preset": name, **{f"linear_{k}": v for k, v in settings.items()},
-              "data": shards, "split_train": split_train, "split_test": split_test, "image_size": size,
-              "limit": limit, "seed": seed, "train_rows": len(ytr), "test_rows": len(yte)}  # fmt: skip
-    metrics = {"linear_top1": res.top1, "linear_top5": res.top5, "linear_train_top1": res.train_top1,
-               "linear_best_top1": res.best_top1, "linear_best_epoch": res.best_epoch}  # fmt: skip
-    splits = {split_train: TRAINING, split_test: EVALUATION}
-    eval_id = _log_child(log, parent, "linear", params, metrics, res.history, inputs=(manifest, splits))
-    return {"top1": res.top1, "top5": res.top5, "train_top1": res.train_top1, "history": res.history,
-            "best_top1": res.best_top1, "best_epoch": res.best_epoch,
-            "protocol": name, "settings": settings, "train_rows": len(ytr), "test_rows": len(yte), "data": shards,
-            "image_size": size, "run_id": run_id, "eval_run_id": eval_id}  # fmt: skip
+    where = {"data": shards, "split_train": split_train, "split_test": split_test, "image_size": size,
+             "limit": limit, "seed": seed, "train_rows": len(ytr), "test_rows": len(yte)}  # fmt: skip
+    return _record_linear(log, parent, manifest, run_id, name, dataclasses.asdict(proto), res, where)
 
 
 def _evaluate_lincls(
@@ -233,15 +224,20 @@ def _evaluate_lincls(
     net = load_torchvision_backbone_from_state(enc.state, enc.arch, enc.small_stem).to(device)
     prep = Normalizer(enc.mean, enc.std, device=device)
     res = train_lincls(net, xtr, ytr, xte, yte, prep, len(manifest.classes) or None, proto, device=device, seed=seed)
-    settings = dataclasses.asdict(proto)
-    params = {"protocol": "linear", "linear_preset": "lincls", **{f"linear_{k}": v for k, v in settings.items()},
-              "data": shards, "split_train": split_train, "split_test": split_test, "image_size": size,
-              "limit": limit, "seed": seed, "train_rows": len(ytr), "test_rows": len(yte)}  # fmt: skip
+    where = {"data": shards, "split_train": split_train, "split_test": split_test, "image_size": size,
+             "limit": limit, "seed": seed, "train_rows": len(ytr), "test_rows": len(yte)}  # fmt: skip
+    return _record_linear(log, parent, manifest, run_id, "lincls", dataclasses.asdict(proto), res, where)
+
+
+def _record_linear(log: RunLog, parent, manifest, run_id: str, preset: str, settings: dict, res, where: dict):
+    """A finished probe as a child run (protocol settings + data as params; last and best epoch as metrics) and the
+    dict ``evaluate_linear`` returns."""
+    params = {"protocol": "linear", "linear_preset": preset, **{f"linear_{k}": v for k, v in settings.items()}, **where}
     metrics = {"linear_top1": res.top1, "linear_top5": res.top5, "linear_train_top1": res.train_top1,
                "linear_best_top1": res.best_top1, "linear_best_epoch": res.best_epoch}  # fmt: skip
-    splits = {split_train: TRAINING, split_test: EVALUATION}
+    splits = {where["split_train"]: TRAINING, where["split_test"]: EVALUATION}
     eval_id = _log_child(log, parent, "linear", params, metrics, res.history, inputs=(manifest, splits))
     return {"top1": res.top1, "top5": res.top5, "train_top1": res.train_top1, "history": res.history,
-            "best_top1": res.best_top1, "best_epoch": res.best_epoch,
-            "protocol": "lincls", "settings": settings, "train_rows": len(ytr), "test_rows": len(yte),
-            "data": shards, "image_size": size, "run_id": run_id, "eval_run_id": eval_id}  # fmt: skip
+            "best_top1": res.best_top1, "best_epoch": res.best_epoch, "protocol": preset, "settings": settings,
+            "train_rows": where["train_rows"], "test_rows": where["test_rows"], "data": where["data"],
+            "image_size": where["image_size"], "run_id": run_id, "eval_run_id": eval_id}  # fmt: skip
