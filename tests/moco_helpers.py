@@ -7,14 +7,19 @@ trainer's own logging function, so `moco-ray eval` / `export` see exactly what a
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
 if str(BENCHMARKS) not in sys.path:  # the benchmark scripts' `common` module, as the benchmark smoke tests use it
     sys.path.insert(0, str(BENCHMARKS))
 from common import TINY_MODEL as _BENCH_TINY  # noqa: E402
@@ -22,6 +27,58 @@ from common import TINY_MODEL as _BENCH_TINY  # noqa: E402
 # The small model most Ray tests train (the benchmarks' --tiny model: ResNet-18, small stem, 16 px, narrow heads);
 # queue and batch are each test's own.
 TINY_MODEL = {k: v for k, v in _BENCH_TINY.items() if k.startswith(("model.", "aug."))}
+
+
+# Runs each case's argv through moco-ray's main() in one subprocess (the imports are paid once): exit code, stderr,
+# whether Ray was started, seconds. A case with "start_ray" first starts a local Ray with no GPU.
+_CLI_CASE_RUNNER = r"""
+import contextlib, io, json, sys, time, traceback
+import ray
+from moco_ray.cli.main import main
+import mlflow, moco_ray.jobs.pretrain, moco_ray.jobs.evaluate, moco_ray.jobs.export, moco_ray.tuning.sweep  # untimed
+
+cases = json.loads(open(sys.argv[1]).read())
+out = {}
+for name, case in cases.items():
+    err = io.StringIO()
+    t0 = time.monotonic()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            if case.get("start_ray"):  # zero GPUs whatever the hardware: the check must see a GPU-less cluster
+                ray.init(address="local", num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            rc = main(case["argv"])
+        except SystemExit as e:
+            rc = e.code
+        except BaseException:
+            rc = None
+            traceback.print_exc()
+    out[name] = {"rc": rc, "stderr": err.getvalue(), "ray_started": ray.is_initialized(),
+                 "seconds": time.monotonic() - t0}
+    if ray.is_initialized():
+        ray.shutdown()
+open(sys.argv[2], "w").write(json.dumps(out))
+"""
+
+
+def run_cli_cases(cases: dict[str, dict[str, Any]], workdir: Path, **env: str) -> dict[str, dict[str, Any]]:
+    """``{name: {"argv": [...], "start_ray": bool}}`` through the real CLI entry point in one subprocess (cwd: the
+    repository, no inherited MLflow store or pending-GPU switch, ``RAY_ADDRESS=local`` so nothing attaches to
+    another cluster, plus ``env``); returns ``{name: {"rc", "stderr", "ray_started", "seconds"}}``."""
+    (workdir / "cases.json").write_text(json.dumps(cases))
+    full = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MOCO_RAY_ALLOW_PENDING_GPUS")}
+    full.update({"RAY_ADDRESS": "local", **env})
+    # a timeout only so a hang (e.g. waiting for a GPU forever) fails the test instead of blocking the suite
+    p = subprocess.run(
+        [sys.executable, "-c", _CLI_CASE_RUNNER, str(workdir / "cases.json"), str(workdir / "out.json")],
+        cwd=REPO,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads((workdir / "out.json").read_text())
 
 
 def free_port() -> int:

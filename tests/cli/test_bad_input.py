@@ -13,47 +13,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from moco_helpers import run_cli_cases
 from PIL import Image
-
-REPO = Path(__file__).resolve().parents[2]
-
-_RUNNER = r"""
-import contextlib, io, json, sys, traceback
-import ray
-from moco_ray.cli.main import main
-
-cases = json.loads(open(sys.argv[1]).read())
-out = {}
-for name, case in cases.items():
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            if case["start_ray"]:  # zero GPUs whatever the hardware: the check must see a GPU-less cluster
-                ray.init(address="local", num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
-            rc = main(case["argv"])
-        except SystemExit as e:
-            rc = e.code
-        except BaseException:
-            rc = None
-            traceback.print_exc()
-    out[name] = {"rc": rc, "stderr": err.getvalue(), "ray_started": ray.is_initialized()}
-    if ray.is_initialized():
-        ray.shutdown()
-open(sys.argv[2], "w").write(json.dumps(out))
-"""
 
 
 @dataclass
@@ -258,20 +228,7 @@ def cases(image_root, shards, tmp_path_factory) -> dict[str, Case]:
 @pytest.fixture(scope="module")
 def results(cases, tmp_path_factory) -> dict[str, dict]:
     t = tmp_path_factory.mktemp("bad_input_run")
-    (t / "cases.json").write_text(json.dumps({k: {"argv": v.argv, "start_ray": v.start_ray} for k, v in cases.items()}))
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MOCO_RAY_ALLOW_PENDING_GPUS")}
-    env["RAY_ADDRESS"] = "local"  # should anything start Ray by mistake, it must not attach to another cluster
-    # a timeout only so a hang (e.g. waiting for a GPU forever) fails the test instead of blocking the suite
-    p = subprocess.run(
-        [sys.executable, "-c", _RUNNER, str(t / "cases.json"), str(t / "out.json")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads((t / "out.json").read_text())
+    return run_cli_cases({k: {"argv": v.argv, "start_ray": v.start_ray} for k, v in cases.items()}, t)
 
 
 CASE_NAMES = [

@@ -9,43 +9,11 @@ All cases run in one fresh interpreter (as tests/cli/test_bad_input.py does), so
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from moco_helpers import free_port
-
-REPO = Path(__file__).resolve().parents[2]
-
-_RUNNER = r"""
-import contextlib, io, json, sys, time, traceback
-import ray
-from moco_ray.cli.main import main
-import mlflow, moco_ray.jobs.pretrain, moco_ray.jobs.evaluate, moco_ray.jobs.export, moco_ray.tuning.sweep  # untimed
-
-cases = json.loads(open(sys.argv[1]).read())
-out = {}
-for name, argv in cases.items():
-    err = io.StringIO()
-    t0 = time.monotonic()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            rc = main(argv)
-        except SystemExit as e:
-            rc = e.code
-        except BaseException:
-            rc = None
-            traceback.print_exc()
-    out[name] = {"rc": rc, "stderr": err.getvalue(), "ray_started": ray.is_initialized(),
-                 "seconds": time.monotonic() - t0}
-    if ray.is_initialized():
-        ray.shutdown()
-open(sys.argv[2], "w").write(json.dumps(out))
-"""
+from moco_helpers import free_port, run_cli_cases
 
 
 def _finished_run(uri: str) -> str:
@@ -103,20 +71,8 @@ def cases(small_shards, tmp_path_factory) -> dict[str, tuple[list[str], str]]:
 @pytest.fixture(scope="module")
 def results(cases, tmp_path_factory) -> dict[str, dict]:
     t = tmp_path_factory.mktemp("failures_cli_run")
-    (t / "cases.json").write_text(json.dumps({k: argv for k, (argv, _) in cases.items()}))
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MOCO_RAY_ALLOW_PENDING_GPUS")}
-    env["RAY_ADDRESS"] = "local"  # a local Ray, were one started: the GPU check must count this machine's GPUs
-    env["CUDA_VISIBLE_DEVICES"] = ""  # whatever the hardware, this machine has no GPU for the test
-    p = subprocess.run(
-        [sys.executable, "-c", _RUNNER, str(t / "cases.json"), str(t / "out.json")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads((t / "out.json").read_text())
+    # a local Ray, were one started, counts this machine's GPUs: none, whatever the hardware
+    return run_cli_cases({k: {"argv": argv} for k, (argv, _) in cases.items()}, t, CUDA_VISIBLE_DEVICES="")
 
 
 NAMES = [
