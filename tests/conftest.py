@@ -50,15 +50,22 @@ def small_image_root(image_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def one_thread():
+def restore_threads():
+    """Put torch's intra-op thread count back after a test that changes it (benchmarks set their own)."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread(restore_threads):
     """One intra-op thread: tiny tensors gain nothing from more, and on a loaded 2-core box their sync costs 10x
     the work. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     import torch
 
-    n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

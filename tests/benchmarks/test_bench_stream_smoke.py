@@ -16,12 +16,7 @@ sys.path.insert(0, str(BENCH))
 import bench_e2e  # noqa: E402
 import bench_stream_vs_loader as bsl  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def test_tree_cpu_seconds_counts_this_process_and_its_children():
