@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from moco_ray.data.manifest import Manifest
 from moco_ray.tracking.run_log import RunEncoder
 
 CACHE_ENV = "MOCO_RAY_CACHE"
@@ -74,11 +75,14 @@ def features(
     splits: list[str],
     image_size: int,
     *,
+    manifest: Manifest,
     limit: int = 0,
     use_gpu: bool | None = None,
     batch_size: int = 256,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Raw backbone features + labels of each split, from the cache or extracted in one Ray task."""
+    """Raw backbone features + labels of each split, from the cache or extracted in one Ray task.
+
+    ``manifest``: the shards' manifest the caller validated (row counts for the progress lines)."""
     from moco_ray.evaluation.features import cache_path, cached_features
 
     stats = (tuple(encoder.mean), tuple(encoder.std))
@@ -93,11 +97,8 @@ def features(
 
         init_ray()
         gpu = _use_gpu(use_gpu)
-        from moco_ray.data.manifest import read_manifest
-
         datasets = {s: eval_dataset(shards, s, image_size, limit) for s in missing}
-        counts = read_manifest(shards).counts
-        rows = {s: min(counts.get(s, 0), limit) if limit else counts.get(s, 0) for s in missing}
+        rows = {s: min(manifest.rows(s), limit) if limit else manifest.rows(s) for s in missing}
         task = ray.remote(_extract_task).options(num_cpus=1, num_gpus=1 if gpu else 0)
         state_ref = ray.put(encoder.state)
         computed = ray.get(task.remote(state_ref, encoder.arch, encoder.small_stem, datasets, batch_size, rows, stats))

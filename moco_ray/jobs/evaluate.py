@@ -133,7 +133,7 @@ def evaluate_knn(
     log, parent, shards, size, manifest, enc = _prepare(
         run_id, data, tracking_uri, image_size, [split_train, split_test]
     )
-    f = features(run_id, enc, shards, [split_train, split_test], size, limit=limit, use_gpu=use_gpu)
+    f = features(run_id, enc, shards, [split_train, split_test], size, manifest=manifest, limit=limit, use_gpu=use_gpu)
     (xtr, ytr), (xte, yte) = f[split_train], f[split_test]
     top1 = knn_accuracy(
         F.normalize(xtr, dim=1), ytr, F.normalize(xte, dim=1), yte, k=k, t=t,
@@ -175,7 +175,7 @@ def evaluate_linear(
         run_id, data, tracking_uri, image_size, [split_train, split_test]
     )
     name, proto = linear_protocol(protocol, size, epochs)
-    f = features(run_id, enc, shards, [split_train, split_test], size, limit=limit, use_gpu=use_gpu)
+    f = features(run_id, enc, shards, [split_train, split_test], size, manifest=manifest, limit=limit, use_gpu=use_gpu)
     (xtr, ytr), (xte, yte) = f[split_train], f[split_test]
     if name == "small":
         xtr, xte = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)
