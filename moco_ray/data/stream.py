@@ -304,7 +304,7 @@ def make_pairs(
         out["corrupt"] = corrupt
     if keep_id:
         out["id"] = np.asarray(ids, dtype=object)
-    return out
+    return _block(out)
 
 
 def make_eval(batch: dict[str, np.ndarray], *, image_size: int, drop_ids: frozenset[str] = frozenset()) -> dict:
@@ -313,11 +313,35 @@ def make_eval(batch: dict[str, np.ndarray], *, image_size: int, drop_ids: frozen
 
     batch = _drop(batch, drop_ids)
     imgs, corrupt = decode_batch(list(batch["image"]))
-    return {
-        "img": _stack([eval_view(im, image_size) for im in imgs], image_size),
-        "label": np.asarray(batch["label"], dtype=np.int64),
-        "corrupt": corrupt,
-    }
+    return _block(
+        {
+            "img": _stack([eval_view(im, image_size) for im in imgs], image_size),
+            "label": np.asarray(batch["label"], dtype=np.int64),
+            "corrupt": corrupt,
+        }
+    )
+
+
+def _block(out: dict[str, np.ndarray]) -> dict[str, np.ndarray] | Any:
+    """A map_batches result whose image columns stay tensor columns when the batch is empty.
+
+    A batch whose every row was cut by ``data.limit`` gives 0-row [0,3,S,S] arrays. Ray Data converts only
+    non-empty arrays to its tensor type; an empty one fails Arrow's conversion, is pickled as Python objects and
+    warns once per worker ("Failed to convert column 'q' into pyarrow array"). Typed here instead.
+    """
+    if next(iter(out.values())).shape[0] > 0:
+        return out
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    objects = {"jpeg": pa.binary(), "id": pa.string()}  # the object columns' types when not empty
+
+    def column(k: str, v: np.ndarray) -> Any:
+        if v.ndim > 1:
+            return ArrowTensorArray.from_numpy(v)
+        return pa.array(v.tolist(), type=objects[k]) if v.dtype == object else pa.array(v)
+
+    return pa.table({k: column(k, v) for k, v in out.items()})
 
 
 def _stack(ts: list[torch.Tensor], size: int) -> np.ndarray:

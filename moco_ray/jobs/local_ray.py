@@ -65,8 +65,12 @@ def local_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
     env = dict(LOCAL_WORKER_ENV)
     if os.environ.get("PYTHONWARNINGS"):  # the user's own filters still apply
         env["PYTHONWARNINGS"] = os.environ["PYTHONWARNINGS"] + "," + env["PYTHONWARNINGS"]
+    pool = worker_pool_size(num_cpus)
     return {
-        "_system_config": {"num_workers_soft_limit": worker_pool_size(num_cpus)},
+        # The raylet warns "N PYTHON worker processes have been started ..., which is 4x the maximum expected
+        # startup concurrency" once that many workers are alive; its yardstick is this startup concurrency (the
+        # CPU count by default). A run's pool above is that big by design, so the yardstick is the pool's size.
+        "_system_config": {"num_workers_soft_limit": pool, "worker_maximum_startup_concurrency": pool},
         "runtime_env": {"worker_process_setup_hook": HOOK, "env_vars": env},
     }
 

@@ -6,11 +6,14 @@ from a run (params, tags, per-epoch metrics, config, encoder, end state) goes th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,11 +106,12 @@ class RunLog:
     def download(self, path: str, dst: str | Path) -> Path:
         import mlflow.artifacts
 
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=self.run_id, artifact_path=path, dst_path=str(dst), tracking_uri=self.uri
+        with _no_artifact_bar():
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=self.run_id, artifact_path=path, dst_path=str(dst), tracking_uri=self.uri
+                )
             )
-        )
 
     def config(self) -> Config | None:
         """The run's resolved config (its ``config.yaml`` artifact), or None when it has none."""
@@ -233,7 +237,7 @@ class RunLog:
 
         mlflow.set_tracking_uri(self.uri)
         reqs = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"]
-        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False), _quiet_model_logging():
             info = mlflow.pytorch.log_model(
                 module.cpu().eval(), name="encoder_model", pip_requirements=reqs, serialization_format="pickle"
             )
@@ -253,6 +257,39 @@ class RunLog:
         plain = load_torchvision_backbone_from_state(torchvision_state_dict(backbone), arch, small_stem)
         self.set_tags({ENCODER_MODEL_URI_TAG: self.log_pytorch_model(plain)})
         return encoder_uri
+
+
+@contextlib.contextmanager
+def _no_artifact_bar() -> Iterator[None]:
+    """No "Downloading artifacts" progress bar: moco-ray's downloads are a config, an encoder or a model's
+    metadata, and the bar (one per call, several per run) would sit between the epoch and result lines."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+@contextlib.contextmanager
+def _quiet_model_logging() -> Iterator[None]:
+    """``mlflow.pytorch.log_model`` without its progress bar and its warning about the pickle format. Pickle is
+    moco-ray's choice for this copy (a plain torchvision module, which ``mlflow.pytorch.load_model`` then loads on
+    any torch); the safe path is the ``encoder/`` state dict, which ``load_encoder`` and ``export`` read."""
+    import logging
+
+    log = logging.getLogger("mlflow.pytorch")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with _no_artifact_bar():
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def training_experiment(c, name: str) -> str:

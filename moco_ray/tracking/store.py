@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,13 +67,26 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _quiet_migrations() -> Iterator[None]:
+    """MLflow's "Creating initial MLflow database tables..." / "Updating database tables" INFO lines, which a
+    fresh store prints before the run's first line, stay off the console (its errors still show)."""
+    log = logging.getLogger("mlflow.store.db.utils")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def ensure_store(uri: str) -> None:
     """Create (or migrate and check) a sqlite store now, under :func:`store_lock`, so that the Ray workers and
     any other process that opens it later only read an up-to-date schema."""
     if sqlite_path(uri) is None:
         return
     try:
-        with store_lock(uri):
+        with store_lock(uri), _quiet_migrations():
             client(uri)  # MlflowClient builds its store eagerly: tables created or schema verified here
     except OSError as e:
         raise ValueError(f"tracking.tracking_uri: cannot use the sqlite store {uri} ({e.strerror or e})") from None

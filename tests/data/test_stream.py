@@ -163,3 +163,24 @@ def test_iter_pairs_streaming_split_equal_steps(ray_local, shards):
     assert not errors, errors
     expected = tuple(((global_batch // workers, 3, S, S), torch.uint8, 0) for _ in range(steps))
     assert got == [[expected, expected]] * workers
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_a_batch_cut_empty_by_the_limit_keeps_the_column_types(shards, device):
+    """data.limit can cut every row of a batch. The empty result must keep the columns' Arrow types (before: a
+    0-row [0,3,S,S] array failed Ray Data's tensor conversion, was pickled as Python objects and warned)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    from moco_ray.data.stream import make_eval, make_pairs
+
+    rows = pq.read_table(next(Path(shards).glob("**/*.parquet")), columns=["image", "label", "id"]).slice(0, 3)
+    batch = {c: rows[c].to_numpy(zero_copy_only=False) for c in rows.column_names}
+    kw = {"preset": "v2", "image_size": 16, "strength": 1.0, "device": device, "seed": 0, "epoch_offset": 0}
+    for body, extra in ((make_pairs, {**kw, "keep_id": True}), (make_eval, {"image_size": 16})):
+        full = body(batch, **extra)
+        empty = body(batch, **extra, drop_ids=frozenset(str(i) for i in batch["id"]))
+        assert isinstance(empty, pa.Table) and empty.num_rows == 0
+        assert set(empty.column_names) == set(full)
+        for name, values in full.items():
+            typed = ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(list(values))
+            assert empty.schema.field(name).type == typed.type, name

@@ -1,4 +1,10 @@
-"""End to end: ingest -> Ray Data -> TorchTrainer (2 CPU workers, gloo) -> MLflow sqlite, read back."""
+"""End to end through the console script: ingest -> Ray Data -> TorchTrainer (2 CPU workers, gloo) -> MLflow
+sqlite, read back.
+
+Console: the epoch lines and none of Ray's notices that used to surround them. Store: per-epoch and step/*
+metrics at comparable steps, the shard splits as dataset inputs with the manifest's fingerprint, MLflow's
+system/* metrics, the model-training experiment kind, and an encoder that loads strictly into torchvision.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,27 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from moco_ray.config import load_config
+from moco_ray.data.manifest import read_manifest
+from moco_ray.tracking.datasets import DIGEST_CHARS
+from moco_ray.tracking.run_log import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND
 
 pytestmark = pytest.mark.ray
+
+NOISE = [
+    "Token authentication is enabled for this Ray cluster",
+    "PreemptionWatcher",
+    "RayDeprecationWarning",
+    "exclude_resources",
+    "Progress bars disabled",
+    "Failed to convert column",  # an empty batch's tensor column pickled (moco_ray.data.stream._block)
+    "worker processes have been started",  # the raylet's pool-size yardstick (moco_ray.jobs.local_ray)
+    "Creating initial MLflow database tables",
+    "Downloading artifacts",
+    "Pickle or CloudPickle",
+]
 
 EPOCHS = 8
 
@@ -44,46 +67,78 @@ def _overrides(small_shards, tmp_path, uri, **extra):
         "eval.knn_every": 4,
         "tracking.tracking_uri": uri,
         "tracking.experiment": "test",
+        "tracking.log_every_steps": 2,
+        "tracking.system_metrics_interval": 0.5,
     }
     o.update(extra)
     return o
 
 
-def test_pretrain_end_to_end(ray_local, small_shards, tmp_path, mlflow_uri):
+def _as_yaml(overrides: dict, path) -> str:
+    doc: dict = {}
+    for k, v in overrides.items():
+        section, key = k.split(".")
+        doc.setdefault(section, {})[key] = v
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def test_pretrain_end_to_end(small_shards, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    from moco_ray import load_encoder, pretrain
+    from moco_ray import load_encoder
     from moco_ray.train.checkpoint import load_state
     from moco_ray.train.model import backbone_of, build_method
 
-    res = pretrain(None, overrides=_overrides(small_shards, tmp_path, mlflow_uri))
+    cfg_file = _as_yaml(_overrides(small_shards, tmp_path, mlflow_uri), tmp_path / "run.yaml")
+    p = subprocess.run(
+        [sys.executable, "-m", "moco_ray.cli.main", "pretrain", "-c", cfg_file],
+        capture_output=True, text=True, cwd=_repo(), timeout=900,
+    )  # fmt: skip
+    console = p.stdout + p.stderr
+    assert p.returncode == 0, console[-3000:]
+    assert f"epoch 1/{EPOCHS}  loss" in console and f"epoch {EPOCHS}/{EPOCHS}  loss" in console
+    for noise in NOISE:
+        assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
+    run_id = next(ln.split()[-1] for ln in p.stdout.splitlines() if ln.startswith("run id: "))
     c = MlflowClient(mlflow_uri)
-    run = c.get_run(res.run_id)
+    run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
+    assert c.get_experiment(run.info.experiment_id).tags[EXPERIMENT_KIND_TAG] == TRAINING_EXPERIMENT_KIND
     assert run.data.params["moco.queue_size"] == "256"
     assert run.data.params["train.num_workers"] == "2"
     assert run.data.tags["world_size"] == "2" and "ray.version" in run.data.tags
-    for key in ("loss", "acc1", "lr", "images_per_s", "epoch_seconds"):
-        hist = c.get_metric_history(res.run_id, key)
+    for key in ("loss", "acc1", "lr", "images_per_s", "epoch_seconds", "data_wait_frac"):
+        hist = c.get_metric_history(run_id, key)
         assert sorted(m.step for m in hist) == list(range(EPOCHS)), key  # one point per epoch, step = epoch
-    assert sorted(m.step for m in c.get_metric_history(res.run_id, "knn_top1")) == [3, 7]  # every 4 epochs
-    losses = [m.value for m in sorted(c.get_metric_history(res.run_id, "loss"), key=lambda m: m.step)]
+    assert all(0 <= m.value <= 1 for m in c.get_metric_history(run_id, "data_wait_frac"))
+    steps_per_epoch = 320 // 32  # train.batch_size is the global batch
+    # step/* metrics at global steps, every tracking.log_every_steps, across the epochs
+    steps = sorted(m.step for m in c.get_metric_history(run_id, "step/loss"))
+    assert steps == list(range(2, EPOCHS * steps_per_epoch + 1, 2)), steps
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
+    inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
+    fp = read_manifest(str(small_shards)).fingerprint
+    assert {d.digest for d in inputs.values()} == {fp[:DIGEST_CHARS]}
+    assert sorted(n.rsplit("/", 1)[-1] for n in inputs) == ["test", "train"]  # kNN's queries come from test
+    assert sorted(m.step for m in c.get_metric_history(run_id, "knn_top1")) == [3, 7]  # every 4 epochs
+    losses = [m.value for m in sorted(c.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
     assert all(0 < v < 20 for v in losses), losses  # finite, and on the InfoNCE scale (log(K+1) = 5.5)
-    knn = [m.value for m in c.get_metric_history(res.run_id, "knn_top1")]
+    knn = [m.value for m in c.get_metric_history(run_id, "knn_top1")]
     assert all(0.0 <= v <= 1.0 for v in knn), knn
     # the loss goes down: the last two epochs below the first two (the queue holds 8 steps' keys, so it is full
     # of real keys from the first epoch on). Measured falls: 0.40 on CIFAR; 0.065 and > 0.15 on the digits
     # fallback, whose near-identical 8 px scans make instances harder to tell apart in 80 steps.
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
-    arts = {a.path for a in c.list_artifacts(res.run_id)}
+    arts = {a.path for a in c.list_artifacts(run_id)}
     assert {"config.yaml", "encoder", "plots"} <= arts
-    assert [a.path for a in c.list_artifacts(res.run_id, "plots")] == ["plots/training_curves.png"]
+    assert [a.path for a in c.list_artifacts(run_id, "plots")] == ["plots/training_curves.png"]
 
     # the encoder loads strictly into torchvision and gives the platform's features
-    net = load_encoder(res.run_id, tracking_uri=mlflow_uri)
+    net = load_encoder(run_id, tracking_uri=mlflow_uri)
     cfg = load_config(None, _overrides(small_shards, tmp_path, mlflow_uri))
     model = build_method(cfg)
-    model.load_state_dict(load_state(res.checkpoint_path)["model"])
+    model.load_state_dict(load_state(run.data.tags["moco_ray.checkpoint"])["model"])
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         ref = backbone_of(model).eval()(x)
