@@ -7,8 +7,12 @@ starved).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 HOOK = "moco_ray.jobs.local_ray.quiet_worker_logs"
@@ -75,28 +79,74 @@ def local_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
     }
 
 
-class _DropMessage(logging.Filter):
-    """Drops records whose message starts with ``prefix``; everything else the logger says still shows."""
+class DropMessage(logging.Filter):
+    """Drops records whose message starts with one of ``prefixes``; everything else the logger says still shows."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, *prefixes: str) -> None:
         super().__init__()
-        self.prefix = prefix
+        self.prefixes = prefixes
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
+        return not record.getMessage().startswith(self.prefixes)
 
 
 def quiet_driver_logs() -> None:
     """The driver's share of the quiet console: Ray's token-auth notice and the noisy loggers' chatter."""
     log = logging.getLogger(TOKEN_NOTICE_LOGGER)
-    if not any(isinstance(f, _DropMessage) for f in log.filters):
-        log.addFilter(_DropMessage(TOKEN_NOTICE))
+    if not any(isinstance(f, DropMessage) for f in log.filters):
+        log.addFilter(DropMessage(TOKEN_NOTICE))
     for name, level in NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
 
 
+def mute_worker_logs() -> None:
+    """Stop echoing the Ray workers' output on this driver; what they write stays in Ray's log files.
+
+    Called on Ctrl-C: tearing a run down makes every actor whose owner went away print a traceback (the Train
+    controller's "worker actors failed to initialize", the trial actors' SystemExit), which says nothing to a user
+    who asked for the stop and would bury the one line that says how to continue. Uses Ray's private log
+    dispatcher; on a Ray without it, the output just keeps showing.
+    """
+    with contextlib.suppress(Exception):
+        from ray._private.worker import global_worker_stdstream_dispatcher
+
+        global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+
+
+@contextlib.contextmanager
+def muted_on_sigint() -> Iterator[None]:
+    """Within: the first SIGINT mutes the workers' output (``mute_worker_logs``) before whatever handler is then in
+    place runs (Python's KeyboardInterrupt, or the handler Ray Tune installs while a sweep runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    real = signal.signal
+
+    def muting(handler: object) -> object:
+        if not callable(handler):
+            return handler
+
+        def on_sigint(signum: int, frame: object) -> None:
+            mute_worker_logs()
+            handler(signum, frame)
+
+        return on_sigint
+
+    def install(sig: int, handler: object) -> object:
+        return real(sig, muting(handler) if sig == signal.SIGINT else handler)
+
+    previous = real(signal.SIGINT, muting(signal.getsignal(signal.SIGINT)))
+    signal.signal = install  # type: ignore[assignment]  # Tune installs its own handler inside fit()
+    try:
+        yield
+    finally:
+        signal.signal = real
+        real(signal.SIGINT, previous)
+
+
 def init_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`), else to a running local one, else start one.
+    """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`), else to a running local one, else start one
+    (``RAY_ADDRESS=local`` starts one).
 
     Only a new local instance gets moco-ray's worker-pool size and log hook; a running cluster keeps its own
     settings (and runs the dashboard, so the hook's warning does not occur there).
@@ -108,11 +158,11 @@ def init_ray() -> None:
     quiet_driver_logs()
     common = {"log_to_driver": True, "configure_logging": False}
     address = os.environ.get("RAY_ADDRESS") or None
-    if address:
+    if address and address != "local":  # "local": a new local instance, as with no address at all
         ray.init(address=address, **common)
         return
     try:
-        ray.init(**common, **local_init_kwargs())
+        ray.init(address=address, **common, **local_init_kwargs())
     except ValueError as e:
         if "existing cluster" not in str(e):
             raise

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moco_ray.config import Config, load_config
-from moco_ray.jobs.local_ray import init_ray
+from moco_ray.jobs.local_ray import init_ray, mute_worker_logs
 from moco_ray.jobs.resolve import (
     Prepared,
     check_local_gpus,
@@ -244,6 +244,7 @@ class _SigintWatch:
 
         def handler(signum, frame) -> None:
             self.seen = True
+            mute_worker_logs()  # the teardown's tracebacks would bury the resume hint
             if callable(theirs):
                 theirs(signum, frame)
             else:

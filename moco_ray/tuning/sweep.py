@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from moco_ray.config import absolute
-from moco_ray.jobs.local_ray import init_ray
+from moco_ray.jobs.local_ray import init_ray, muted_on_sigint
 from moco_ray.jobs.resolve import Prepared, check_resources, prepare, with_absolute_paths
 from moco_ray.jobs.resources import TRIAL_CPU
 from moco_ray.tracking.run_log import RunLog, create_run, open_run, version_tags
@@ -124,7 +124,7 @@ class _SweepCallback:
                     self.next_check = time.monotonic() + 5.0
                     remove_orphaned_placement_groups()
 
-            def _line(self, trial, what: str) -> None:
+            def _line(self, trial, what: str, why: str = "") -> None:
                 self.ended += 1
                 self.next_check = 0.0
                 res = trial.last_result or {}
@@ -133,7 +133,7 @@ class _SweepCallback:
                 epochs = f" after {int(res['epoch']) + 1} epoch(s)" if "epoch" in res else ""
                 print(
                     f"[sweep {self.ended}/{self.total}] trial {trial.trial_id} ({run_name(trial.config)}) "
-                    f"{what}{epochs}{shown}",
+                    f"{what}{epochs}{shown}{why}",
                     flush=True,
                 )
 
@@ -141,9 +141,29 @@ class _SweepCallback:
                 self._line(trial, "ended")
 
             def on_trial_error(self, iteration, trials, trial, **info) -> None:
-                self._line(trial, "FAILED")
+                self._line(trial, "FAILED", f": {_trial_error(trial)}")
 
         return SweepCallback()
+
+
+# Ray Tune's driver-side lines that moco-ray's own replace: a failed trial's traceback (the sweep prints the trial's
+# error in one line; the child run keeps it as a tag), and on Ctrl-C Tune's summary and its advice to call
+# Tuner.restore (moco-ray prints the `moco-ray sweep ... --resume` that does that). Tune's other lines still show.
+TUNE_LINES_REPLACED = {
+    "ray.tune.execution.tune_controller": ("Trial task failed for trial",),
+    "ray.tune.tune": ("Trials did not complete", "Experiment has been interrupted"),
+}
+
+
+def _quiet_tune_logs() -> None:
+    import logging
+
+    from moco_ray.jobs.local_ray import DropMessage
+
+    for name, prefixes in TUNE_LINES_REPLACED.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, DropMessage) for f in log.filters):
+            log.addFilter(DropMessage(*prefixes))
 
 
 def _scheduler(s: SweepSettings, epochs: int):
@@ -331,13 +351,14 @@ def run_sweep(
     prep = prepare(with_absolute_paths(cfg))  # tracking store, storage, shards: one clear error before Ray starts
     root = absolute(s.storage_path) if s.storage_path else prep.storage_path
     init_ray()
+    _quiet_tune_logs()
     check_resources(cfg, TRIAL_CPU, "a trial")  # one clear line before the parent run or any trial starts
     sw = _open_sweep(spec, prep, root, resume)
     print(f"[sweep] {sw.spec.settings.name}: parent MLflow run {sw.parent.run_id}; Tune experiment {sw.exp_dir}")
     tuner = _tuner(sw, resume, hooks)
     interrupted = False
     try:
-        with _lenient_metrics():
+        with _lenient_metrics(), muted_on_sigint():
             tuner.fit()  # failed trials are in the results, not raised
     except KeyboardInterrupt:
         interrupted = True

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
-
 import pandas as pd
 import pytest
-import yaml
 
 from moco_ray.tuning.space import load_sweep
 
@@ -120,82 +114,6 @@ def test_grid_asha_parent_child_runs(ray_local, small_shards, tmp_path, mlflow_u
     )
     back = pd.read_csv(csv)
     assert list(back["trial_id"]) == list(t["trial_id"]) and list(back["state"]) == list(t["state"])
-
-
-def _interrupt_when_run_starts(uri: str, experiment: str, split: str) -> threading.Thread:
-    """Ctrl-C (SIGINT to this process, as a user would) once the trial training on `split` has its child run."""
-
-    def watch() -> None:
-        from mlflow.tracking import MlflowClient
-
-        c = MlflowClient(uri)
-        deadline = time.monotonic() + 900  # a safety net only: the sweep itself would then just finish
-        while time.monotonic() < deadline:
-            exp = c.get_experiment_by_name(experiment)
-            if exp and c.search_runs([exp.experiment_id], f"params.`data.train_split` = '{split}'"):
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.3)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    return t
-
-
-def test_failed_trial_and_resume(ray_local, small_shards, tmp_path, mlflow_uri):
-    """A failing trial is FAILED with its error while the next one runs; Ctrl-C, then resume runs only the rest.
-
-    kNN every 2 epochs of 2: the first report has no knn_top1, which Tune must not treat as an error.
-    """
-    from mlflow.tracking import MlflowClient
-
-    from moco_ray.tuning import run_sweep
-
-    path = tmp_path / "sweep.yaml"
-    # data.train_split "missing" is a valid config value but no such split exists: that trial fails at run time.
-    spec = _tiny(
-        small_shards,
-        tmp_path,
-        mlflow_uri,
-        eval={"knn_every": 2},
-        search={"data.train_split": {"grid": ["train", "missing", "test"]}},
-        sweep={"metric": "knn_top1", "mode": "max", "scheduler": "fifo", "max_concurrent_trials": 1, "verbose": 0},
-    )
-    path.write_text(yaml.safe_dump(spec))
-    watcher = _interrupt_when_run_starts(mlflow_uri, "sweep-test", "test")  # trials run in grid order
-    first = run_sweep(path)
-    watcher.join(timeout=5)
-    assert not first.complete
-    by_split = {r["param:data.train_split"]: r for r in first.table.to_dict("records")}
-    assert by_split["train"]["state"] == "finished" and by_split["train"]["epochs_done"] == 2
-    assert by_split["train"]["final_knn_top1"] > 0
-    assert by_split["missing"]["state"] == "failed"
-    assert by_split["missing"]["error"].startswith("ValueError: split 'missing' is not in the shards")
-    assert by_split["test"]["state"] == "interrupted"
-    c = MlflowClient(mlflow_uri)
-    assert c.get_run(first.parent_run_id).info.status == "KILLED"
-    failed = c.get_run(by_split["missing"]["run_id"])
-    assert failed.info.status == "FAILED" and failed.data.tags["moco_ray.error"] == by_split["missing"]["error"]
-    assert failed.data.tags["mlflow.parentRunId"] == first.parent_run_id
-    cut = c.get_run(by_split["test"]["run_id"])
-    assert cut.info.status == "KILLED" and cut.data.tags["moco_ray.trial_state"] == "interrupted"
-
-    with pytest.raises(ValueError, match="already exists"):
-        run_sweep(path)
-    again = run_sweep(path, resume=True)
-    assert again.complete and again.parent_run_id == first.parent_run_id
-    rows = {r["param:data.train_split"]: r for r in again.table.to_dict("records")}
-    assert {k: r["state"] for k, r in rows.items()} == {"train": "finished", "missing": "failed", "test": "finished"}
-    kids = _children(mlflow_uri, first.parent_run_id)
-    per_trial: dict[str, list] = {}
-    for k in kids:
-        per_trial.setdefault(k.data.tags["moco_ray.trial_id"], []).append(k)
-    # the finished and the failed trial were not run again; the interrupted one ran anew in a new child run
-    assert len(per_trial[rows["train"]["trial_id"]]) == 1 and rows["train"]["run_id"] == by_split["train"]["run_id"]
-    assert len(per_trial[rows["missing"]["trial_id"]]) == 1
-    assert len(per_trial[rows["test"]["trial_id"]]) == 2 and rows["test"]["run_id"] != by_split["test"]["run_id"]
-    assert c.get_run(rows["test"]["run_id"]).info.status == "FINISHED"
-    assert c.get_run(first.parent_run_id).info.status == "FINISHED"
 
 
 def test_bad_search_values_rejected_before_ray(tmp_path, small_shards):

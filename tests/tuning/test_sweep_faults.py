@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _tiny_sweep(small_shards, tmp_path, uri: str, search: dict) -> dict:
-    """Two epochs of 2 steps at 16 px, one 0.25-CPU worker per trial, one trial at a time, no kNN."""
+    """Two epochs of 2 steps at 16 px, one 0.25-CPU worker per trial, both trials at once, no kNN."""
     return {
         "model": {"arch": "resnet18", "small_stem": True, "dim": 16, "hidden_dim": 32},
         "moco": {"queue_size": 128, "temperature": 0.2},
@@ -36,7 +36,7 @@ def _tiny_sweep(small_shards, tmp_path, uri: str, search: dict) -> dict:
         "eval": {"knn_every": 0},
         "tracking": {"tracking_uri": uri, "experiment": "sweep-faults"},
         "search": search,
-        "sweep": {"metric": "loss", "mode": "min", "scheduler": "fifo", "max_concurrent_trials": 1, "verbose": 0},
+        "sweep": {"metric": "loss", "mode": "min", "scheduler": "fifo", "max_concurrent_trials": 2, "verbose": 0},
     }
 
 

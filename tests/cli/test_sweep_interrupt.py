@@ -1,0 +1,120 @@
+"""A real ``moco-ray sweep`` through the console script: a failing trial, Ctrl-C (SIGINT to the whole process
+group, as a terminal sends it) while a later trial trains, then ``--resume`` as the printed hint says.
+
+What must hold: exit 130 and one line naming ``moco-ray sweep -c FILE --resume``, no driver traceback; the parent
+run KILLED, the failed trial's child FAILED with its error, the cut trial's child KILLED (``interrupted``); the
+resume runs only the cut trial (in a new child run) and ends the same parent FINISHED. kNN every 2 epochs of 2:
+the first report has no knn_top1, which Tune must not treat as an error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENT = "sweep-ctrl-c"
+
+
+def _sweep_file(small_shards: Path, tmp_path: Path, uri: str) -> Path:
+    spec = {
+        "model": {"arch": "resnet18", "small_stem": True, "dim": 32, "hidden_dim": 64},
+        "moco": {"queue_size": 128, "temperature": 0.2},
+        "aug": {"image_size": 16},
+        "data": {"shards": str(small_shards), "limit": 64, "map_batch_size": 32, "shuffle_buffer": 0},
+        "train": {
+            "epochs": 2, "batch_size": 32, "num_workers": 1, "cpus_per_worker": 0.25, "max_failures": 0,
+            "storage_path": str(tmp_path / "runs"),
+        },
+        "eval": {"knn_every": 2, "knn_k": 10, "knn_max_bank": 100, "knn_max_queries": 50},
+        "tracking": {"tracking_uri": uri, "experiment": EXPERIMENT},
+        # data.train_split "missing" is a valid config value but no such split exists: that trial fails at run time
+        "search": {"data.train_split": {"grid": ["train", "missing", "test"]}},
+        "sweep": {"name": "ctrl_c", "metric": "knn_top1", "mode": "max", "scheduler": "fifo",
+                  "max_concurrent_trials": 1, "verbose": 0},
+    }  # fmt: skip
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["RAY_ADDRESS"] = "local"  # its own Ray, never the test session's or another cluster
+    return env
+
+
+def _wait_for_trial(uri: str, proc: subprocess.Popen, split: str, timeout: float = 600) -> None:
+    """Until the trial training on ``split`` has its child run (trials run in grid order, one at a time)."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        exp = c.get_experiment_by_name(EXPERIMENT)
+        if exp and c.search_runs([exp.experiment_id], f"params.`data.train_split` = '{split}'"):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"no trial on {split!r} in time")
+
+
+def _children(c, parent_id: str) -> list:
+    exp = c.get_run(parent_id).info.experiment_id
+    return c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_ctrl_c_of_a_sweep_then_resume_finishes_the_rest(small_shards, tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    path = _sweep_file(small_shards, tmp_path, mlflow_uri)
+    cmd = [sys.executable, "-m", "moco_ray.cli.main", "sweep", "-c", str(path)]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _wait_for_trial(mlflow_uri, proc, "test")
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the driver and everything in its group
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    # No traceback from the driver. The Ray processes' output is muted once the driver handles the SIGINT
+    # (moco_ray.jobs.local_ray.mute_worker_logs); lines already on their way (the workers get the SIGINT at the
+    # same moment) may still show, with their "(Name pid=N)" prefix.
+    assert not any(ln.startswith("Traceback") for ln in err.splitlines()), err[-3000:]
+    assert "Tuner.restore" not in err, err[-3000:]  # Tune's advice, replaced by moco-ray's own command
+    hint = [ln for ln in err.splitlines() if "--resume" in ln]
+    assert hint == [f"moco-ray: sweep interrupted; continue with: moco-ray sweep -c {path} --resume"], err[-3000:]
+
+    c = MlflowClient(mlflow_uri)
+    (parent,) = c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.`moco_ray.sweep` = 'true'")
+    assert parent.info.status == "KILLED" and parent.data.tags["moco_ray.sweep_state"] == "interrupted"
+    first = {r.data.params["data.train_split"]: r for r in _children(c, parent.info.run_id)}
+    assert first["train"].info.status == "FINISHED" and first["train"].data.metrics["knn_top1"] > 0
+    assert first["missing"].info.status == "FAILED"
+    assert first["missing"].data.tags["moco_ray.error"].startswith("ValueError: split 'missing' is not in the shards")
+    assert first["test"].info.status == "KILLED" and first["test"].data.tags["moco_ray.trial_state"] == "interrupted"
+
+    again = subprocess.run([*cmd, "--resume"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert c.get_run(parent.info.run_id).info.status == "FINISHED"
+    kids = _children(c, parent.info.run_id)
+    by_split: dict[str, list] = {}
+    for k in kids:
+        by_split.setdefault(k.data.params["data.train_split"], []).append(k)
+    # the finished and the failed trial were not run again; the interrupted one ran anew in a new child run
+    assert [r.info.run_id for r in by_split["train"]] == [first["train"].info.run_id]
+    assert [r.info.run_id for r in by_split["missing"]] == [first["missing"].info.run_id]
+    assert len(by_split["test"]) == 2
+    assert sorted(r.info.status for r in by_split["test"]) == ["FINISHED", "KILLED"]
