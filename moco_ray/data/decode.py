@@ -35,6 +35,11 @@ class CorruptImageError(ValueError):
     """Image bytes that no decoder accepts."""
 
 
+class TooManyCorruptImages(ValueError):
+    """More corrupt images in an epoch than ``data.max_corrupt_fraction`` allows: a data problem the user fixes
+    (re-ingest, or raise the limit), reported as one line, not as a crash."""
+
+
 def sniff_format(data: bytes) -> str | None:
     """The image format from the first bytes (cheap header check), or None."""
     for magic, name in _MAGIC:

@@ -40,6 +40,18 @@ TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
 
 
+# Ray Train's worker logs "Error in training function:" + traceback for any exception. The errors moco-ray reports
+# itself on the driver in one line (moco_ray.jobs.pretrain._user_error) need no traceback from every rank.
+TRAIN_ERROR_LOGGER = "ray.train.v2._internal.util"
+REPORTED_ON_DRIVER = ("moco_ray.data.decode.TooManyCorruptImages:",)
+
+
+class _DropReportedErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Error in training function") and any(e in text for e in REPORTED_ON_DRIVER))
+
+
 def quiet_worker_logs() -> None:
     """``worker_process_setup_hook``: keep the epoch lines readable among the workers' log lines.
 
@@ -50,6 +62,7 @@ def quiet_worker_logs() -> None:
     """
     for name, level in NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    logging.getLogger(TRAIN_ERROR_LOGGER).addFilter(_DropReportedErrors())
 
 
 def worker_pool_size(num_cpus: int | None = None) -> int:

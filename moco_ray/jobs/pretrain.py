@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moco_ray.config import Config, load_config
+from moco_ray.data.decode import TooManyCorruptImages
 from moco_ray.jobs.local_ray import init_ray, mute_worker_logs
 from moco_ray.jobs.resolve import (
     Prepared,
@@ -264,13 +265,26 @@ def _fit(trainer, log: RunLog):
         return trainer.fit()
     except KeyboardInterrupt:
         raise
-    except BaseException:
+    except BaseException as e:
         if watch.seen:  # Ray's handler ended fit() with SystemExit or the aborted controller's error
             raise KeyboardInterrupt from None
         log.finish("FAILED")
+        user = _user_error(e)
+        if user is not None:  # a data problem the user fixes: its message, not Ray's traceback of the worker
+            raise ValueError(f"run {log.run_id} FAILED: {user}") from None
         raise
     finally:
         watch.restore()
+
+
+def _user_error(e: BaseException) -> TooManyCorruptImages | None:
+    """The workers' TooManyCorruptImages inside Ray Train's error (``worker_failures``: rank -> the worker's
+    exception, a RayTaskError whose ``cause`` is the original), if that is what ended the run."""
+    for failure in getattr(e, "worker_failures", {}).values():
+        cause = getattr(failure, "cause", failure)
+        if isinstance(cause, TooManyCorruptImages):
+            return cause
+    return None
 
 
 def _finish(spec: RunSpec, log: RunLog, result) -> PretrainResult:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from moco_ray.core.normalize import Normalizer
+from moco_ray.data.decode import TooManyCorruptImages
 from moco_ray.tracking.system_metrics import start_system_metrics, stop_system_metrics
 from moco_ray.train.checkpoint import load_state, set_rng_state
 from moco_ray.train.model import build_method
@@ -243,7 +244,7 @@ class Worker:
         limit = self.cfg.data.max_corrupt_fraction
         what = f"{n} of {images} images in epoch {epoch + 1} were corrupt ({n / images:.1%}; decoded as grey)"
         if n / images > limit:
-            raise RuntimeError(
+            raise TooManyCorruptImages(
                 f"data: {what}, above data.max_corrupt_fraction = {limit:g}; re-ingest the shards "
                 "(`moco-ray ingest` skips bad files) or raise the limit"
             )

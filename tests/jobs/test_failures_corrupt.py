@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,10 +37,9 @@ def _all_corrupt(shards: Path, dst: Path) -> Path:
     return dst
 
 
-def test_all_corrupt_images_fail_the_run(ray_local, small_shards, tmp_path, mlflow_uri):
+def test_all_corrupt_images_fail_the_run(small_shards, tmp_path, mlflow_uri):
+    """Through the console script: exit 2 and the error as moco-ray's one line (before: Ray's worker traceback)."""
     from mlflow.tracking import MlflowClient
-
-    from moco_ray.jobs.pretrain import run_pretraining
 
     over = {
         "data.shards": str(_all_corrupt(small_shards, tmp_path / "bad")),
@@ -54,11 +56,22 @@ def test_all_corrupt_images_fail_the_run(ray_local, small_shards, tmp_path, mlfl
         "tracking.tracking_uri": mlflow_uri,
         "tracking.experiment": "test-corrupt",
     }
-    count = r"32 of 32 images in epoch 1 were corrupt .*data\.max_corrupt_fraction = 0\.01"
-    with pytest.raises(Exception, match=count):
-        run_pretraining(None, over)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    p = subprocess.run(
+        [sys.executable, "-m", "moco_ray.cli.main", "pretrain", "-c", "experiments/quickstart.yaml",
+         *[f"{k}={v}" for k, v in over.items()]],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], env={**env, "RAY_ADDRESS": "local"},
+        timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert not any(ln.startswith("Traceback") for ln in p.stderr.splitlines()), p.stderr[-3000:]
     c = MlflowClient(mlflow_uri)
     (run,) = c.search_runs([c.get_experiment_by_name("test-corrupt").experiment_id])
+    count = (
+        f"moco-ray: error: run {run.info.run_id} FAILED: data: 32 of 32 images in epoch 1 were corrupt (100.0%; "
+        "decoded as grey), above data.max_corrupt_fraction = 0.01; re-ingest the shards"
+    )
+    assert p.stderr.strip().splitlines()[-1].startswith(count), p.stderr[-3000:]
     assert run.info.status == "FAILED"
     assert "moco_ray.encoder_model_uri" not in run.data.tags
     assert not [a for a in c.list_artifacts(run.info.run_id) if a.path.startswith("encoder")]
