@@ -304,7 +304,7 @@ def _open_sweep(spec: SweepSpec, prep: Prepared, root: str, resume: bool) -> _Sw
     return _Sweep(spec, prep, root, exp_dir, experiment, parent, spec.base_raw, fixed)
 
 
-def _tuner(sw: _Sweep, resume: bool, hooks: FaultHooks | None = None):
+def _tuner(sw: _Sweep, resume: bool, concurrency: int, hooks: FaultHooks | None = None):
     from ray import tune
 
     s, cfg = sw.spec.settings, sw.spec.base
@@ -321,7 +321,7 @@ def _tuner(sw: _Sweep, resume: bool, hooks: FaultHooks | None = None):
             scheduler=_scheduler(s, cfg.train.epochs),
             search_alg=_search_alg(s),
             num_samples=s.num_samples,
-            max_concurrent_trials=_concurrency(s, cfg, sw.spec.num_trials()),
+            max_concurrent_trials=concurrency,
         ),
         run_config=tune.RunConfig(
             name=s.name,
@@ -353,9 +353,11 @@ def run_sweep(
     init_ray()
     _quiet_tune_logs()
     check_resources(cfg, TRIAL_CPU, "a trial")  # one clear line before the parent run or any trial starts
+    # checked before the parent run exists too (a resumed sweep keeps the concurrency it was started with)
+    concurrency = 0 if resume else _concurrency(s, cfg, spec.num_trials())
     sw = _open_sweep(spec, prep, root, resume)
     print(f"[sweep] {sw.spec.settings.name}: parent MLflow run {sw.parent.run_id}; Tune experiment {sw.exp_dir}")
-    tuner = _tuner(sw, resume, hooks)
+    tuner = _tuner(sw, resume, concurrency, hooks)
     interrupted = False
     try:
         with _lenient_metrics(), muted_on_sigint():

@@ -167,3 +167,20 @@ def test_method_search_applies_each_methods_preset():
     simclr = load_config(s.base_raw, {"moco.method": "simclr", "train.batch_size": 64})
     assert simclr.moco.method == "simclr" and simclr.moco.temperature == 0.2 and simclr.train.batch_size == 64
     assert simclr.moco.queue_size == s.base.moco.queue_size  # unused by SimCLR, kept for a like-for-like table
+
+
+def test_too_many_concurrent_trials_refused_before_the_parent_run(ray_local, small_shards, tmp_path, mlflow_uri):
+    """The concurrency check runs before the parent run and the sweep directory exist (it ran after them, so the
+    refusal left a RUNNING parent and a rerun was told the sweep "already exists")."""
+    from moco_ray.tracking.store import client
+    from moco_ray.tuning import run_sweep
+
+    spec = _tiny(
+        small_shards, tmp_path, mlflow_uri, train={"cpus_per_worker": 0.5},
+        search={"moco.queue_size": {"grid": [128, 256]}},
+        sweep={"name": "crowded", "metric": "loss", "mode": "min", "max_concurrent_trials": 2, "verbose": 0},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"^sweep\.max_concurrent_trials: .* leave no whole CPU"):
+        run_sweep(spec)
+    assert client(mlflow_uri).get_experiment_by_name("sweep-test") is None
+    assert not (tmp_path / "runs" / "crowded").exists()
