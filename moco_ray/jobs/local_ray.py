@@ -82,12 +82,12 @@ def local_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
     env = dict(LOCAL_WORKER_ENV)
     if os.environ.get("PYTHONWARNINGS"):  # the user's own filters still apply
         env["PYTHONWARNINGS"] = os.environ["PYTHONWARNINGS"] + "," + env["PYTHONWARNINGS"]
-    pool = worker_pool_size(num_cpus)
     return {
-        # The raylet warns "N PYTHON worker processes have been started ..., which is 4x the maximum expected
-        # startup concurrency" once that many workers are alive; its yardstick is this startup concurrency (the
-        # CPU count by default). A run's pool above is that big by design, so the yardstick is the pool's size.
-        "_system_config": {"num_workers_soft_limit": pool, "worker_maximum_startup_concurrency": pool},
+        # Not raised with it: worker_maximum_startup_concurrency (the yardstick of the raylet's "N PYTHON worker
+        # processes have been started ... 4x the maximum expected startup concurrency" warning, which a 2-CPU run
+        # can print once). Tried: at the pool's size the warning went, but sweeps then printed gcs_server's
+        # "Failed to kill actor NIL_ID" every epoch.
+        "_system_config": {"num_workers_soft_limit": worker_pool_size(num_cpus)},
         "runtime_env": {"worker_process_setup_hook": HOOK, "env_vars": env},
     }
 

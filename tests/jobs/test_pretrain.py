@@ -29,7 +29,6 @@ NOISE = [
     "exclude_resources",
     "Progress bars disabled",
     "Failed to convert column",  # an empty batch's tensor column pickled (moco_ray.data.stream._block)
-    "worker processes have been started",  # the raylet's pool-size yardstick (moco_ray.jobs.local_ray)
     "Creating initial MLflow database tables",
     "Downloading artifacts",
     "Pickle or CloudPickle",
