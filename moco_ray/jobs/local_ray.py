@@ -85,8 +85,9 @@ def local_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
     return {
         # Not raised with it: worker_maximum_startup_concurrency (the yardstick of the raylet's "N PYTHON worker
         # processes have been started ... 4x the maximum expected startup concurrency" warning, which a 2-CPU run
-        # can print once). Tried: at the pool's size the warning went, but sweeps then printed gcs_server's
-        # "Failed to kill actor NIL_ID" every epoch.
+        # can print once). Tried on 2 CPUs: at the pool's size the warning went, but a 4-trial sweep (2 at once)
+        # then printed gcs_server's "Failed to kill actor NIL_ID" every epoch; at the default a 2-trial sweep
+        # printed none (one run each, not a controlled comparison).
         "_system_config": {"num_workers_soft_limit": worker_pool_size(num_cpus)},
         "runtime_env": {"worker_process_setup_hook": HOOK, "env_vars": env},
     }
