@@ -61,13 +61,19 @@ open(sys.argv[2], "w").write(json.dumps(out))
 """
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for a CLI subprocess: no inherited MLflow store or pending-GPU switch, ``RAY_ADDRESS=local`` so
+    it starts its own Ray and never attaches to the test session's or another cluster; plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MOCO_RAY_ALLOW_PENDING_GPUS")}
+    return {**env, "RAY_ADDRESS": "local", **extra}
+
+
 def run_cli_cases(cases: dict[str, dict[str, Any]], workdir: Path, **env: str) -> dict[str, dict[str, Any]]:
     """``{name: {"argv": [...], "start_ray": bool}}`` through the real CLI entry point in one subprocess (cwd: the
     repository, no inherited MLflow store or pending-GPU switch, ``RAY_ADDRESS=local`` so nothing attaches to
     another cluster, plus ``env``); returns ``{name: {"rc", "stderr", "ray_started", "seconds"}}``."""
     (workdir / "cases.json").write_text(json.dumps(cases))
-    full = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MOCO_RAY_ALLOW_PENDING_GPUS")}
-    full.update({"RAY_ADDRESS": "local", **env})
+    full = cli_env(**env)
     # a timeout only so a hang (e.g. waiting for a GPU forever) fails the test instead of blocking the suite
     p = subprocess.run(
         [sys.executable, "-c", _CLI_CASE_RUNNER, str(workdir / "cases.json"), str(workdir / "out.json")],

@@ -104,11 +104,16 @@ class DropMessage(logging.Filter):
         return not record.getMessage().startswith(self.prefixes)
 
 
+def drop_messages(logger: str, *prefixes: str) -> None:
+    """Keep ``logger``'s records that start with one of ``prefixes`` off the console (once per process)."""
+    log = logging.getLogger(logger)
+    if not any(isinstance(f, DropMessage) for f in log.filters):
+        log.addFilter(DropMessage(*prefixes))
+
+
 def quiet_driver_logs() -> None:
     """The driver's share of the quiet console: Ray's token-auth notice and the noisy loggers' chatter."""
-    log = logging.getLogger(TOKEN_NOTICE_LOGGER)
-    if not any(isinstance(f, DropMessage) for f in log.filters):
-        log.addFilter(DropMessage(TOKEN_NOTICE))
+    drop_messages(TOKEN_NOTICE_LOGGER, TOKEN_NOTICE)
     for name, level in NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
 

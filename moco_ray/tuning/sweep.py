@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from moco_ray.config import absolute
-from moco_ray.jobs.local_ray import init_ray, muted_on_sigint
+from moco_ray.jobs.local_ray import drop_messages, init_ray, muted_on_sigint
 from moco_ray.jobs.resolve import Prepared, check_resources, prepare, with_absolute_paths
 from moco_ray.jobs.resources import TRIAL_CPU
 from moco_ray.tracking.run_log import RunLog, create_run, open_run, version_tags
@@ -156,14 +156,8 @@ TUNE_LINES_REPLACED = {
 
 
 def _quiet_tune_logs() -> None:
-    import logging
-
-    from moco_ray.jobs.local_ray import DropMessage
-
     for name, prefixes in TUNE_LINES_REPLACED.items():
-        log = logging.getLogger(name)
-        if not any(isinstance(f, DropMessage) for f in log.filters):
-            log.addFilter(DropMessage(*prefixes))
+        drop_messages(name, *prefixes)
 
 
 def _scheduler(s: SweepSettings, epochs: int):

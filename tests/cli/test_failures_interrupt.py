@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from moco_helpers import TINY_MODEL
+from moco_helpers import TINY_MODEL, cli_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -49,12 +49,6 @@ def _config(small_shards: Path, tmp_path: Path, uri: str, epochs: int) -> Path:
     return path
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    env["RAY_ADDRESS"] = "local"  # its own Ray, never the test session's or another cluster
-    return env
-
-
 def _wait_first_epoch(uri: str, proc: subprocess.Popen, timeout: float = 600) -> str:
     """The run id once its run is RUNNING with epoch 0 logged (polling the store the CLI writes)."""
     from mlflow.tracking import MlflowClient
@@ -77,7 +71,7 @@ def test_ctrl_c_kills_the_run_and_resume_finishes_it(small_shards, tmp_path, mlf
     cfg = _config(small_shards, tmp_path, mlflow_uri, epochs=40)
     cmd = [sys.executable, "-m", "moco_ray.cli.main", "pretrain", "-c", str(cfg)]
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         run_id = _wait_first_epoch(mlflow_uri, proc)
@@ -104,7 +98,7 @@ def test_ctrl_c_kills_the_run_and_resume_finishes_it(small_shards, tmp_path, mlf
     r = subprocess.run(
         [*cmd[:3], *resume.split()[1:], f"train.epochs={done + 2}"],  # the hint as printed, plus more epochs
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,

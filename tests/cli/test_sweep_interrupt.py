@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from moco_helpers import cli_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -47,12 +48,6 @@ def _sweep_file(small_shards: Path, tmp_path: Path, uri: str) -> Path:
     return path
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    env["RAY_ADDRESS"] = "local"  # its own Ray, never the test session's or another cluster
-    return env
-
-
 def _wait_for_trial(uri: str, proc: subprocess.Popen, split: str, timeout: float = 600) -> None:
     """Until the trial training on ``split`` has its child run (trials run in grid order, one at a time)."""
     from mlflow.tracking import MlflowClient
@@ -79,7 +74,7 @@ def test_ctrl_c_of_a_sweep_then_resume_finishes_the_rest(small_shards, tmp_path,
     path = _sweep_file(small_shards, tmp_path, mlflow_uri)
     cmd = [sys.executable, "-m", "moco_ray.cli.main", "sweep", "-c", str(path)]
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         _wait_for_trial(mlflow_uri, proc, "test")
@@ -106,7 +101,7 @@ def test_ctrl_c_of_a_sweep_then_resume_finishes_the_rest(small_shards, tmp_path,
     assert first["missing"].data.tags["moco_ray.error"].startswith("ValueError: split 'missing' is not in the shards")
     assert first["test"].info.status == "KILLED" and first["test"].data.tags["moco_ray.trial_state"] == "interrupted"
 
-    again = subprocess.run([*cmd, "--resume"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*cmd, "--resume"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
     kids = _children(c, parent.info.run_id)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from moco_helpers import TINY_MODEL
+from moco_helpers import TINY_MODEL, cli_env
 
 pytestmark = pytest.mark.ray
 
@@ -56,11 +55,10 @@ def test_all_corrupt_images_fail_the_run(small_shards, tmp_path, mlflow_uri):
         "tracking.tracking_uri": mlflow_uri,
         "tracking.experiment": "test-corrupt",
     }
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     p = subprocess.run(
         [sys.executable, "-m", "moco_ray.cli.main", "pretrain", "-c", "experiments/quickstart.yaml",
          *[f"{k}={v}" for k, v in over.items()]],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], env={**env, "RAY_ADDRESS": "local"},
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], env=cli_env(),
         timeout=600,
     )  # fmt: skip
     assert p.returncode == 2, p.stderr[-3000:]
