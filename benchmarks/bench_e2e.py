@@ -133,6 +133,8 @@ def run_config(name: str, aug: str, shards: Path, a: argparse.Namespace, out_dir
     if a.tiny:
         over.update(TINY_MODEL)
         over["data.cpus"] = 1  # the CIFAR file reserves 2 stream CPUs: a 2-CPU machine has 1 beside the worker
+    if a.vs_plain:  # the stream gets the CPUs the worker leaves, as the DataLoader gets them as workers
+        over["data.cpus"] = max(1, (a.cpus or os.cpu_count() or 1) - int(a.cpus_per_worker))
     return load_config(EXPERIMENTS[name], over)
 
 

@@ -17,29 +17,39 @@ imports and the page cache are warm). Two rates per column:
   during the pass (DataLoader workers; Ray's raylet, GCS and worker processes): the stream's efficiency, which
   other load on the machine barely moves. On an idle machine with both streams CPU-bound, the ratios agree.
 
-Where the other half went (2026-12-02, 2 shared cores at load 25-95, 2,000 CIFAR-10 JPEGs; the issue's 0.52x /
-0.39x were measured with the views of that time):
+Where the other half went. On an idle machine (2026-12-02, 2 cores, 10,000 CIFAR-10 JPEGs) the stream still made
+only 0.89x the DataLoader's pairs/s with 1 shard and 0.73x with 36, while using 0.9 of its 2 cores: it was not
+the views' cost (1.9x the DataLoader's pairs per CPU-second) but idle CPUs. ``ds.stats()`` and py-spy showed why,
+both in Ray 2.60's default (V2) Parquet reader:
 
-1. The views themselves: the map_batches body made 0.4-0.6x the PIL pipeline's pairs per core; now 1.6x
-   (bench_views.py). That alone turns the stream from about half the DataLoader to more than it.
-2. Ray's worker processes run at niceness 15 (Ray's ``worker_niceness`` default) while a DataLoader's workers run at
-   0: on a machine shared with anything else, the view tasks get a small share of the cores (at load ~70 Ray's
-   first pass ran at 23 pairs/s beside the DataLoader's 64). Inside a Ray Train run every process, the training
-   worker included, is at 15, so on a dedicated node it does not matter. The benchmark sets it to 0 (``--ray-nice``)
-   for a like-for-like comparison; ``moco_ray.jobs.local_ray.local_init_kwargs`` keeps Ray's default.
-3. Ray's own processes (raylet, GCS, agents, pooled idle workers) cost ~0.08-0.10 cores at rest (``idle_cores``):
-   small on 16 cores, 5 % of this 2-core machine.
-4. More shards: not settled at this noise. The same 2,000 images in 7 shards instead of 1 made 0.85x the pairs/s
-   and 0.68x the pairs per CPU-second in run 1, and 1.14x / 1.58x in run 2 (whose 1-shard pass overlapped a test
-   run on the same 2 cores). What each extra file costs: one fused read + map_batches task (task start, file open
-   and Parquet metadata read), a short last map batch per file (rows per file not a multiple of
-   ``data.map_batch_size``), and smaller blocks for the consumer to re-batch; grouping small files into fewer read
-   tasks (``read_parquet(override_num_blocks=...)``) is the next thing to measure, on a quiet machine (not done).
-5. The consumer (``iter_torch_batches``: re-batching, the 1,024-row local shuffle buffer, uint8 -> tensor collate)
-   and the object store hand-off are what remains between the in-process rate (bench_views.py: ~1,100 pairs per
-   CPU-second) and the stream's 472-759 per CPU-second (652-1,156 above idle); a DataLoader pays more for the
-   same work (pickling float32 views, 4x the bytes of uint8, through its worker queues: 334-415 pairs per
-   CPU-second vs 676 in-process).
+1. Its ``ListFiles`` step packs the split's files into read tasks by size (min block 1 MiB, max 128 MiB): 10,000
+   CIFAR rows (9.6 MB) came out as one read task emitting one block, in 1 file or in 36, so ``map_batches`` ran as
+   one task on one core. ``override_num_blocks`` does not split a file there, and a smaller
+   ``target_max_block_size`` (global to the dataset, so it also splits the 224 px view blocks) helped 1 shard only.
+2. Each execution (each epoch) it starts 32 ``FooterReaderActor`` processes to read the footers, then kills them:
+   1.5-6.5 s of every pass (more with more files), CPU taken from the view tasks, and the raylet's "N PYTHON
+   worker processes have been started ... maximum expected startup concurrency" warning.
+
+`moco_ray.data.stream` now reads through the file-list (V1) reader (``DataContext.use_datasource_v2 = False``
+around ``read_parquet``): it reads the footers it is given on the driver, splits the rows into blocks for every
+CPU (``ReadParquet->SplitBlocks(9)``: 9 map tasks for the 1-shard set, 8 read+map tasks for 36 files) and starts
+no actors. Same machine, next run: 1 shard 1.29x the DataLoader, 36 shards 1.07x (RESULTS.md).
+
+Earlier findings (2026-12-02, 2 shared cores at load 25-95, 2,000 JPEGs):
+
+- The views themselves: the map_batches body made 0.4-0.6x the PIL pipeline's pairs per core; now 1.6x
+  (bench_views.py).
+- Ray's worker processes run at niceness 15 (Ray's ``worker_niceness`` default) while a DataLoader's workers run at
+  0: on a machine shared with anything else, the view tasks get a small share of the cores (at load ~70 Ray's
+  first pass ran at 23 pairs/s beside the DataLoader's 64). Inside a Ray Train run every process, the training
+  worker included, is at 15, so on a dedicated node it does not matter. The benchmark sets it to 0 (``--ray-nice``)
+  for a like-for-like comparison; ``moco_ray.jobs.local_ray.local_init_kwargs`` keeps Ray's default.
+- Ray's own processes (raylet, GCS, agents, pooled idle workers) cost ~0.08-0.10 cores at rest (``idle_cores``):
+  small on 16 cores, 5 % of this 2-core machine.
+- The consumer (``iter_torch_batches``: re-batching, the 1,024-row local shuffle buffer, uint8 -> tensor collate)
+  and the object store hand-off are what remains between the in-process rate (bench_views.py: ~1,100 pairs per
+  CPU-second) and the stream's; a DataLoader pays more for the same work (pickling float32 views, 4x the bytes of
+  uint8, through its worker queues).
 
 Gotcha for anyone measuring from a git worktree: Ray's worker processes import ``moco_ray`` from the installed
 (editable) package, not from the driver's working directory; run with ``PYTHONPATH=<worktree>`` or the view tasks

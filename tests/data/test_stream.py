@@ -94,6 +94,21 @@ def test_pairs_are_seeded_per_epoch_and_shuffled(ray_local, shards):
 
 
 @pytest.mark.ray
+def test_views_are_drawn_in_parallel_tasks_and_no_listing_actors_start(ray_local, shards):
+    """Ray 2.60's default Parquet reader packed a small split into one read task and one block (so one view task,
+    one busy core) and started 32 footer-reading actors per epoch (``ListFiles``); the stream must not use it."""
+    import re
+
+    ds = pair_dataset(str(shards), "train", AugConfig(preset="v2", image_size=S), seed=0, map_batch_size=32)
+    rows = sum(len(b["q"]) for b in ds.iter_batches(batch_size=64, batch_format="numpy"))
+    stats = ds.stats()
+    assert rows == read_manifest(shards).rows("train")
+    assert "ListFiles" not in stats, stats
+    tasks = re.search(r"Operator \d+ [^\n]*MapBatches\(make_pairs\)[^\n]*: (\d+) tasks executed", stats)
+    assert tasks and int(tasks.group(1)) >= 2, stats
+
+
+@pytest.mark.ray
 def test_strength_zero_gives_identical_views_and_gpu_mode_ships_bytes(ray_local, shards):
     plain = AugConfig(preset="v2", image_size=S, strength=0.0)
     _, rows = _collect(pair_dataset(str(shards), "train", plain, seed=None, limit=40, keep_id=True))
