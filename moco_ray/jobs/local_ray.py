@@ -24,6 +24,9 @@ NOISY_LOGGERS = {
     "ray.data._internal.execution.streaming_executor": logging.WARNING,
     # "Progress bars disabled. To enable, ...": moco-ray turns them off on purpose (data.stream.quiet_progress)
     "ray.data._internal.progress": logging.ERROR,
+    # "Estimated parquet encoding ratio ..." / "... reader batch size ..." each time a stream is built (the
+    # file-list reader moco_ray.data.stream uses); its warnings stay
+    "ray.data._internal.datasource.parquet_datasource": logging.WARNING,
 }
 # Environment of a new local instance's workers (Ray reads both where the message comes from, in its workers):
 LOCAL_WORKER_ENV = {

@@ -32,6 +32,7 @@ NOISE = [
     "Creating initial MLflow database tables",
     "Downloading artifacts",
     "Pickle or CloudPickle",
+    "Estimated parquet",  # Ray Data's file-list Parquet reader, at INFO each time a stream is built
 ]
 
 EPOCHS = 8
