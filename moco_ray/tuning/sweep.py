@@ -87,19 +87,27 @@ def _read(path: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _lenient_metrics() -> Iterator[None]:
-    """knn_top1 comes every eval.knn_every epochs only; Tune would otherwise fail a trial on the first report
-    without it. The metric name itself is validated against the known metrics before Ray starts."""
-    key = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
-    old = os.environ.get(key)
-    os.environ[key] = "1"
+def _tune_env(verbose: int) -> Iterator[None]:
+    """Tune's switches for the length of ``fit()``, read by Tune in the driver.
+
+    - ``TUNE_DISABLE_STRICT_METRIC_CHECKING``: knn_top1 comes every eval.knn_every epochs only; Tune would otherwise
+      fail a trial on the first report without it (the metric name is validated before Ray starts).
+    - ``RAY_AIR_NEW_OUTPUT=0`` at ``sweep.verbose: 0``: Ray 2.60's new output engine prints its "Configuration for
+      experiment" box, "View detailed results here" and a TensorBoard hint at every verbosity
+      (``TuneTerminalReporter.experiment_started``); the legacy reporter at 0 prints nothing, leaving the console
+      to the ``[sweep i/n]`` lines. Verbosity 1-3 keep the new engine's tables.
+    """
+    env = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", **({"RAY_AIR_NEW_OUTPUT": "0"} if verbose == 0 else {})}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _SweepCallback:
@@ -354,7 +362,7 @@ def run_sweep(
     tuner = _tuner(sw, resume, concurrency, hooks)
     interrupted = False
     try:
-        with _lenient_metrics(), muted_on_sigint():
+        with _tune_env(s.verbose), muted_on_sigint():
             tuner.fit()  # failed trials are in the results, not raised
     except KeyboardInterrupt:
         interrupted = True

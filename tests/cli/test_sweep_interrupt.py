@@ -79,7 +79,7 @@ def test_ctrl_c_of_a_sweep_then_resume_finishes_the_rest(small_shards, tmp_path,
     try:
         _wait_for_trial(mlflow_uri, proc, "test")
         os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the driver and everything in its group
-        _, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -89,6 +89,8 @@ def test_ctrl_c_of_a_sweep_then_resume_finishes_the_rest(small_shards, tmp_path,
     # same moment) may still show, with their "(Name pid=N)" prefix.
     assert not any(ln.startswith("Traceback") for ln in err.splitlines()), err[-3000:]
     assert "Tuner.restore" not in err, err[-3000:]  # Tune's advice, replaced by moco-ray's own command
+    # sweep.verbose 0: our [sweep i/n] lines only, not Tune's experiment box and result-path hints
+    assert "Configuration for experiment" not in out + err and "View detailed results here" not in out + err, out
     hint = [ln for ln in err.splitlines() if "--resume" in ln]
     assert hint == [f"moco-ray: sweep interrupted; continue with: moco-ray sweep -c {path} --resume"], err[-3000:]
 
