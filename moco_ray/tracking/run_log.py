@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 import subprocess
 import tempfile
@@ -19,13 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moco_ray.core.defaults import IMAGENET_MEAN, IMAGENET_STD, feature_dim
+from moco_ray.envvars import scoped_env
 from moco_ray.tracking.store import client
 from moco_ray.version import __version__
 
 if TYPE_CHECKING:
     import torch
 
-    from moco_ray.config import Config
+    from moco_ray.envvars import scoped_env
+from moco_ray.config import Config
 
 ENCODER_DIR = "encoder"
 ENCODER_FILE = "encoder.pt"
@@ -259,20 +260,10 @@ class RunLog:
         return encoder_uri
 
 
-@contextlib.contextmanager
-def _no_artifact_bar() -> Iterator[None]:
+def _no_artifact_bar() -> contextlib.AbstractContextManager[None]:
     """No "Downloading artifacts" progress bar: moco-ray's downloads are a config, an encoder or a model's
     metadata, and the bar (one per call, several per run) would sit between the epoch and result lines."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
+    return scoped_env({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
 
 
 @contextlib.contextmanager

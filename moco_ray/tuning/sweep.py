@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from moco_ray.config import absolute
+from moco_ray.envvars import scoped_env
 from moco_ray.jobs.local_ray import drop_messages, init_ray, muted_on_sigint
 from moco_ray.jobs.resolve import Prepared, check_resources, prepare, with_absolute_paths
 from moco_ray.jobs.resources import TRIAL_CPU
@@ -86,8 +86,7 @@ def _read(path: str) -> str | None:
         return f.read().decode()
 
 
-@contextlib.contextmanager
-def _tune_env(verbose: int) -> Iterator[None]:
+def _tune_env(verbose: int) -> contextlib.AbstractContextManager[None]:
     """Tune's switches for the length of ``fit()``, read by Tune in the driver.
 
     - ``TUNE_DISABLE_STRICT_METRIC_CHECKING``: knn_top1 comes every eval.knn_every epochs only; Tune would otherwise
@@ -98,16 +97,7 @@ def _tune_env(verbose: int) -> Iterator[None]:
       to the ``[sweep i/n]`` lines. Verbosity 1-3 keep the new engine's tables.
     """
     env = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", **({"RAY_AIR_NEW_OUTPUT": "0"} if verbose == 0 else {})}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return scoped_env(env)
 
 
 class _SweepCallback:

@@ -16,6 +16,7 @@ PKG = Path(__file__).resolve().parents[2] / "moco_ray"
 # lowest first; a module may import its own layer and the ones below
 LAYERS = {
     "version": 0,
+    "envvars": 0,
     "core": 0,
     "config": 1,
     "data": 2,
