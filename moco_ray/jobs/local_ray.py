@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -41,6 +42,14 @@ LOCAL_WORKER_ENV = {
 # (a notice that the safe default is on; the warning when auth is *disabled* is kept)
 TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+# The driver's log deduplicator merges lines that differ only in numbers ("... [repeated 3x across cluster]"), and
+# two sweep trials' epoch lines differ only there: rank 0's progress lines (moco_ray.train.loop / .progress, with a
+# trial's "[name] " in front) always pass. Ray's knob for this is RAY_DEDUP_LOGS_ALLOW_REGEX, read once at import.
+PROGRESS_LINES = r"^(\[[^\]]*\] )?(epoch \d+/\d+  |moco-ray: warning: )"
+# The raylet's "N PYTHON worker processes have been started on node ... maximum expected startup concurrency": on a
+# local instance moco-ray starts them on purpose (a run's controller, workers and Ray Data actors; two at once in a
+# sweep); dropped on this driver's console (RAY_DEDUP_LOGS_SKIP_REGEX's knob), still in the raylet's log.
+WORKER_POOL_NOTICE = r"worker processes have been started on node: .* maximum expected startup concurrency"
 
 
 # Ray Train's worker logs "Error in training function:" + traceback for any exception. The errors moco-ray reports
@@ -114,6 +123,30 @@ def drop_messages(logger: str, *prefixes: str) -> None:
         log.addFilter(DropMessage(*prefixes))
 
 
+def _either(current: re.Pattern | None, pattern: str) -> re.Pattern:
+    if current is None:
+        return re.compile(pattern)
+    if pattern in current.pattern:
+        return current
+    return re.compile(f"{current.pattern}|{pattern}")
+
+
+def steer_log_dedup(*, local: bool) -> None:
+    """Progress lines always reach the console; on a ``local`` instance, the raylet's worker-start notice does not.
+
+    Sets what ``RAY_DEDUP_LOGS_ALLOW_REGEX`` / ``_SKIP_REGEX`` set (on Ray's driver-side deduplicators, which read
+    those variables when ray is first imported), keeping the user's own patterns. Private objects: on a Ray
+    without them the console just shows Ray's default.
+    """
+    with contextlib.suppress(Exception):
+        from ray._private import ray_logging
+
+        for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+            dedup.allow_re = _either(dedup.allow_re, PROGRESS_LINES)
+            if local:
+                dedup.skip_re = _either(dedup.skip_re, WORKER_POOL_NOTICE)
+
+
 def quiet_driver_logs() -> None:
     """The driver's share of the quiet console: Ray's token-auth notice and the noisy loggers' chatter."""
     drop_messages(TOKEN_NOTICE_LOGGER, TOKEN_NOTICE)
@@ -181,8 +214,10 @@ def init_ray() -> None:
     common = {"log_to_driver": True, "configure_logging": False}
     address = os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":  # "local": a new local instance, as with no address at all
+        steer_log_dedup(local=False)
         ray.init(address=address, **common)
         return
+    steer_log_dedup(local=True)
     try:
         ray.init(address=address, **common, **local_init_kwargs())
     except ValueError as e:

@@ -183,7 +183,7 @@ def run_pretraining(
     else:
         log.reopen()
     try:
-        spec = _spec(cfg, prep, log, resume_from, hooks)
+        spec = _spec(cfg, prep, log, resume_from, hooks, label=cfg.tracking.run_name if parent_run_id else "")
         epoch_offset = 0
         if resume_from:
             from moco_ray.train.checkpoint import load_state
@@ -196,7 +196,9 @@ def run_pretraining(
         raise RunKilled(log.run_id, log.uri) from None
 
 
-def _spec(cfg: Config, prep: Prepared, log: RunLog, resume_from: str | None, hooks: FaultHooks | None) -> RunSpec:
+def _spec(
+    cfg: Config, prep: Prepared, log: RunLog, resume_from: str | None, hooks: FaultHooks | None, label: str = ""
+) -> RunSpec:
     from moco_ray.data.stream import steps_per_epoch
 
     d = cfg.data
@@ -218,6 +220,7 @@ def _spec(cfg: Config, prep: Prepared, log: RunLog, resume_from: str | None, hoo
         knn=knn_available(cfg, prep.manifest),
         resume_from=resume_from,
         hooks=hooks,
+        label=label,
     )
 
 

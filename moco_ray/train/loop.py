@@ -165,7 +165,7 @@ class Worker:
         t = self.cfg.train
         run = self.reporter.run
         return StepProgress(every, t.epochs, self.spec.steps_per_epoch, t.batch_size, self.device,
-                            run.log_step_metrics, _log.info)  # fmt: skip
+                            run.log_step_metrics, lambda line: _log.info(self.spec.console(line)))  # fmt: skip
 
     def views(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The two normalised views of a batch, on the device.
@@ -249,7 +249,7 @@ class Worker:
                 "(`moco-ray ingest` skips bad files) or raise the limit"
             )
         if self.rank == 0:
-            _log.warning(f"moco-ray: warning: {what}")
+            _log.warning(self.spec.console(f"moco-ray: warning: {what}"))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -276,7 +276,7 @@ def _train_epochs(w: Worker, spec: RunSpec) -> None:
         if w.rank == 0:
             # logged, not printed: Ray Train's patched print() on a worker both tees to stdout and logs, so a
             # printed line reached the driver twice; the root logger's console handler forwards it once.
-            _log.info(epoch_line(spec.config, metrics))
+            _log.info(spec.console(epoch_line(spec.config, metrics)))
         if spec.hooks.stop_after(epoch) and not last:
             break  # test-only: an interrupted run (the driver marks it KILLED; --resume continues it)
 

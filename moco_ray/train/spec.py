@@ -15,7 +15,8 @@ class RunSpec:
 
     ``config`` is the resolved, validated config (paths absolute); ``run_dir`` holds Ray Train's checkpoints;
     ``resume_from`` is a checkpoint directory to start from (``--resume``); ``knn`` whether the kNN monitor runs
-    (both labelled splits exist); ``hooks`` the test-only fault injection (inactive by default).
+    (both labelled splits exist); ``hooks`` the test-only fault injection (inactive by default); ``label`` what
+    rank 0's console lines start with (a sweep trial's name, so trials running at once can be told apart).
     """
 
     config: Config
@@ -28,7 +29,12 @@ class RunSpec:
     knn: bool
     resume_from: str | None = None
     hooks: FaultHooks = field(default_factory=FaultHooks)
+    label: str = ""
 
     @property
     def epochs(self) -> int:
         return self.config.train.epochs
+
+    def console(self, line: str) -> str:
+        """A console line of this run: ``[label] line`` in a sweep, the line itself otherwise."""
+        return f"[{self.label}] {line}" if self.label else line

@@ -105,6 +105,11 @@ def test_ctrl_c_of_a_sweep_then_resume_finishes_the_rest(small_shards, tmp_path,
 
     again = subprocess.run([*cmd, "--resume"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+    # a trial's progress lines name it (Ray's log dedup would merge look-alike lines of trials running at once:
+    # moco_ray.jobs.local_ray.steer_log_dedup), and the raylet's worker-start notice stays in Ray's logs
+    console = again.stdout + again.stderr
+    assert "[train_split=test] epoch 2/2  loss" in console, console[-3000:]
+    assert "worker processes have been started" not in console, console[-3000:]
     assert c.get_run(parent.info.run_id).info.status == "FINISHED"
     kids = _children(c, parent.info.run_id)
     by_split: dict[str, list] = {}
