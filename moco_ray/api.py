@@ -73,7 +73,11 @@ def _load_dir(path: Path, device: str):
 
 
 def sweep(config: str | Path | dict, *, resume: bool = False, overrides: dict | list | None = None, **kw: Any):
-    """Run a Ray Tune sweep (see moco_ray.tuning.sweep.run_sweep)."""
+    """Run a Ray Tune sweep (see moco_ray.tuning.sweep.run_sweep).
+
+    Raises ``KeyboardInterrupt`` on Ctrl-C and ``moco_ray.tuning.outage.TrackingOutage`` when its MLflow server
+    stayed unreachable; both messages name the ``--resume`` command (``resume=True`` here) that continues it.
+    """
     from moco_ray.tuning.sweep import run_sweep
 
     over: dict | list = dict(overrides or {}) if not isinstance(overrides, list) else list(overrides)

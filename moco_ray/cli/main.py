@@ -1,7 +1,8 @@
 """The ``moco-ray`` console script.
 
 Errors a user can fix (bad config values, missing paths, wrong shard schema, unknown runs) print one line,
-``moco-ray: error: ...``, and exit 2, instead of a traceback.
+``moco-ray: error: ...``, and exit 2, instead of a traceback. Ctrl-C exits 130, a run or sweep stopped early with
+nothing lost (``--resume`` continues it) exits 3; both print the command that continues.
 """
 
 from __future__ import annotations
@@ -60,13 +61,18 @@ def cmd_ingest(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from moco_ray.tuning.sweep import run_sweep
+    from moco_ray.tuning.outage import TrackingOutage
+    from moco_ray.tuning.sweep import resume_command, run_sweep
 
-    res = run_sweep(a.config, overrides=a.overrides, resume=a.resume)
+    try:
+        res = run_sweep(a.config, overrides=a.overrides, resume=a.resume)
+    except TrackingOutage as e:  # stopped, nothing lost: exit 3 as for a pretraining stopped early
+        print(f"moco-ray: {e}", file=sys.stderr)
+        return 3
     print(res.table.to_string(index=False))
     print(f"\nparent run: {res.parent_run_id}\nbest trial: {res.best}")
     if not res.complete:  # Tune's SIGINT handler ends the sweep normally, with trials left unfinished
-        raise KeyboardInterrupt(f"sweep interrupted; continue with: moco-ray sweep -c {a.config} --resume")
+        raise KeyboardInterrupt(f"sweep interrupted; continue with: {resume_command(a.config)}")
     return 0
 
 

@@ -31,15 +31,24 @@ def check_tracking_uri(uri: str) -> None:
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise ValueError(f"tracking.tracking_uri: cannot write the sqlite store in {parent}")
         return
-    if uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
+    problem = server_problem(uri)
+    if problem is not None:
+        raise ValueError(f"tracking.tracking_uri: MLflow server {uri} is unreachable ({problem})")
 
-        try:  # one cheap request with a short timeout rather than MLflow's long retry loop
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            raise ValueError(f"tracking.tracking_uri: MLflow server {uri} is unreachable ({reason})") from None
+
+def server_problem(uri: str, timeout: float = 5.0) -> str | None:
+    """Why the MLflow server at an ``http(s)://`` ``uri`` does not answer its ``/health`` check; None when it does
+    (and for any other kind of store). One cheap request with a short timeout, not MLflow's minutes-long retries."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return str(getattr(e, "reason", e))
 
 
 def sqlite_path(uri: str) -> Path | None:

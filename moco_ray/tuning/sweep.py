@@ -33,6 +33,7 @@ from moco_ray.tracking.store import client
 from moco_ray.train.hooks import FaultHooks
 from moco_ray.tuning import report
 from moco_ray.tuning.cleanup import remove_orphaned_placement_groups
+from moco_ray.tuning.outage import TrackingOutage, TrackingWatch
 from moco_ray.tuning.space import SweepSettings, SweepSpec, asha_horizon, load_sweep, parse_search, settings_from
 from moco_ray.tuning.trial import (
     ERROR_TAG,
@@ -101,11 +102,13 @@ def _tune_env(verbose: int) -> contextlib.AbstractContextManager[None]:
 
 
 class _SweepCallback:
-    """Tune callback (driver side): one line per trial that ends, and freeing the placement groups of stopped
-    trials (moco_ray.tuning.cleanup). Made lazily: ray.tune imports are slow."""
+    """Tune callback (driver side): one line per trial that ends, freeing the placement groups of stopped trials
+    (moco_ray.tuning.cleanup), and stopping the sweep as Ctrl-C does when ``watch`` says the tracking server is
+    gone (moco_ray.tuning.outage). Made lazily: ray.tune imports are slow."""
 
     @staticmethod
-    def make(metric: str, total: int):
+    def make(metric: str, total: int, watch: TrackingWatch):
+        import signal
         import time
 
         from ray.tune import Callback
@@ -117,6 +120,10 @@ class _SweepCallback:
                 self.metric, self.total, self.ended, self.next_check = metric, total, 0, 0.0
 
             def on_step_begin(self, iteration, trials, **info) -> None:
+                if not watch.down and watch.poll():
+                    # Tune's own SIGINT handling (main thread, where fit() runs its loop): trials left RUNNING or
+                    # PENDING stay unfinished in the experiment state, so --resume reruns them
+                    signal.raise_signal(signal.SIGINT)
                 # a stopped trial's actor dies shortly after Tune's decision: look again every few seconds
                 if time.monotonic() >= self.next_check:
                     self.next_check = time.monotonic() + 5.0
@@ -296,7 +303,7 @@ def _open_sweep(spec: SweepSpec, prep: Prepared, root: str, resume: bool) -> _Sw
     return _Sweep(spec, prep, root, exp_dir, experiment, parent, spec.base_raw, fixed)
 
 
-def _tuner(sw: _Sweep, resume: bool, concurrency: int, hooks: FaultHooks | None = None):
+def _tuner(sw: _Sweep, resume: bool, concurrency: int, watch: TrackingWatch, hooks: FaultHooks | None = None):
     from ray import tune
 
     s, cfg = sw.spec.settings, sw.spec.base
@@ -321,7 +328,7 @@ def _tuner(sw: _Sweep, resume: bool, concurrency: int, hooks: FaultHooks | None 
             # A trial is one whole TorchTrainer run; worker failures are retried inside it (train.max_failures).
             # No fail_fast: in Ray 2.60 it marks the trials it stops TERMINATED, so a resume would not rerun them.
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[_SweepCallback.make(s.metric, sw.spec.num_trials())],
+            callbacks=[_SweepCallback.make(s.metric, sw.spec.num_trials(), watch)],
             verbose=s.verbose,
         ),
     )
@@ -336,6 +343,8 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or with ``resume=True`` continue) the sweep described by `config` (a sweep YAML path or dict).
 
+    An MLflow server that stays unreachable (moco_ray.tuning.outage) stops it with ``TrackingOutage``, trials kept.
+
     ``hooks``: test-only fault injection for every trial (never set by the CLI).
     """
     spec = load_sweep(config, overrides)
@@ -349,7 +358,8 @@ def run_sweep(
     concurrency = 0 if resume else _concurrency(s, cfg, spec.num_trials())
     sw = _open_sweep(spec, prep, root, resume)
     print(f"[sweep] {sw.spec.settings.name}: parent MLflow run {sw.parent.run_id}; Tune experiment {sw.exp_dir}")
-    tuner = _tuner(sw, resume, concurrency, hooks)
+    watch = TrackingWatch(prep.tracking_uri)
+    tuner = _tuner(sw, resume, concurrency, watch, hooks)
     interrupted = False
     try:
         with _tune_env(s.verbose), muted_on_sigint():
@@ -357,13 +367,19 @@ def run_sweep(
     except KeyboardInterrupt:
         interrupted = True
     remove_orphaned_placement_groups()  # the trials Tune stopped last
+    if watch.down:  # nothing can be recorded now: the resume reconciles the parent and the children
+        raise TrackingOutage(watch.message(resume_command(spec.source)))
     s = sw.spec.settings
     result = finalize(
         sw.parent, sw.exp_dir, sw.base_raw, sw.fixed, s, sw.experiment, sw.spec.search, sw.spec.num_trials()
     )
     if interrupted:
-        raise KeyboardInterrupt(f"sweep interrupted; continue with: moco-ray sweep -c {spec.source} --resume")
+        raise KeyboardInterrupt(f"sweep interrupted; continue with: {resume_command(spec.source)}")
     return result
+
+
+def resume_command(source: str) -> str:
+    return f"moco-ray sweep -c {source} --resume"
 
 
 def finalize(

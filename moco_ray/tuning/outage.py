@@ -1,0 +1,75 @@
+"""The sweep driver's watch on an MLflow tracking server: an outage that outlasts a grace period stops the sweep.
+
+Every trial logs to the server from its trial actor and its rank-0 worker. MLflow's client retries a failed request
+for about 4 minutes (7 retries with backoff) and then raises, which would fail the trial and every trial after it,
+each recorded nowhere. The driver checks the server's ``/health`` instead (every few seconds, from the Tune loop):
+a blip shorter than the grace period is ridden out by those retries; a longer outage stops the sweep the way
+Ctrl-C does (``moco_ray.tuning.sweep``), while no trial has failed yet, so ``--resume`` reruns the cut trials once
+the server is back. sqlite and file stores are not watched (the driver would fail on them itself).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from moco_ray.tracking.store import server_problem
+
+GRACE_ENV = "MOCO_RAY_TRACKING_GRACE_S"
+# well inside MLflow's ~4 minutes of client retries: the sweep stops before an outage fails any trial
+DEFAULT_GRACE_S = 60.0
+
+
+class TrackingOutage(RuntimeError):
+    """The sweep stopped because its tracking server stayed unreachable; the message says how to continue."""
+
+
+class TrackingWatch:
+    """Polls the server at most every ``every`` seconds; :meth:`poll` turns True once it has failed for ``grace``."""
+
+    def __init__(
+        self,
+        uri: str,
+        grace: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        probe: Callable[..., str | None] = server_problem,
+        say: Callable[[str], None] = lambda line: print(line, flush=True),
+    ) -> None:
+        self.uri, self.clock, self.probe, self.say = uri, clock, probe, say
+        self.grace = float(os.environ.get(GRACE_ENV, DEFAULT_GRACE_S)) if grace is None else grace
+        self.every = min(10.0, max(self.grace / 4, 0.5))
+        self.active = uri.startswith(("http://", "https://"))
+        self.next_check = 0.0
+        self.since: float | None = None
+        self.reason = ""
+        self.down = False
+
+    def poll(self) -> bool:
+        """True once the server has been unreachable for ``grace`` seconds (and from then on)."""
+        if not self.active or self.down:
+            return self.down
+        now = self.clock()
+        if now < self.next_check:
+            return False
+        self.next_check = now + self.every
+        problem = self.probe(self.uri, timeout=min(5.0, self.every))
+        if problem is None:
+            if self.since is not None:
+                self.say(f"[sweep] MLflow server {self.uri} answers again")
+            self.since = None
+            return False
+        if self.since is None:
+            self.since, self.reason = now, problem
+            self.say(
+                f"[sweep] MLflow server {self.uri} is not answering ({problem}); "
+                f"the sweep stops if it stays down for {self.grace:g} s"
+            )
+        self.down = now - self.since >= self.grace
+        return self.down
+
+    def message(self, resume_command: str) -> str:
+        return (
+            f"MLflow server {self.uri} unreachable for {self.grace:g} s ({self.reason}): sweep stopped, its trials "
+            f"kept in Tune's experiment; once the server answers, continue with: {resume_command}"
+        )

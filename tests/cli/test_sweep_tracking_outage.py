@@ -1,0 +1,139 @@
+"""A real ``moco-ray sweep`` logging to a real ``mlflow server`` that dies in the middle of the first trial.
+
+What must hold: the driver stops the sweep (the outage outlasts its grace period, shortened here), exits 3 with one
+line naming the server and ``moco-ray sweep -c FILE --resume``, no traceback, no trial marked FAILED; with the
+server back on the same store, ``--resume`` reruns the cut trial and the one that never started, and the parent and
+children end in states that tell the truth (the cut trial's first child KILLED/interrupted, its rerun FINISHED).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from moco_helpers import cli_env, free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENT = "sweep-outage"
+
+
+class _Server:
+    """``mlflow server`` on a loopback port, its sqlite store and artifacts in ``root``; killable and restartable."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        from moco_ray.tracking.store import server_problem
+
+        mlflow = Path(sys.executable).with_name("mlflow")
+        cmd = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts")]  # fmt: skip
+        log = open(self.root / "server.log", "a")  # noqa: SIM115 (the server writes it until killed)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, cwd=self.root)
+        deadline = time.monotonic() + 120
+        while server_problem(self.uri, timeout=2) is not None:
+            assert self.proc.poll() is None and time.monotonic() < deadline, (self.root / "server.log").read_text()
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # a crash: no goodbye to the clients
+            self.proc.wait(timeout=30)
+
+
+def _sweep_file(small_shards: Path, tmp_path: Path, uri: str) -> Path:
+    spec = {
+        "model": {"arch": "resnet18", "small_stem": True, "dim": 16, "hidden_dim": 32},
+        "moco": {"queue_size": 128, "temperature": 0.2},
+        "aug": {"image_size": 16},
+        "data": {"shards": str(small_shards), "limit": 64, "map_batch_size": 32, "shuffle_buffer": 0},
+        "train": {"epochs": 2, "batch_size": 32, "num_workers": 1, "cpus_per_worker": 0.25, "max_failures": 0,
+                  "storage_path": str(tmp_path / "runs")},
+        "eval": {"knn_every": 0},
+        "tracking": {"tracking_uri": uri, "experiment": EXPERIMENT},
+        "search": {"moco.temperature": {"grid": [0.2, 0.1]}},
+        "sweep": {"name": "outage", "metric": "loss", "mode": "min", "scheduler": "fifo",
+                  "max_concurrent_trials": 1, "verbose": 0},
+    }  # fmt: skip
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _wait_for_first_epoch(uri: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Until a trial's child run has logged its first epoch."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        exp = c.get_experiment_by_name(EXPERIMENT)
+        if exp and c.search_runs([exp.experiment_id], "tags.`mlflow.parentRunId` != '' and metrics.loss > 0"):
+            return
+        time.sleep(0.5)
+    raise AssertionError("no trial logged an epoch in time")
+
+
+def test_tracking_server_dies_mid_sweep_then_resume_finishes(small_shards, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    server = _Server(tmp_path)
+    server.start()
+    path = _sweep_file(small_shards, tmp_path, server.uri)
+    cmd = [sys.executable, "-m", "moco_ray.cli.main", "sweep", "-c", str(path)]
+    env = cli_env(MOCO_RAY_TRACKING_GRACE_S="4")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        try:
+            _wait_for_first_epoch(server.uri, proc)
+        finally:
+            server.kill()
+        t_kill = time.monotonic()
+        out, err = proc.communicate(timeout=300)
+        stopped_after = time.monotonic() - t_kill
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, err[-3000:]
+    assert stopped_after < 120, stopped_after  # not MLflow's ~4 minutes of retries per call
+    assert not any(ln.startswith("Traceback") for ln in err.splitlines()), err[-3000:]
+    (line,) = [ln for ln in err.splitlines() if "--resume" in ln]
+    assert line.startswith(f"moco-ray: MLflow server {server.uri} unreachable for 4 s"), line
+    assert line.endswith(f"continue with: moco-ray sweep -c {path} --resume"), line
+    assert f"[sweep] MLflow server {server.uri} is not answering" in out, out[-3000:]
+    assert "FAILED" not in out, out[-3000:]  # no trial failed on the outage
+
+    server.start()
+    again = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    c = MlflowClient(server.uri)
+    exp_id = c.get_experiment_by_name(EXPERIMENT).experiment_id
+    (parent,) = c.search_runs([exp_id], "tags.`moco_ray.sweep` = 'true'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["moco_ray.sweep_state"] == "finished"
+    assert parent.data.tags["moco_ray.trials_finished"] == "2"
+    kids = c.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_t: dict[str, list] = {}
+    for k in kids:
+        by_t.setdefault(k.data.params["moco.temperature"], []).append(k)
+    # the cut trial: its first child KILLED (interrupted), its rerun FINISHED; the other ran once, after the resume
+    cut = sorted(by_t["0.2"], key=lambda r: r.info.start_time)
+    assert [r.info.status for r in cut] == ["KILLED", "FINISHED"], [(r.info.status, r.data.tags) for r in cut]
+    assert cut[0].data.tags["moco_ray.trial_state"] == "interrupted"
+    assert [r.info.status for r in by_t["0.1"]] == ["FINISHED"]
+    assert all(r.data.tags["moco_ray.trial_state"] == "finished" for r in (cut[1], *by_t["0.1"]))
+    server.kill()
