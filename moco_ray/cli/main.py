@@ -37,8 +37,17 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     print(f"\nrun id: {res.run_id}")
     print("final: " + "  ".join(f"{k} {v:.4g}" for k, v in res.metrics.items() if k != "epoch"))
     print(f"encoder: {res.encoder_uri}\ncheckpoint: {res.checkpoint_path}")
-    print(f"see it: mlflow ui --backend-store-uri {res.tracking_uri} --host 127.0.0.1 --port 5000")
+    print(f"see it: {_where_to_look(res.tracking_uri, res.run_id)}")
     return 0
+
+
+def _where_to_look(uri: str, run_id: str) -> str:
+    """The run's page on a tracking server; for a local store, the command that serves one."""
+    if uri.startswith(("http://", "https://")):
+        from moco_ray.tracking.store import client
+
+        return f"{uri.rstrip('/')}/#/experiments/{client(uri).get_run(run_id).info.experiment_id}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:

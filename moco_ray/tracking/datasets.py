@@ -63,5 +63,14 @@ def log_split_inputs(client, run_id: str, manifest: Manifest, contexts: dict[str
         DatasetInput(split_dataset(manifest, split), tags=[InputTag(MLFLOW_DATASET_CONTEXT, ctx)])
         for split, ctx in contexts.items()
     ]
-    if inputs:
+    if not inputs:
+        return
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except Exception as e:
+        # MLflow's get-or-create of the dataset row is not atomic: two runs logging the same shards at once (sweep
+        # trials starting together) race, and the loser gets "UNIQUE constraint failed: datasets..." (IntegrityError
+        # on a server). The row exists now; the retry links it.
+        if "UNIQUE constraint failed" not in str(e) and "IntegrityError" not in str(e):
+            raise
         client.log_inputs(run_id, datasets=inputs)

@@ -25,8 +25,7 @@ from moco_ray.version import __version__
 if TYPE_CHECKING:
     import torch
 
-    from moco_ray.envvars import scoped_env
-from moco_ray.config import Config
+    from moco_ray.config import Config
 
 ENCODER_DIR = "encoder"
 ENCODER_FILE = "encoder.pt"

@@ -10,6 +10,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+# With a tracking server, MLflow prints "View run NAME at: URL" and "View experiment at: URL" to stdout for every
+# run that ends (runs, eval children, each model logged): a sweep's console got several such lines per trial. Set
+# for every process that records through moco-ray (driver, trial actors, workers); a user's own value wins. The
+# CLI prints where to look once, at the end.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 
 def resolve_tracking_uri(uri: str = "") -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else MLflow's default store (sqlite:///mlflow.db in the cwd).

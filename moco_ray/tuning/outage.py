@@ -4,8 +4,11 @@ Every trial logs to the server from its trial actor and its rank-0 worker. MLflo
 for about 4 minutes (7 retries with backoff) and then raises, which would fail the trial and every trial after it,
 each recorded nowhere. The driver checks the server's ``/health`` instead (every few seconds, from the Tune loop):
 a blip shorter than the grace period is ridden out by those retries; a longer outage stops the sweep the way
-Ctrl-C does (``moco_ray.tuning.sweep``), while no trial has failed yet, so ``--resume`` reruns the cut trials once
-the server is back. sqlite and file stores are not watched (the driver would fail on them itself).
+Ctrl-C does (``moco_ray.tuning.sweep``), so ``--resume`` reruns the cut trials once the server is back. Not every
+call retries (a request cut mid-way by the server's death fails at once), so a trial whose run raises while the
+server is down does not fail: it waits (:func:`wait_while_down`) for the driver's stop, which leaves it unfinished
+for ``--resume``, and fails only if the server answers again first. sqlite and file stores are not watched (the
+driver would fail on them itself).
 """
 
 from __future__ import annotations
@@ -19,6 +22,23 @@ from moco_ray.tracking.store import server_problem
 GRACE_ENV = "MOCO_RAY_TRACKING_GRACE_S"
 # well inside MLflow's ~4 minutes of client retries: the sweep stops before an outage fails any trial
 DEFAULT_GRACE_S = 60.0
+
+
+def wait_while_down(
+    uri: str,
+    limit: float,
+    probe: Callable[..., str | None] = server_problem,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """In a sweep trial whose run just raised: whether the tracking server at ``uri`` is down; if so, wait until it
+    answers again or ``limit`` seconds pass (the driver stops the sweep, and so this trial, well before)."""
+    if not uri.startswith(("http://", "https://")) or probe(uri, timeout=5.0) is None:
+        return False
+    deadline = clock() + limit
+    while clock() < deadline and probe(uri, timeout=5.0) is not None:
+        sleep(2.0)
+    return True
 
 
 class TrackingOutage(RuntimeError):

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +125,7 @@ class _SweepCallback:
                 if not watch.down and watch.poll():
                     # Tune's own SIGINT handling (main thread, where fit() runs its loop): trials left RUNNING or
                     # PENDING stay unfinished in the experiment state, so --resume reruns them
+                    print("[sweep] stopping: the running trials are cut and kept for --resume", flush=True)
                     signal.raise_signal(signal.SIGINT)
                 # a stopped trial's actor dies shortly after Tune's decision: look again every few seconds
                 if time.monotonic() >= self.next_check:
@@ -158,6 +161,17 @@ TUNE_LINES_REPLACED = {
     "ray.tune.execution.tune_controller": ("Trial task failed for trial",),
     "ray.tune.tune": ("Trials did not complete", "Experiment has been interrupted"),
 }
+
+
+class _DropWhen(logging.Filter):
+    """Drops records starting with ``prefix`` while ``when()`` holds."""
+
+    def __init__(self, when: Callable[[], bool], prefix: str) -> None:
+        super().__init__()
+        self.when, self.prefix = when, prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.when() and record.getMessage().startswith(self.prefix))
 
 
 def _quiet_tune_logs() -> None:
@@ -307,7 +321,7 @@ def _tuner(sw: _Sweep, resume: bool, concurrency: int, watch: TrackingWatch, hoo
     from ray import tune
 
     s, cfg = sw.spec.settings, sw.spec.base
-    trainable = make_trainable(sw.base_raw, sw.fixed, sw.parent.run_id, s.name, sw.prep, hooks)
+    trainable = make_trainable(sw.base_raw, sw.fixed, sw.parent.run_id, s.name, sw.prep, hooks, watch.grace)
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     if resume:
         return tune.Tuner.restore(sw.exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -361,11 +375,17 @@ def run_sweep(
     watch = TrackingWatch(prep.tracking_uri)
     tuner = _tuner(sw, resume, concurrency, watch, hooks)
     interrupted = False
+    # Tune's "Stop signal received (e.g. via SIGINT/Ctrl+C)" would misname the watch's stop as a Ctrl-C
+    not_a_ctrl_c = _DropWhen(lambda: watch.down, "Stop signal received")
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(not_a_ctrl_c)
     try:
         with _tune_env(s.verbose), muted_on_sigint():
             tuner.fit()  # failed trials are in the results, not raised
     except KeyboardInterrupt:
         interrupted = True
+    finally:
+        tune_log.removeFilter(not_a_ctrl_c)
     remove_orphaned_placement_groups()  # the trials Tune stopped last
     if watch.down:  # nothing can be recorded now: the resume reconciles the parent and the children
         raise TrackingOutage(watch.message(resume_command(spec.source)))

@@ -34,13 +34,15 @@ def make_trainable(
     sweep_name: str,
     prepared: Prepared,
     hooks: FaultHooks | None = None,
+    outage_grace_s: float = 60.0,
 ) -> Callable:
     """A function trainable closing over the base config layers and the overrides every trial shares.
 
     ``fixed``: dotted overrides set by the sweep (tracking store and experiment, absolute paths). The trial's
     search values come on top. ``prepared``: the store and shards the sweep checked once, reused by every trial
-    whose overrides keep them. ``hooks``: test-only faults, handed to every trial's run. Worker reports reach Tune
-    through TuneReportCallback on the TorchTrainer.
+    whose overrides keep them. ``hooks``: test-only faults, handed to every trial's run. ``outage_grace_s``: how long
+    the driver lets its tracking server be down before it stops the sweep (moco_ray.tuning.outage). Worker reports
+    reach Tune through TuneReportCallback on the TorchTrainer.
     """
 
     def moco_trial(params: dict[str, Any]) -> None:
@@ -48,6 +50,7 @@ def make_trainable(
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from moco_ray.jobs.pretrain import run_pretraining
+        from moco_ray.tuning.outage import wait_while_down
 
         ctx = tune.get_context()
         overrides = {**fixed, **params, "tracking.run_name": run_name(params)}
@@ -56,14 +59,20 @@ def make_trainable(
             TRIAL_NAME_TAG: ctx.get_trial_name(),
             SWEEP_NAME_TAG: sweep_name,
         }
-        run_pretraining(
-            base_raw,
-            overrides,
-            parent_run_id=parent_run_id,
-            extra_tags=tags,
-            callbacks=[TuneReportCallback()],
-            prepared=prepared,
-            hooks=copy.deepcopy(hooks),
-        )
+        try:
+            run_pretraining(
+                base_raw,
+                overrides,
+                parent_run_id=parent_run_id,
+                extra_tags=tags,
+                callbacks=[TuneReportCallback()],
+                prepared=prepared,
+                hooks=copy.deepcopy(hooks),
+            )
+        except Exception:
+            # the tracking server died under the run: not the trial's failure. Wait for the driver's stop (it
+            # leaves the trial unfinished, for --resume); fail as usual if the server answers again first.
+            wait_while_down(prepared.tracking_uri, outage_grace_s + 120.0)
+            raise
 
     return moco_trial

@@ -50,3 +50,39 @@ def test_shard_splits_are_the_runs_dataset_inputs(mlflow_uri, tmp_path):
     assert profile["fingerprint"] == fp
     assert {t.key: t.value for t in tr.tags}["mlflow.data.context"] == "training"
     assert {t.key: t.value for t in got["digits-shards/test"].tags}["mlflow.data.context"] == "evaluation"
+
+
+def test_two_runs_logging_the_same_shards_at_once_both_get_them(mlflow_uri, tmp_path):
+    """MLflow's get-or-create of a dataset row races between processes (sweep trials starting together): the loser
+    got "UNIQUE constraint failed: datasets..." from the server and the trial failed. The loser's call is replayed
+    here as the server answered it; the retry links the row the winner created."""
+    import pytest
+    from mlflow.exceptions import MlflowException
+
+    from moco_ray.tracking.datasets import log_split_inputs
+
+    m = Manifest(
+        source="s", classes=["a", "b"], counts={"train": 4, "test": 2}, class_counts={},
+        shards=[ShardInfo("train/s.parquet", "train", 4, 10, "x")], fingerprint="f" * 64, root=str(tmp_path / "shards"),
+    )  # fmt: skip
+    real = client(mlflow_uri)
+    winner, loser = _run(mlflow_uri).run_id, _run(mlflow_uri).run_id
+    log_split_inputs(real, winner, m, {"train": TRAINING})
+
+    class RacingClient:
+        def __init__(self, error: str) -> None:
+            self.calls, self.error = 0, error
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            if self.calls == 1:
+                raise MlflowException(self.error)
+            real.log_inputs(run_id, datasets=datasets)
+
+    racing = RacingClient("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
+    log_split_inputs(racing, loser, m, {"train": TRAINING})
+    assert racing.calls == 2
+    names = [d.dataset.name for d in real.get_run(loser).inputs.dataset_inputs]
+    assert names == [d.dataset.name for d in real.get_run(winner).inputs.dataset_inputs] == ["shards/train"]
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):  # any other error is not retried
+        log_split_inputs(RacingClient("RESOURCE_DOES_NOT_EXIST: run"), loser, m, {"train": TRAINING})

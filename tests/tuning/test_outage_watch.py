@@ -70,3 +70,23 @@ def test_the_real_probe_names_the_refusal():
 
     assert "refused" in server_problem(f"http://127.0.0.1:{free_port()}", timeout=2).lower()
     assert server_problem("sqlite:///x.db") is None
+
+
+def test_a_trial_failing_under_an_outage_waits_for_the_stop_and_fails_if_the_server_returns():
+    from moco_ray.tuning.outage import wait_while_down
+
+    server = _Server()
+    sleep = lambda s: setattr(server, "t", server.t + s)  # noqa: E731
+    assert not wait_while_down("http://mlflow:5000", 300, server.probe, sleep, lambda: server.t)  # up: fail now
+    assert server.t == 0
+    server.up = False
+    assert wait_while_down("http://mlflow:5000", 300, server.probe, sleep, lambda: server.t)
+    assert 300 <= server.t <= 305  # waited for the driver's stop (here it never comes: the limit ends it)
+
+    def back_at_40(uri, timeout):
+        server.probes += 1
+        return None if server.t >= 40 else "Connection refused"
+
+    server.t = 0
+    assert wait_while_down("http://mlflow:5000", 300, back_at_40, sleep, lambda: server.t) and 40 <= server.t < 45
+    assert not wait_while_down("sqlite:///x.db", 300, server.probe, sleep, lambda: server.t)  # never for local
