@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,24 @@ def run_cli_cases(cases: dict[str, dict[str, Any]], workdir: Path, **env: str) -
     )
     assert p.returncode == 0, p.stderr[-4000:]
     return json.loads((workdir / "out.json").read_text())
+
+
+def wait_for_run(uri: str, experiment: str, proc: subprocess.Popen, filter_string: str, timeout: float = 600):
+    """The first run of ``experiment`` matching ``filter_string``, polled while the CLI process ``proc`` runs (its
+    stderr in the failure if it ends first). A sqlite store is only opened once the CLI has created it."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    db = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        exp = (db is None or db.exists()) and c.get_experiment_by_name(experiment)
+        runs = c.search_runs([exp.experiment_id], filter_string) if exp else []
+        if runs:
+            return runs[0]
+        time.sleep(0.3)
+    raise AssertionError(f"no run of {experiment!r} matched {filter_string!r} in time")
 
 
 def free_port() -> int:

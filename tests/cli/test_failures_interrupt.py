@@ -12,12 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from moco_helpers import TINY_MODEL, cli_env
+from moco_helpers import TINY_MODEL, cli_env, wait_for_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -49,22 +48,6 @@ def _config(small_shards: Path, tmp_path: Path, uri: str, epochs: int) -> Path:
     return path
 
 
-def _wait_first_epoch(uri: str, proc: subprocess.Popen, timeout: float = 600) -> str:
-    """The run id once its run is RUNNING with epoch 0 logged (polling the store the CLI writes)."""
-    from mlflow.tracking import MlflowClient
-
-    c = MlflowClient(uri)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        exp = Path(uri[len("sqlite:///") :]).exists() and c.get_experiment_by_name(EXPERIMENT)
-        for r in c.search_runs([exp.experiment_id]) if exp else []:
-            if r.info.status == "RUNNING" and c.get_metric_history(r.info.run_id, "loss"):
-                return r.info.run_id
-        time.sleep(0.5)
-    raise AssertionError("no epoch logged in time")
-
-
 def test_ctrl_c_kills_the_run_and_resume_finishes_it(small_shards, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
@@ -74,7 +57,8 @@ def test_ctrl_c_kills_the_run_and_resume_finishes_it(small_shards, tmp_path, mlf
         cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        run_id = _wait_first_epoch(mlflow_uri, proc)
+        first_epoch = "attributes.status = 'RUNNING' and metrics.loss > 0"  # the run, once epoch 0 is logged
+        run_id = wait_for_run(mlflow_uri, EXPERIMENT, proc, first_epoch).info.run_id
         os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the driver and everything in its group
         _, err = proc.communicate(timeout=180)
     finally:

@@ -13,12 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from moco_helpers import cli_env
+from moco_helpers import cli_env, wait_for_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -48,21 +47,6 @@ def _sweep_file(small_shards: Path, tmp_path: Path, uri: str) -> Path:
     return path
 
 
-def _wait_for_trial(uri: str, proc: subprocess.Popen, split: str, timeout: float = 600) -> None:
-    """Until the trial training on ``split`` has its child run (trials run in grid order, one at a time)."""
-    from mlflow.tracking import MlflowClient
-
-    c = MlflowClient(uri)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        exp = c.get_experiment_by_name(EXPERIMENT)
-        if exp and c.search_runs([exp.experiment_id], f"params.`data.train_split` = '{split}'"):
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"no trial on {split!r} in time")
-
-
 def _children(c, parent_id: str) -> list:
     exp = c.get_run(parent_id).info.experiment_id
     return c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -77,7 +61,8 @@ def test_ctrl_c_of_a_sweep_then_resume_finishes_the_rest(small_shards, tmp_path,
         cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        _wait_for_trial(mlflow_uri, proc, "test")
+        # trials run in grid order, one at a time: the "test" trial's child run means the other two have ended
+        wait_for_run(mlflow_uri, EXPERIMENT, proc, "params.`data.train_split` = 'test'")
         os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the driver and everything in its group
         out, err = proc.communicate(timeout=300)
     finally:

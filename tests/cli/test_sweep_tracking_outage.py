@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from moco_helpers import cli_env, free_port
+from moco_helpers import cli_env, free_port, wait_for_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -75,21 +75,6 @@ def _sweep_file(small_shards: Path, tmp_path: Path, uri: str) -> Path:
     return path
 
 
-def _wait_for_first_epoch(uri: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    """Until a trial's child run has logged its first epoch."""
-    from mlflow.tracking import MlflowClient
-
-    c = MlflowClient(uri)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        exp = c.get_experiment_by_name(EXPERIMENT)
-        if exp and c.search_runs([exp.experiment_id], "tags.`mlflow.parentRunId` != '' and metrics.loss > 0"):
-            return
-        time.sleep(0.5)
-    raise AssertionError("no trial logged an epoch in time")
-
-
 def test_tracking_server_dies_mid_sweep_then_resume_finishes(small_shards, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -105,7 +90,7 @@ def test_tracking_server_dies_mid_sweep_then_resume_finishes(small_shards, tmp_p
     )
     try:
         try:
-            _wait_for_first_epoch(server.uri, proc)
+            wait_for_run(server.uri, EXPERIMENT, proc, "tags.`mlflow.parentRunId` != '' and metrics.loss > 0")
         finally:
             server.kill()
         t_kill = time.monotonic()
