@@ -43,9 +43,9 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 def _where_to_look(uri: str, run_id: str) -> str:
     """The run's page on a tracking server; for a local store, the command that serves one."""
-    if uri.startswith(("http://", "https://")):
-        from moco_ray.tracking.store import client
+    from moco_ray.tracking.store import client, is_server
 
+    if is_server(uri):
         return f"{uri.rstrip('/')}/#/experiments/{client(uri).get_run(run_id).info.experiment_id}/runs/{run_id}"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 

@@ -13,7 +13,7 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 HOOK = "moco_ray.jobs.local_ray.quiet_worker_logs"
@@ -106,14 +106,15 @@ def local_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
 
 
 class DropMessage(logging.Filter):
-    """Drops records whose message starts with one of ``prefixes``; everything else the logger says still shows."""
+    """Drops records whose message starts with one of ``prefixes`` (only while ``when()`` holds, if given);
+    everything else the logger says still shows."""
 
-    def __init__(self, *prefixes: str) -> None:
+    def __init__(self, *prefixes: str, when: Callable[[], bool] | None = None) -> None:
         super().__init__()
-        self.prefixes = prefixes
+        self.prefixes, self.when = prefixes, when
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
+        return not ((self.when is None or self.when()) and record.getMessage().startswith(self.prefixes))
 
 
 def drop_messages(logger: str, *prefixes: str) -> None:

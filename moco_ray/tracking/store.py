@@ -42,10 +42,15 @@ def check_tracking_uri(uri: str) -> None:
         raise ValueError(f"tracking.tracking_uri: MLflow server {uri} is unreachable ({problem})")
 
 
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` names an MLflow tracking server (``http(s)://``), not a local sqlite or file store."""
+    return uri.startswith(("http://", "https://"))
+
+
 def server_problem(uri: str, timeout: float = 5.0) -> str | None:
     """Why the MLflow server at an ``http(s)://`` ``uri`` does not answer its ``/health`` check; None when it does
     (and for any other kind of store). One cheap request with a short timeout, not MLflow's minutes-long retries."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return None
     import urllib.error
     import urllib.request

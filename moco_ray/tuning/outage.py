@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 
-from moco_ray.tracking.store import server_problem
+from moco_ray.tracking.store import is_server, server_problem
 
 GRACE_ENV = "MOCO_RAY_TRACKING_GRACE_S"
 # well inside MLflow's ~4 minutes of client retries: the sweep stops before an outage fails any trial
@@ -33,7 +33,7 @@ def wait_while_down(
 ) -> bool:
     """In a sweep trial whose run just raised: whether the tracking server at ``uri`` is down; if so, wait until it
     answers again or ``limit`` seconds pass (the driver stops the sweep, and so this trial, well before)."""
-    if not uri.startswith(("http://", "https://")) or probe(uri, timeout=5.0) is None:
+    if not is_server(uri) or probe(uri, timeout=5.0) is None:
         return False
     deadline = clock() + limit
     while clock() < deadline and probe(uri, timeout=5.0) is not None:
@@ -59,7 +59,7 @@ class TrackingWatch:
         self.uri, self.clock, self.probe, self.say = uri, clock, probe, say
         self.grace = float(os.environ.get(GRACE_ENV, DEFAULT_GRACE_S)) if grace is None else grace
         self.every = min(10.0, max(self.grace / 4, 0.5))
-        self.active = uri.startswith(("http://", "https://"))
+        self.active = is_server(uri)
         self.next_check = 0.0
         self.since: float | None = None
         self.reason = ""

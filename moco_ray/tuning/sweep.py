@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import pandas as pd
 
 from moco_ray.config import absolute
 from moco_ray.envvars import scoped_env
-from moco_ray.jobs.local_ray import drop_messages, init_ray, muted_on_sigint
+from moco_ray.jobs.local_ray import DropMessage, drop_messages, init_ray, muted_on_sigint
 from moco_ray.jobs.resolve import Prepared, check_resources, prepare, with_absolute_paths
 from moco_ray.jobs.resources import TRIAL_CPU
 from moco_ray.tracking.run_log import RunLog, create_run, open_run, version_tags
@@ -161,17 +160,6 @@ TUNE_LINES_REPLACED = {
     "ray.tune.execution.tune_controller": ("Trial task failed for trial",),
     "ray.tune.tune": ("Trials did not complete", "Experiment has been interrupted"),
 }
-
-
-class _DropWhen(logging.Filter):
-    """Drops records starting with ``prefix`` while ``when()`` holds."""
-
-    def __init__(self, when: Callable[[], bool], prefix: str) -> None:
-        super().__init__()
-        self.when, self.prefix = when, prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.when() and record.getMessage().startswith(self.prefix))
 
 
 def _quiet_tune_logs() -> None:
@@ -376,7 +364,7 @@ def run_sweep(
     tuner = _tuner(sw, resume, concurrency, watch, hooks)
     interrupted = False
     # Tune's "Stop signal received (e.g. via SIGINT/Ctrl+C)" would misname the watch's stop as a Ctrl-C
-    not_a_ctrl_c = _DropWhen(lambda: watch.down, "Stop signal received")
+    not_a_ctrl_c = DropMessage("Stop signal received", when=lambda: watch.down)
     tune_log = logging.getLogger("ray.tune.tune")
     tune_log.addFilter(not_a_ctrl_c)
     try:

@@ -6,6 +6,8 @@ import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from moco_ray.tuning.outage import DEFAULT_GRACE_S, wait_while_down
+
 if TYPE_CHECKING:
     from moco_ray.jobs.resolve import Prepared
     from moco_ray.train.hooks import FaultHooks
@@ -34,7 +36,7 @@ def make_trainable(
     sweep_name: str,
     prepared: Prepared,
     hooks: FaultHooks | None = None,
-    outage_grace_s: float = 60.0,
+    outage_grace_s: float = DEFAULT_GRACE_S,
 ) -> Callable:
     """A function trainable closing over the base config layers and the overrides every trial shares.
 
@@ -50,7 +52,6 @@ def make_trainable(
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from moco_ray.jobs.pretrain import run_pretraining
-        from moco_ray.tuning.outage import wait_while_down
 
         ctx = tune.get_context()
         overrides = {**fixed, **params, "tracking.run_name": run_name(params)}
