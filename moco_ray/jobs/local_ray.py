@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -75,6 +76,49 @@ def quiet_worker_logs() -> None:
     for name, level in NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
     logging.getLogger(TRAIN_ERROR_LOGGER).addFilter(_DropReportedErrors())
+    exit_on_swallowed_sigterm()
+
+
+RESEND_SIGTERM_AFTER_S = 0.05
+
+
+def _is_ray_sigterm_exit(unraisable: Any) -> bool:
+    """The ``SystemExit`` that Ray's worker SIGTERM handler (``ray._private.worker``'s ``sigterm_handler``) raised."""
+    if not issubclass(unraisable.exc_type, SystemExit):
+        return False
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "sigterm_handler" and f"{os.sep}ray{os.sep}" in code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def exit_on_swallowed_sigterm() -> None:
+    """Make a Ray worker's SIGTERM end the process even when it lands inside a garbage-collector callback.
+
+    Ray's workers turn SIGTERM into ``SystemExit`` (its ``sigterm_handler``). When the signal arrives while the main
+    thread runs a weakref or ``__del__`` callback, Python cannot propagate that exception: it prints
+    "Exception ignored in: <function WeakSet...>" with a traceback ending in ``SystemExit: 1`` (echoed on the
+    driver's console between a sweep's epoch lines; issue #21) and the worker *keeps running* until the raylet
+    kills it harder. This unraisable hook drops that one case and sends the SIGTERM again, now outside the
+    callback, so the exit Ray asked for happens; every other unraisable exception goes to the hook before it.
+    Idempotent, process-wide, callable from any thread.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "moco_ray_sigterm", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if _is_ray_sigterm_exit(unraisable):
+            # not from here: the main thread would run the handler at once, still inside the callback
+            threading.Timer(RESEND_SIGTERM_AFTER_S, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            return
+        previous(unraisable)
+
+    hook.moco_ray_sigterm = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def worker_pool_size(num_cpus: int | None = None) -> int:

@@ -51,8 +51,10 @@ def make_trainable(
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
+        from moco_ray.jobs.local_ray import exit_on_swallowed_sigterm
         from moco_ray.jobs.pretrain import run_pretraining
 
+        exit_on_swallowed_sigterm()  # a joined cluster's trial actors lack the local instance's worker hook
         ctx = tune.get_context()
         overrides = {**fixed, **params, "tracking.run_name": run_name(params)}
         tags = {
