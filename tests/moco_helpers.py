@@ -106,6 +106,37 @@ def wait_for_run(uri: str, experiment: str, proc: subprocess.Popen, filter_strin
     raise AssertionError(f"no run of {experiment!r} matched {filter_string!r} in time")
 
 
+def tiny_sweep(shards: Path, tmp_path: Path, uri: str, experiment: str, search: dict, **sections: dict) -> dict:
+    """A sweep spec in the tiny CPU setting of the sweep tests: ResNet-18 small stem at 16 px, 2 epochs of 2 steps
+    (64 images, batch 32), one 0.25-CPU worker per trial (two trials at once leave a whole CPU for their Ray Data
+    tasks), no kNN, no worker restarts, FIFO one trial at a time on the loss. ``sections`` update the sections of
+    the same name key by key (``eval={"knn_every": 2}``)."""
+    spec = {
+        "model": {"arch": "resnet18", "small_stem": True, "dim": 16, "hidden_dim": 32},
+        "moco": {"queue_size": 128, "temperature": 0.2},
+        "aug": {"image_size": 16},
+        "data": {"shards": str(shards), "limit": 64, "map_batch_size": 32, "shuffle_buffer": 0},
+        "train": {"epochs": 2, "batch_size": 32, "num_workers": 1, "cpus_per_worker": 0.25, "max_failures": 0,
+                  "storage_path": str(tmp_path / "runs")},
+        "eval": {"knn_every": 0},
+        "tracking": {"tracking_uri": uri, "experiment": experiment},
+        "search": search,
+        "sweep": {"metric": "loss", "mode": "min", "scheduler": "fifo", "max_concurrent_trials": 1, "verbose": 0},
+    }  # fmt: skip
+    for name, values in sections.items():
+        spec.setdefault(name, {}).update(values)
+    return spec
+
+
+def sweep_file(spec: dict, tmp_path: Path) -> Path:
+    """``spec`` written as ``tmp_path/sweep.yaml`` (what ``moco-ray sweep -c`` reads)."""
+    import yaml
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 def free_port() -> int:
     """A free TCP port on the loopback (for a test's own torch.distributed rendezvous)."""
     with socket.socket() as s:

@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from moco_helpers import cli_env, wait_for_run
+from moco_helpers import cli_env, sweep_file, tiny_sweep, wait_for_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -26,25 +25,13 @@ EXPERIMENT = "sweep-ctrl-c"
 
 
 def _sweep_file(small_shards: Path, tmp_path: Path, uri: str) -> Path:
-    spec = {
-        "model": {"arch": "resnet18", "small_stem": True, "dim": 32, "hidden_dim": 64},
-        "moco": {"queue_size": 128, "temperature": 0.2},
-        "aug": {"image_size": 16},
-        "data": {"shards": str(small_shards), "limit": 64, "map_batch_size": 32, "shuffle_buffer": 0},
-        "train": {
-            "epochs": 2, "batch_size": 32, "num_workers": 1, "cpus_per_worker": 0.25, "max_failures": 0,
-            "storage_path": str(tmp_path / "runs"),
-        },
-        "eval": {"knn_every": 2, "knn_k": 10, "knn_max_bank": 100, "knn_max_queries": 50},
-        "tracking": {"tracking_uri": uri, "experiment": EXPERIMENT},
-        # data.train_split "missing" is a valid config value but no such split exists: that trial fails at run time
-        "search": {"data.train_split": {"grid": ["train", "missing", "test"]}},
-        "sweep": {"name": "ctrl_c", "metric": "knn_top1", "mode": "max", "scheduler": "fifo",
-                  "max_concurrent_trials": 1, "verbose": 0},
-    }  # fmt: skip
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    # data.train_split "missing" is a valid config value but no such split exists: that trial fails at run time
+    spec = tiny_sweep(
+        small_shards, tmp_path, uri, EXPERIMENT, {"data.train_split": {"grid": ["train", "missing", "test"]}},
+        eval={"knn_every": 2, "knn_k": 10, "knn_max_bank": 100, "knn_max_queries": 50},
+        sweep={"name": "ctrl_c", "metric": "knn_top1", "mode": "max"},
+    )  # fmt: skip
+    return sweep_file(spec, tmp_path)
 
 
 def _children(c, parent_id: str) -> list:

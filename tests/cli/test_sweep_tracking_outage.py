@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from moco_helpers import cli_env, free_port, wait_for_run
+from moco_helpers import cli_env, free_port, sweep_file, tiny_sweep, wait_for_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -56,31 +55,14 @@ class _Server:
             self.proc.wait(timeout=30)
 
 
-def _sweep_file(small_shards: Path, tmp_path: Path, uri: str) -> Path:
-    spec = {
-        "model": {"arch": "resnet18", "small_stem": True, "dim": 16, "hidden_dim": 32},
-        "moco": {"queue_size": 128, "temperature": 0.2},
-        "aug": {"image_size": 16},
-        "data": {"shards": str(small_shards), "limit": 64, "map_batch_size": 32, "shuffle_buffer": 0},
-        "train": {"epochs": 2, "batch_size": 32, "num_workers": 1, "cpus_per_worker": 0.25, "max_failures": 0,
-                  "storage_path": str(tmp_path / "runs")},
-        "eval": {"knn_every": 0},
-        "tracking": {"tracking_uri": uri, "experiment": EXPERIMENT},
-        "search": {"moco.temperature": {"grid": [0.2]}},
-        "sweep": {"name": "outage", "metric": "loss", "mode": "min", "scheduler": "fifo",
-                  "max_concurrent_trials": 1, "verbose": 0},
-    }  # fmt: skip
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
 def test_tracking_server_dies_mid_sweep_then_resume_finishes(small_shards, tmp_path):
     from mlflow.tracking import MlflowClient
 
     server = _Server(tmp_path)
     server.start()
-    path = _sweep_file(small_shards, tmp_path, server.uri)
+    spec = tiny_sweep(small_shards, tmp_path, server.uri, EXPERIMENT, {"moco.temperature": {"grid": [0.2]}},
+                      sweep={"name": "outage"})  # fmt: skip
+    path = sweep_file(spec, tmp_path)
     cmd = [sys.executable, "-m", "moco_ray.cli.main", "sweep", "-c", str(path)]
     # 15 s, not the default 60: short for the test, long enough for a server that stalls on a loaded 2-CPU box (4 s
     # was not: the server's start-up jobs once kept /health silent that long, and the sweep stopped with it alive)

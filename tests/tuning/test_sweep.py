@@ -4,35 +4,16 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from moco_helpers import tiny_sweep
 
 from moco_ray.tuning.space import load_sweep
 
 pytestmark = pytest.mark.ray
 
 
-def _tiny(small_shards, tmp_path, uri: str, **extra) -> dict:
-    """A sweep dict over a tiny CPU setting: ResNet-18 small stem at 16 px, 2 steps per epoch, 1 worker."""
-    base = {
-        "model": {"arch": "resnet18", "small_stem": True, "dim": 32, "hidden_dim": 64},
-        "moco": {"queue_size": 128, "temperature": 0.2},
-        "aug": {"image_size": 16},
-        "data": {"shards": str(small_shards), "limit": 64, "map_batch_size": 32, "shuffle_buffer": 0},
-        "optim": {"lr": 0.06},
-        # 0.25 CPU per worker: two trials leave a whole CPU for their Ray Data tasks (1 CPU each)
-        "train": {
-            "epochs": 2,
-            "batch_size": 32,
-            "num_workers": 1,
-            "cpus_per_worker": 0.25,
-            "max_failures": 0,
-            "storage_path": str(tmp_path / "runs"),
-        },
-        "eval": {"knn_every": 1, "knn_k": 10, "knn_max_bank": 100, "knn_max_queries": 50},
-        "tracking": {"tracking_uri": uri, "experiment": "sweep-test"},
-    }
-    for k, v in extra.items():
-        base.setdefault(k, {}).update(v)
-    return base
+def _tiny(small_shards, tmp_path, uri: str, search: dict | None = None, **sections: dict) -> dict:
+    """moco_helpers.tiny_sweep in the experiment "sweep-test"."""
+    return tiny_sweep(small_shards, tmp_path, uri, "sweep-test", search or {}, **sections)
 
 
 def _children(uri, parent_id):
@@ -58,7 +39,6 @@ def test_grid_asha_parent_child_runs(ray_local, small_shards, tmp_path, mlflow_u
         small_shards,
         tmp_path,
         mlflow_uri,
-        eval={"knn_every": 0},
         search={"moco.queue_size": {"grid": [128, 256]}, "optim.lr": {"grid": [0.06, 0.0006]}},
         sweep={
             "name": "k_lr",
@@ -119,7 +99,7 @@ def test_grid_asha_parent_child_runs(ray_local, small_shards, tmp_path, mlflow_u
 def test_bad_search_values_rejected_before_ray(tmp_path, small_shards):
     import ray
 
-    base = _tiny(small_shards, tmp_path, f"sqlite:///{tmp_path / 'm.db'}")
+    base = _tiny(small_shards, tmp_path, f"sqlite:///{tmp_path / 'm.db'}", sweep={"scheduler": "asha"})
     was_up = ray.is_initialized()
     cases = {
         "moco.queue_size: 16 is out of range": {"moco.queue_size": {"grid": [128, 16]}},  # K < batch 32

@@ -1,9 +1,9 @@
 """Sweeps under faults the OS causes: a trial's Train worker SIGKILLed mid-run (as the OOM killer would).
 
 Real local Ray Tune + TorchTrainer trials, real MLflow sqlite store read back. A failing trial, Ctrl-C of the
-driver and ``--resume`` are covered in test_sweep.py. The kill lands at a known point (after the first epoch is
-checkpointed and logged) through the test-only ``FaultHooks.hold_after_epoch``: the worker parks there and the
-test kills it, so nothing races the run.
+driver and ``--resume`` are covered in tests/cli/test_sweep_interrupt.py. The kill lands at a known point (after
+the first epoch is checkpointed and logged) through the test-only ``FaultHooks.hold_after_epoch``: the worker parks
+there and the test kills it, so nothing races the run.
 """
 
 from __future__ import annotations
@@ -15,29 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+from moco_helpers import tiny_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def _tiny_sweep(small_shards, tmp_path, uri: str, search: dict) -> dict:
-    """Two epochs of 2 steps at 16 px, one 0.25-CPU worker per trial, both trials at once, no kNN."""
-    return {
-        "model": {"arch": "resnet18", "small_stem": True, "dim": 16, "hidden_dim": 32},
-        "moco": {"queue_size": 128, "temperature": 0.2},
-        "aug": {"image_size": 16},
-        "data": {"shards": str(small_shards), "limit": 64, "map_batch_size": 32, "shuffle_buffer": 0},
-        "train": {
-            "epochs": 2,
-            "batch_size": 32,
-            "num_workers": 1,
-            "cpus_per_worker": 0.25,
-            "storage_path": str(tmp_path / "runs"),
-        },
-        "eval": {"knn_every": 0},
-        "tracking": {"tracking_uri": uri, "experiment": "sweep-faults"},
-        "search": search,
-        "sweep": {"metric": "loss", "mode": "min", "scheduler": "fifo", "max_concurrent_trials": 2, "verbose": 0},
-    }
 
 
 class _Killer:
@@ -79,7 +59,9 @@ def test_trial_worker_killed_by_the_os(ray_local, small_shards, tmp_path, mlflow
 
     markers = tmp_path / "held"
     markers.mkdir()
-    spec = _tiny_sweep(small_shards, tmp_path, mlflow_uri, {"train.max_failures": {"grid": [0, 1]}})
+    # both trials at once; train.max_failures is the searched key
+    spec = tiny_sweep(small_shards, tmp_path, mlflow_uri, "sweep-faults", {"train.max_failures": {"grid": [0, 1]}},
+                      sweep={"max_concurrent_trials": 2})  # fmt: skip
     killer = _Killer(markers)
     try:
         res = run_sweep(spec, hooks=FaultHooks(hold_after_epoch=0, marker_dir=str(markers), hold_s=300))
