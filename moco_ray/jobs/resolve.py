@@ -158,12 +158,15 @@ def knn_available(cfg: Config, manifest: Manifest) -> bool:
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest ``checkpoint_*`` directory holding a complete state file (local storage)."""
+    """The newest ``checkpoint_*`` directory holding a complete state file (local storage). A newer one cut short
+    (the run was stopped while Ray copied it into storage) is skipped, and said so."""
     if "://" in run_dir or not Path(run_dir).is_dir():
         return None
-    from moco_ray.train.checkpoint import STATE_FILE
+    from moco_ray.train.checkpoint import STATE_FILE, is_complete
 
     cands = [p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file()]
-    if not cands:
-        return None
-    return str(max(cands, key=lambda p: (p.stat().st_mtime, p.name)))
+    for p in sorted(cands, key=lambda p: (p.stat().st_mtime, p.name), reverse=True):
+        if is_complete(p / STATE_FILE):
+            return str(p)
+        print(f"moco-ray: skipping {p.name}: its {STATE_FILE} is incomplete (the run stopped while it was written)")
+    return None

@@ -7,6 +7,7 @@ optimizer, epoch and global step, the RNG states of torch, numpy and Python, the
 from __future__ import annotations
 
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,16 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
     torch.save(state, tmp)
     tmp.replace(directory / STATE_FILE)
     return directory / STATE_FILE
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a whole ``torch.save`` archive. A copy cut short (Ray copies a reported checkpoint into
+    the run's storage file by file, so a Ctrl-C can land mid-copy) lacks the zip's central directory at the end."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
