@@ -1,6 +1,6 @@
 """The deployment files: cluster.yaml passes Ray's own cluster-launcher checks and says what it should about the
-head, the workers and MLflow; the KubeRay RayJob is well formed; config keys in the files and the README
-exist in moco_ray.config. Offline and fast: no cloud API, no Ray instance, no server."""
+head, the workers and MLflow; the KubeRay RayJob is well formed; config keys in the files and the docs
+(docs/cluster.md, the README) exist in moco_ray.config. Offline and fast: no cloud API, no Ray instance, no server."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from moco_ray.config import Config, load_config
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster.yaml"
 RAYJOB = REPO / "deploy" / "kuberay-rayjob.yaml"
-DOCS = REPO / "README.md"  # its "Running on a Ray cluster" section
+DOCS = (REPO / "docs" / "cluster.md", REPO / "README.md")  # the cluster walkthrough; the README's short section
 IMAGE = f"rayproject/ray:{ray.__version__}-py311-gpu"
 SWEEP = "experiments/sweep_queue_momentum.yaml"
 
@@ -196,7 +196,7 @@ def test_commands_are_valid_bash(cluster, k8s):
 
 def test_no_credentials_in_deployment_files(cluster):
     assert set(cluster["auth"]) == {"ssh_user"}
-    for path in (CLUSTER, RAYJOB, DOCS):
+    for path in (CLUSTER, RAYJOB, *DOCS):
         text = path.read_text()
         for pattern in CREDENTIAL_PATTERNS:
             assert not pattern.search(text), f"{path.name}: matches {pattern.pattern}"
@@ -255,7 +255,7 @@ def test_rayjob_runtime_env_reaches_code_and_mlflow(k8s):
 
 
 def test_config_keys_in_docs_and_files_are_real():
-    texts = [DOCS.read_text(), CLUSTER.read_text(), RAYJOB.read_text()]
+    texts = ["\n".join(p.read_text() for p in DOCS), CLUSTER.read_text(), RAYJOB.read_text()]
     overrides = [o for t in texts for o in _overrides(t)]
     keys = {o.split("=", 1)[0] for o in overrides}
     assert {"data.shards", "train.storage_path", "train.use_gpu"} <= keys

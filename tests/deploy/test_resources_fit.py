@@ -1,5 +1,6 @@
-"""experiments/*.yaml fit cluster.yaml's node types, where the README says they go (its "Where each experiment
-runs" table). Offline: the same arithmetic as the check before a run (moco_ray.jobs.resources), no Ray."""
+"""experiments/*.yaml fit cluster.yaml's node types, where docs/cluster.md says they go (its table under "What a
+run asks for, and where it lands"). Offline: the same arithmetic as the check before a run (moco_ray.jobs.resources),
+no Ray."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _needs(path: Path):
 
 
 def _claims() -> dict[str, tuple[str, str, str]]:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "cluster.md").read_text()
     return {m["file"]: (m["type"], m["instance"], m["rest"]) for m in ROW.finditer(text)}
 
 
@@ -45,13 +46,13 @@ def test_every_experiment_fits_the_shipped_cluster(path):
     assert fits(needs, view), f"{path.name}: {needs.describe()} fits none of cluster.yaml's node types"
 
 
-def test_readme_says_where_each_experiment_goes():
+def test_cluster_doc_says_where_each_experiment_goes():
     claims = _claims()
-    assert set(claims) == {p.name for p in EXPERIMENTS}, "README table and experiments/ differ"
+    assert set(claims) == {p.name for p in EXPERIMENTS}, "docs/cluster.md table and experiments/ differ"
     conf, view = _cluster()
     for name, (node_type, instance, rest) in claims.items():
         t = next((t for t in view.types if t.name == node_type), None)
-        assert t is not None, f"{name}: README names node type {node_type}, not in cluster.yaml"
+        assert t is not None, f"{name}: docs/cluster.md names node type {node_type}, not in cluster.yaml"
         assert conf["available_node_types"][node_type]["node_config"]["InstanceType"] == instance, name
         needs, sweep = _needs(REPO / "experiments" / name)
         only = ClusterView(view.nodes, (t,), view.max_workers, 1, "cluster.yaml")
