@@ -49,6 +49,7 @@ from typing import Any
 
 import bench_step
 import torch
+from bench_stream_vs_loader import PairFolder
 from common import (
     CIFAR_MINI,
     REPO,
@@ -60,11 +61,18 @@ from common import (
     report_logger,
     results_line,
     synthetic_imagefolder,
+    train_files,
     write_json,
 )
 
 from moco_ray.config import Config, load_config
+from moco_ray.core.defaults import IMAGENET_MEAN, IMAGENET_STD
+from moco_ray.data.digits import write_digits_imagefolder
+from moco_ray.data.ingest import ingest
 from moco_ray.jobs.local_ray import local_init_kwargs
+from moco_ray.jobs.pretrain import run_pretraining
+from moco_ray.train.model import build_method
+from moco_ray.train.step import build_optimizer, train_step
 
 EXPERIMENTS = {
     "cifar": REPO / "experiments" / "cifar10_mocov2_r18.yaml",
@@ -82,14 +90,10 @@ def default_cifar_root() -> Path:
 
 def prepare_shards(name: str, a: argparse.Namespace, workdir: Path) -> tuple[Path, dict[str, Any]]:
     """The dataset's ImageFolder tree and its shards under `workdir` (both reused when already there)."""
-    from moco_ray.data.ingest import ingest
-
     t0 = time.perf_counter()
     if name == "cifar":
         root = Path(a.cifar_root) if a.cifar_root else default_cifar_root()
         if not (root / "train").is_dir() and a.tiny:  # a fresh clone without shared/: sklearn's digits
-            from moco_ray.data.digits import write_digits_imagefolder
-
             root = write_digits_imagefolder(workdir / "digits", size=32)
         tree = repeat_imagefolder(root, workdir / f"cifar-x{a.cifar_rows}", a.cifar_rows)
         info: dict[str, Any] = {"source": str(root), "rows": a.cifar_rows or "all", "how": "hard links, cycled"}
@@ -140,8 +144,6 @@ def run_config(name: str, aug: str, shards: Path, a: argparse.Namespace, out_dir
 
 def run_one(name: str, cfg: Config, out_dir: Path, ceiling_iters: int) -> dict[str, Any]:
     """Step ceiling, then the real run under the GPU sampler; the figures of its last epoch."""
-    from moco_ray.jobs.pretrain import run_pretraining
-
     device = torch.device("cuda" if cfg.train.use_gpu else "cpu")
     warmup = max(1, ceiling_iters // 3)
     cudnn = bench_step.cudnn_like_loop(device)  # the worker turns it on too: the ratio compares like settings
@@ -168,29 +170,23 @@ def run_one(name: str, cfg: Config, out_dir: Path, ceiling_iters: int) -> dict[s
         "batch": cfg.train.batch_size,
         "cpus_per_worker": cfg.train.cpus_per_worker,
         "epochs": len(res.history),
-        "images_per_s_by_epoch": [round(h["images_per_s"], 1) for h in res.history],
-        "epoch_seconds": [round(h["epoch_seconds"], 2) for h in res.history],
-        "images_per_s_last": last["images_per_s"],
+        "images_per_s_by_epoch": [round(h.images_per_s, 1) for h in res.history],
+        "epoch_seconds": [round(h.epoch_seconds, 2) for h in res.history],
+        "images_per_s_last": last.images_per_s,
         "ceiling_img_per_s": ceiling["img_per_s"],
         "ceiling_with_gpu_aug_img_per_s": ceiling_aug["img_per_s"] if ceiling_aug else None,
-        "ratio_to_ceiling": last["images_per_s"] / bound["img_per_s"],
+        "ratio_to_ceiling": last.images_per_s / bound["img_per_s"],
         "cudnn_benchmark": cudnn,
         "gpu_util_epochs_2_on": gpu.stats(*after_first) if gpu.available and reports else None,
         "gpu_util_busy_window": gpu.stats(*busy) if gpu.available else None,
         "wall_s": round(wall, 1),
         "run_id": res.run_id,
-        "loss_last": last["loss"],
+        "loss_last": last.loss,
     }
 
 
 def plain_loop(cfg: Config, tree: Path, loader_workers: int) -> dict[str, Any]:
     """The loop a MoCo user would write (see the module docstring); img/s of each epoch of max_steps steps."""
-    from bench_stream_vs_loader import PairFolder
-
-    from moco_ray.core.defaults import IMAGENET_MEAN, IMAGENET_STD
-    from moco_ray.train.model import build_method
-    from moco_ray.train.step import build_optimizer, train_step
-
     torch.manual_seed(cfg.train.seed or 0)
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     model = build_method(cfg)
@@ -218,16 +214,12 @@ def plain_loop(cfg: Config, tree: Path, loader_workers: int) -> dict[str, Any]:
 
 
 def common_train_files(tree: Path) -> list[Path]:
-    from common import train_files
-
     return train_files(tree)
 
 
 def vs_plain(a: argparse.Namespace, workdir: Path, out_dir: Path) -> dict[str, Any]:
     """Plain PyTorch loop, then run_pretraining (1 worker), same images, config and CPUs; the ratio."""
-    import ray
-
-    from moco_ray.jobs.pretrain import run_pretraining
+    import ray  # lazy: Ray only for the Ray-run measurements; seconds to import
 
     shards, info = prepare_shards("cifar", a, workdir)
     tree = workdir / f"cifar-x{a.cifar_rows}"
@@ -242,7 +234,7 @@ def vs_plain(a: argparse.Namespace, workdir: Path, out_dir: Path) -> dict[str, A
         res = run_pretraining(cfg)
     finally:
         ray.shutdown()
-    ours = [h["images_per_s"] for h in res.history]
+    ours = [h.images_per_s for h in res.history]
     ratio = ours[-1] / plain["images_per_s_last"]
     print(f"moco-ray pretrain: {[round(r, 2) for r in ours]} img/s by epoch", flush=True)
     figures = (
@@ -320,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\nRESULTS.md: {r['results_line']}")
         write_json(out_json, r)
         return r
-    import ray
+    import ray  # lazy: Ray only for the Ray-run measurements; seconds to import
 
     started = not ray.is_initialized()
     if started:

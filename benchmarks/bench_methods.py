@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,12 @@ import numpy as np
 import torch
 
 from moco_ray.config import load_config
+from moco_ray.core.backbone_io import backbone_of
 from moco_ray.data.arrays import load_imagefolder_arrays
 from moco_ray.data.augment import build_view_augment, normalize_on_device
 from moco_ray.evaluation.features import extract_features
 from moco_ray.evaluation.knn import knn_accuracy
-from moco_ray.train.model import backbone_of, build_method
+from moco_ray.train.model import build_method
 from moco_ray.train.step import build_optimizer, set_lr, train_step
 
 
@@ -141,6 +143,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])

@@ -42,6 +42,8 @@ from common import fmt_rate, machine, results_line, write_json
 
 from moco_ray.config import Config, load_config
 from moco_ray.core.shuffle_bn import split_bn_factory
+from moco_ray.data.augment import normalize_on_device, source_size
+from moco_ray.data.gpu_augment import GpuViewAugment
 from moco_ray.train.model import build_method
 from moco_ray.train.step import build_optimizer, train_step
 
@@ -271,7 +273,7 @@ def _ours_step(
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg, model)
     if compile:  # as the loop: the encoder's graph; the queue and EMA bookkeeping stay eager
-        model.encoder_q = torch.compile(model.encoder_q)
+        model.wrap_trainable(torch.compile)
     dtype = torch.bfloat16 if bf16 else None
     draw = _gpu_views(cfg, device, channels_last) if gpu_aug else None
     im_q, im_k = _inputs(cfg, device, channels_last)
@@ -284,9 +286,6 @@ def _ours_step(
 
 
 def _gpu_views(cfg: Config, device: torch.device, channels_last: bool) -> Callable[[], tuple[torch.Tensor, ...]]:
-    from moco_ray.data.augment import normalize_on_device, source_size
-    from moco_ray.data.gpu_augment import GpuViewAugment
-
     aug = GpuViewAugment.from_config(cfg.aug)
     p = source_size(cfg.aug.image_size)
     g = torch.Generator().manual_seed(0)

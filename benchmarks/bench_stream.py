@@ -3,7 +3,7 @@
 Two inputs: CIFAR-10 JPEGs (32 px, cifar10-mini repeated up to --rows, output 32 px), and larger JPEGs made here
 (CIFAR images upscaled to 400x350, JPEG q=90, output 224 px, like ImageNet-style training). For each it measures
 
-- ``core``: the map_batches body (`moco_ray.data.stream.make_pairs`) in this process on one thread: CPU seconds
+- ``core``: the map_batches body (`moco_ray.data.views.make_pairs`) in this process on one thread: CPU seconds
   per pair, so it is robust to other load on the machine;
 - ``ray``: the whole stream (read_parquet -> file shuffle -> map_batches -> iter_batches) on a local Ray with
   --cpus CPUs, wall clock, divided by the CPUs.
@@ -25,8 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
+
+from moco_ray.config import AugConfig
+from moco_ray.data.ingest import ingest
+from moco_ray.data.manifest import read_manifest
+from moco_ray.data.stream import pair_dataset
+from moco_ray.data.views import make_pairs
+from moco_ray.jobs.local_ray import local_init_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_MINI = Path(os.environ.get("MOCO_RAY_TEST_DATA", REPO.parent / "shared" / "data" / "cifar10-mini"))
@@ -60,11 +68,6 @@ def make_tree(root: Path, rows: int, large: bool) -> Path:
 
 def bench_core(shards: Path, image_size: int, max_rows: int = 512) -> tuple[float, int]:
     """Pairs per CPU-second of make_pairs on one thread (CPU time, so other load does not skew it)."""
-    import pyarrow.parquet as pq
-
-    from moco_ray.data.manifest import read_manifest
-    from moco_ray.data.stream import make_pairs
-
     m = read_manifest(shards)
     table = pq.read_table(shards / m.shards_of("train")[0].path, columns=["image", "label", "id"])
     table = table.slice(0, max_rows)
@@ -80,9 +83,6 @@ def bench_core(shards: Path, image_size: int, max_rows: int = 512) -> tuple[floa
 
 def bench_ray(shards: Path, image_size: int, cpus: int, map_batch_size: int) -> tuple[float, int]:
     """Pairs per second per CPU through the full Ray Data stream (wall clock, one epoch)."""
-    from moco_ray.config import AugConfig
-    from moco_ray.data.stream import pair_dataset
-
     ds = pair_dataset(
         str(shards), "train", AugConfig(preset="v2", image_size=image_size), seed=0, map_batch_size=map_batch_size
     )
@@ -104,8 +104,6 @@ def main() -> None:
     ap.add_argument("--workdir", default="", help="where to build the trees and shards (default: a temp dir)")
     a = ap.parse_args()
 
-    from moco_ray.data.ingest import ingest
-
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench_stream_"))
     cases = [("cifar JPEG 32px", a.rows, False, 32), ("400x350 JPEG", a.large_rows, True, 224)]
     shards = {}
@@ -115,9 +113,7 @@ def main() -> None:
         ingest(tree, shards[name], shard_size_mb=8, progress=False)
 
     if not a.skip_ray:
-        import ray
-
-        from moco_ray.jobs.local_ray import local_init_kwargs
+        import ray  # lazy: Ray only for the Ray-run measurements; seconds to import
 
         ray.init(
             address="local",

@@ -72,6 +72,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
+
+from moco_ray.config import AugConfig, DataConfig
+from moco_ray.data.ingest import ingest
+from moco_ray.data.manifest import read_manifest, steps_per_epoch
+from moco_ray.data.stream import iter_pairs, pair_dataset, quiet_progress
+from moco_ray.jobs.local_ray import local_init_kwargs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -93,8 +100,6 @@ class PairFolder(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        from PIL import Image
-
         f = self.files[i]
         with open(f, "rb") as fh:
             img = Image.open(io.BytesIO(fh.read())).convert("RGB")
@@ -174,10 +179,6 @@ def bench_loader(files: list[Path], a: argparse.Namespace) -> dict[str, Any]:
 
 def bench_ray(shards: Path, a: argparse.Namespace, **pair_kw: Any) -> dict[str, Any]:
     """pair_dataset consumed by iter_pairs (as Worker.run_epoch does), --passes executions, the last one timed."""
-    from moco_ray.config import AugConfig, DataConfig
-    from moco_ray.data.manifest import read_manifest
-    from moco_ray.data.stream import iter_pairs, pair_dataset, steps_per_epoch
-
     m = read_manifest(shards)
     steps = steps_per_epoch(m, "train", a.batch)
     ds = pair_dataset(str(shards), "train", AugConfig(preset="v2", image_size=a.size), seed=0, **pair_kw)
@@ -208,8 +209,6 @@ def idle_cores(seconds: float) -> float:
 
 
 def prepare(a: argparse.Namespace, work: Path) -> tuple[list[Path], Path, Path]:
-    from moco_ray.data.ingest import ingest
-
     tree = common.repeat_imagefolder(cifar_root(a, work), work / f"tree-{a.rows}", a.rows)
     one, many = work / f"shards-{a.rows}-one", work / f"shards-{a.rows}-many"
     if not (one / "manifest.json").is_file():
@@ -244,10 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "loader" not in skip:
         res["loader"] = bench_loader(files, a)
         print(f"loader: {res['loader']}", flush=True)
-    import ray
-
-    from moco_ray.data.stream import quiet_progress
-    from moco_ray.jobs.local_ray import local_init_kwargs
+    import ray  # lazy: Ray only for the Ray-run measurements; seconds to import
 
     kw = local_init_kwargs(a.cpus)
     kw["_system_config"] = {**kw["_system_config"], "worker_niceness": a.ray_nice}

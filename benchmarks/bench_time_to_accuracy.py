@@ -24,10 +24,13 @@ from typing import Any
 
 import torch
 import yaml
+from bench_e2e import default_cifar_root
 from common import REPO, TINY_MODEL, read_report_log, report_logger, results_line, write_json
 
 from moco_ray.config import Config, load_config
+from moco_ray.data.ingest import ingest
 from moco_ray.jobs.local_ray import local_init_kwargs
+from moco_ray.jobs.pretrain import run_pretraining
 
 CONFIG = REPO / "experiments" / "cifar10_mocov2_r18.yaml"
 TINY = {
@@ -96,11 +99,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from bench_e2e import default_cifar_root
-
-    from moco_ray.data.ingest import ingest
-    from moco_ray.jobs.pretrain import run_pretraining
-
     a = parse_args(argv)
     root = Path(a.cifar_root) if a.cifar_root else default_cifar_root()
     if not (root / "train").is_dir() or not (root / "test").is_dir():
@@ -118,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = build_config(a, shards)
     print(f"ingest {time.time() - t0:.0f}s; progress in {progress}", flush=True)
 
-    import ray
+    import ray  # lazy: Ray only for the Ray-run measurements; seconds to import
 
     started = not ray.is_initialized()
     if started:
@@ -139,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "knn_top1" in r:
             print(f"{int(r['epoch']) + 1:>6}{r['elapsed_s']:>10.1f}{r['knn_top1']:>10.4f}")
     reached = time_to_targets(rows, targets)
-    final = res.history[-1].get("knn_top1")
+    final = res.history[-1].knn_top1
     summary = {
         "config": a.config,
         "epochs": len(res.history),

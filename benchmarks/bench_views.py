@@ -9,7 +9,7 @@ alternate between the two columns, and pairs/s = pairs / CPU seconds summed over
   RandomGrayscale(0.2), RandomApply([GaussianBlur(sigma in [0.1, 2])], p=0.5) (the official PIL-filter class;
   224 px only: the official CIFAR recipe has no blur, as our preset), RandomHorizontalFlip, ToTensor; the views
   of a batch collated with ``torch.stack`` (as a DataLoader does). No Normalize (ours normalises on the device).
-- ``ours``: `moco_ray.data.stream.make_pairs` (the Ray Data map_batches body, called directly) on batches of
+- ``ours``: `moco_ray.data.views.make_pairs` (the Ray Data map_batches body, called directly) on batches of
   --batch rows with a seed: decode, per-row seeded parameters, two uint8 views per image, [B, 3, S, S] arrays.
 
 Inputs: 32 px: cifar10-mini JPEGs (real 32x32 CIFAR-10 images; generated smooth JPEGs when absent) -> 32 px views;
@@ -47,6 +47,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
+from torchvision import transforms as T
+
+from moco_ray.data.views import make_pairs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -65,8 +68,6 @@ class PilGaussianBlur:
 
 def plain_transform(size: int):
     """The official MoCo v2 augmentation (v2 "aug+"), blur only at >= 64 px as in the official CIFAR demo."""
-    from torchvision import transforms as T
-
     ops = [
         T.RandomResizedCrop(size, scale=(0.2, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
@@ -93,8 +94,6 @@ def plain_pairs(images: list[bytes], tf, batch: int) -> int:
 
 
 def ours_pairs(images: list[bytes], size: int, batch: int) -> int:
-    from moco_ray.data.stream import make_pairs
-
     n = 0
     for s in range(0, len(images), batch):
         chunk = images[s : s + batch]
@@ -119,7 +118,7 @@ def cifar_jpegs(count: int) -> tuple[list[bytes], str]:
 
 def photo_jpegs(count: int, seed: int = 0) -> tuple[list[bytes], str]:
     """~500x375 / 375x500 JPEGs (q=90) cut from scikit-learn's two sample photographs at random offsets/scales."""
-    from sklearn.datasets import load_sample_images
+    from sklearn.datasets import load_sample_images  # lazy: about a second to import; only the photo set needs it
 
     photos = [Image.fromarray(a) for a in load_sample_images().images]  # 427x640 each
     rng = random.Random(seed)

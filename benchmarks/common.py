@@ -19,6 +19,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_MINI = Path(os.environ.get("MOCO_RAY_TEST_DATA", REPO.parent / "shared" / "data" / "cifar10-mini"))
 IMG_EXT = (".jpg", ".jpeg", ".png")
@@ -37,8 +41,6 @@ TINY_MODEL = {
 
 def machine() -> str:
     """One line naming the machine: GPU (if any), CPU count and load, torch version."""
-    import torch
-
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     cpu = platform.processor() or platform.machine()
     return f"{gpu}, {cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, torch {torch.__version__}"
@@ -106,9 +108,6 @@ def smooth_jpeg(seed: int, width: int, height: int, quality: int = 90) -> bytes:
     The coarse scales give photo-like smooth regions, the fine ones texture, so the file size and decode cost at
     q=90 are in the range of real photos of that size (flat synthetic images would decode much faster).
     """
-    import numpy as np
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     acc = np.zeros((height, width, 3), dtype=np.float32)
     for cells, weight in ((4, 0.5), (16, 0.3), (64, 0.15), (0, 0.05)):
@@ -185,7 +184,7 @@ class GpuSampler:
             self._thread = threading.Thread(target=self._read_smi, daemon=True)
         else:
             try:
-                import pynvml
+                import pynvml  # lazy: optional (nvidia-ml-py), only without nvidia-smi
 
                 pynvml.nvmlInit()
                 handle = pynvml.nvmlDeviceGetHandleByIndex(0)
@@ -237,7 +236,7 @@ def report_logger(path: str | os.PathLike, t0: float, text_path: str | os.PathLi
     so live progress lands in files that can be read (``tail -f``) while the run goes on. The class is built
     inside this function so that cloudpickle ships it by value: the controller cannot import this folder.
     """
-    import ray.train
+    import ray.train  # lazy: Ray only for the Ray-run benchmarks; seconds to import
 
     target, text, start = str(path), str(text_path) if text_path else None, float(t0)
 

@@ -40,11 +40,11 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name in ("Config", "load_config"):
-        from moco_ray import config
+        from moco_ray import config  # lazy: `import moco_ray` stays cheap (PEP 562 attribute)
 
         return getattr(config, name)
     if name in __all__:
-        from moco_ray import api
+        from moco_ray import api  # lazy: `import moco_ray` stays cheap and Ray-free (PEP 562 attribute)
 
         return getattr(api, name)
     raise AttributeError(f"module 'moco_ray' has no attribute {name!r}")

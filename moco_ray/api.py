@@ -1,4 +1,5 @@
-"""The Python API: pretrain, load_encoder, sweep."""
+"""The Python API: pretrain, load_encoder, sweep; evaluation, export and checkpoint import re-exported from jobs
+(child runs in MLflow, features through Ray)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moco_ray.config import Config
-from moco_ray.jobs.pretrain import PretrainResult
+from moco_ray.config import Config, parse_overrides
+from moco_ray.core.backbone_io import load_torchvision_backbone, load_torchvision_backbone_from_state
+from moco_ray.jobs.evaluate import evaluate_knn, evaluate_linear
+from moco_ray.jobs.export import export_run
+from moco_ray.jobs.import_checkpoint import import_checkpoint  # official MoCo files -> MLflow runs
+from moco_ray.jobs.pretrain import PretrainResult, run_pretraining
+from moco_ray.tracking.run_log import ENCODER_FILE, ENCODER_INFO, open_run
+from moco_ray.tracking.store import open_store
+from moco_ray.tuning.sweep import run_sweep
+
+__all__ = ["pretrain", "load_encoder", "sweep", "evaluate_knn", "evaluate_linear", "export_run", "import_checkpoint"]
 
 
 def _kw_overrides(kw: dict[str, Any]) -> dict[str, Any]:
@@ -28,12 +38,8 @@ def pretrain(
     ``moco__queue_size=1024``. ``resume=RUN_ID`` continues an interrupted run from its last checkpoint.
     Returns the run id, the final metrics, the encoder URI and the checkpoint path.
     """
-    from moco_ray.jobs.pretrain import run_pretraining
-
     over: dict[str, Any] = {}
     if isinstance(overrides, list):
-        from moco_ray.config import parse_overrides
-
         for sec, fields in parse_overrides(overrides).items():
             over.update({f"{sec}.{k}": v for k, v in fields.items()})
     elif overrides:
@@ -49,10 +55,6 @@ def load_encoder(run_or_uri: str, tracking_uri: str = "", device: str = "cpu"):
 
     ``run_or_uri``: an MLflow run id, ``runs:/<id>/encoder``, or a local directory with encoder.pt + encoder.json.
     """
-    from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
-    from moco_ray.tracking.run_log import open_run
-    from moco_ray.tracking.store import open_store
-
     local = Path(run_or_uri)
     if local.is_dir():
         return _load_dir(local, device)
@@ -63,9 +65,6 @@ def load_encoder(run_or_uri: str, tracking_uri: str = "", device: str = "cpu"):
 
 
 def _load_dir(path: Path, device: str):
-    from moco_ray.core.backbone_io import load_torchvision_backbone
-    from moco_ray.tracking.run_log import ENCODER_FILE, ENCODER_INFO
-
     if not (path / ENCODER_INFO).is_file():
         raise ValueError(f"{path}: no {ENCODER_INFO}; not a moco-ray encoder directory")
     info = json.loads((path / ENCODER_INFO).read_text())
@@ -78,18 +77,8 @@ def sweep(config: str | Path | dict, *, resume: bool = False, overrides: dict | 
     Raises ``KeyboardInterrupt`` on Ctrl-C and ``moco_ray.tuning.outage.TrackingOutage`` when its MLflow server
     stayed unreachable; both messages name the ``--resume`` command (``resume=True`` here) that continues it.
     """
-    from moco_ray.tuning.sweep import run_sweep
-
     over: dict | list = dict(overrides or {}) if not isinstance(overrides, list) else list(overrides)
     if kw:  # keyword overrides (moco__queue_size=...) go after the others, whichever form those take
         extra = _kw_overrides(kw)
         over = [*over, *(f"{k}={v}" for k, v in extra.items())] if isinstance(over, list) else {**over, **extra}
     return run_sweep(config, overrides=over or None, resume=resume)
-
-
-# Evaluation and export of a run's encoder (child runs in MLflow, features through Ray); see moco_ray.jobs.
-from moco_ray.jobs.evaluate import evaluate_knn, evaluate_linear  # noqa: E402
-from moco_ray.jobs.export import export_run  # noqa: E402
-from moco_ray.jobs.import_checkpoint import import_checkpoint  # noqa: E402  (official MoCo files -> MLflow runs)
-
-__all__ = ["pretrain", "load_encoder", "sweep", "evaluate_knn", "evaluate_linear", "export_run", "import_checkpoint"]

@@ -468,25 +468,34 @@ def _check_stats(d: DataConfig) -> None:
     _check(len(d.std) == 3 and all(0 < v <= 1 for v in d.std), "data.std", d.std, "3 values in (0, 1]")
 
 
-def validate(cfg: Config) -> None:
-    """Raise ValueError naming the first bad field and its allowed range."""
-    m, mo, a, o, t, e = cfg.model, cfg.moco, cfg.aug, cfg.optim, cfg.train, cfg.eval
+def _check_model(m: ModelConfig) -> None:
     _check(m.arch in ARCHS, "model.arch", m.arch, ", ".join(ARCHS))
     _check(m.dim > 0, "model.dim", m.dim, "> 0")
     _check(m.hidden_dim >= 0, "model.hidden_dim", m.hidden_dim, ">= 0 (0 = backbone width)")
     _check(m.proj_layers >= 1, "model.proj_layers", m.proj_layers, ">= 1")
+
+
+def _check_moco(mo: MoCoConfig) -> None:
     _check(mo.queue_size > 0, "moco.queue_size", mo.queue_size, "> 0")
     _check(0.0 <= mo.momentum < 1.0, "moco.momentum", mo.momentum, "0 <= m < 1")
     _check(mo.temperature > 0 and math.isfinite(mo.temperature), "moco.temperature", mo.temperature, "> 0")
     _check(mo.bn_splits >= 1, "moco.bn_splits", mo.bn_splits, ">= 1")
+
+
+def _check_aug(a: AugConfig) -> None:
     _check(a.image_size >= 8, "aug.image_size", a.image_size, ">= 8")
     _check(0.0 <= a.strength <= 2.0, "aug.strength", a.strength, "0 <= strength <= 2")
     _check(not (a.device == "gpu" and a.preset == "v3"), "aug.device", a.device, "cpu with aug.preset v3")
-    _check_stats(cfg.data)
+
+
+def _check_optim(o: OptimConfig) -> None:
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "> 0")
     _check(o.lr_reference_batch > 0, "optim.lr_reference_batch", o.lr_reference_batch, "> 0")
     _check(0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "0 <= momentum < 1")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+
+
+def _check_train(t: TrainConfig, o: OptimConfig) -> None:
     _check(t.epochs >= 1, "train.epochs", t.epochs, ">= 1")
     # (a warm-up as long as the run is clipped by load_config: see clip_warmup)
     _check(0 <= o.warmup_epochs < t.epochs, "optim.warmup_epochs", o.warmup_epochs, "0 <= w < train.epochs")
@@ -507,18 +516,26 @@ def validate(cfg: Config) -> None:
     _check(t.max_failures >= 0, "train.max_failures", t.max_failures, ">= 0")
     _check(re.fullmatch(r"[\w.-]*", t.name) is not None, "train.name", t.name, "letters, digits, '.', '_', '-'")
     _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", t.max_steps_per_epoch, ">= 0")
+
+
+def _check_eval(e: EvalConfig) -> None:
     _check(e.knn_every >= 0, "eval.knn_every", e.knn_every, ">= 0")
     _check(e.knn_k >= 1, "eval.knn_k", e.knn_k, ">= 1")
     _check(e.knn_t > 0, "eval.knn_t", e.knn_t, "> 0")
-    _check(cfg.data.map_batch_size >= 1, "data.map_batch_size", cfg.data.map_batch_size, ">= 1")
-    _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", cfg.data.shuffle_buffer, ">= 0")
-    _check(cfg.data.limit >= 0, "data.limit", cfg.data.limit, ">= 0")
-    _check(cfg.data.cpus >= 1, "data.cpus", cfg.data.cpus, ">= 1 (the stream needs a whole CPU)")
-    st = cfg.data.stall_timeout_s
+
+
+def _check_stream(d: DataConfig) -> None:
+    _check(d.map_batch_size >= 1, "data.map_batch_size", d.map_batch_size, ">= 1")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, ">= 0")
+    _check(d.limit >= 0, "data.limit", d.limit, ">= 0")
+    _check(d.cpus >= 1, "data.cpus", d.cpus, ">= 1 (the stream needs a whole CPU)")
+    st = d.stall_timeout_s
     _check(st == 0 or 10 <= st < math.inf, "data.stall_timeout_s", st, "0 (off) or >= 10 seconds")
-    f = cfg.data.max_corrupt_fraction
+    f = d.max_corrupt_fraction
     _check(0.0 <= f <= 1.0, "data.max_corrupt_fraction", f, "0 <= f <= 1 (1 = never fail)")
-    tr = cfg.tracking
+
+
+def _check_tracking(tr: TrackingConfig) -> None:
     _check(tr.log_every_steps >= 0, "tracking.log_every_steps", tr.log_every_steps, ">= 0 (0 = off)")
     _check(
         tr.system_metrics_interval == 0 or 0.1 <= tr.system_metrics_interval <= 3600,
@@ -526,6 +543,11 @@ def validate(cfg: Config) -> None:
         tr.system_metrics_interval,
         "0 (off) or 0.1 to 3600 seconds",
     )
+
+
+def _check_batch_layout(cfg: Config) -> None:
+    """Fields that must agree with each other: the queue holds a global batch, BN splits divide a worker's batch."""
+    mo, t = cfg.moco, cfg.train
     if cfg.uses_queue:
         _check(
             mo.queue_size >= t.batch_size,
@@ -542,6 +564,20 @@ def validate(cfg: Config) -> None:
         )
     if cfg.bn_mode == "ddp":
         _check(t.num_workers > 1, "moco.shuffle_bn", mo.shuffle_bn, "'ddp' needs train.num_workers > 1")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ValueError naming the first bad field and its allowed range (sections in this order)."""
+    _check_model(cfg.model)
+    _check_moco(cfg.moco)
+    _check_aug(cfg.aug)
+    _check_stats(cfg.data)
+    _check_optim(cfg.optim)
+    _check_train(cfg.train, cfg.optim)
+    _check_eval(cfg.eval)
+    _check_stream(cfg.data)
+    _check_tracking(cfg.tracking)
+    _check_batch_layout(cfg)
 
 
 def absolute(path: str) -> str:

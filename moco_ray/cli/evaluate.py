@@ -11,7 +11,7 @@ import argparse
 def run(a: argparse.Namespace) -> int:
     """``moco-ray eval knn|linear --run ID [--data SHARDS] [--epochs N] [--protocol-preset small|paper|lincls]
     [--image-size PX] [--limit ROWS]``."""
-    from moco_ray.jobs import evaluate as runner
+    from moco_ray.jobs import evaluate as runner  # lazy: --help stays fast (torch/Ray/mlflow)
 
     uri = getattr(a, "tracking_uri", "") or ""
     size = getattr(a, "image_size", None)
@@ -44,7 +44,7 @@ def run(a: argparse.Namespace) -> int:
 
 def export(a: argparse.Namespace) -> int:
     """``moco-ray export --run ID [--format F] [--register NAME] OUT``."""
-    from moco_ray.jobs.export import export_run
+    from moco_ray.jobs.export import export_run  # lazy: --help stays fast (torch/mlflow)
 
     r = export_run(
         a.run,

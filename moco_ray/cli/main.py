@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from moco_ray.cli import evaluate
+
 QUICKSTART = "experiments/quickstart.yaml"
 
 
@@ -26,7 +28,7 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
-    from moco_ray.jobs.pretrain import RunInterrupted, run_pretraining
+    from moco_ray.jobs.pretrain import RunInterrupted, run_pretraining  # lazy: --help stays fast (torch/Ray/mlflow)
 
     config = a.config if a.config else (None if a.resume else _default_config())
     try:
@@ -43,7 +45,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 def _where_to_look(uri: str, run_id: str) -> str:
     """The run's page on a tracking server; for a local store, the command that serves one."""
-    from moco_ray.tracking.store import client, is_server
+    from moco_ray.tracking.store import client, is_server  # lazy: --help stays fast (mlflow)
 
     if is_server(uri):
         return f"{uri.rstrip('/')}/#/experiments/{client(uri).get_run(run_id).info.experiment_id}/runs/{run_id}"
@@ -51,7 +53,7 @@ def _where_to_look(uri: str, run_id: str) -> str:
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
-    from moco_ray.data.ingest import ingest
+    from moco_ray.data.ingest import ingest  # lazy: --help stays fast (torch/Ray/mlflow)
 
     m = ingest(
         a.source,
@@ -70,8 +72,8 @@ def cmd_ingest(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from moco_ray.tuning.outage import TrackingOutage
-    from moco_ray.tuning.sweep import resume_command, run_sweep
+    from moco_ray.tuning.outage import TrackingOutage  # lazy: --help stays fast (torch/Ray/mlflow)
+    from moco_ray.tuning.sweep import resume_command, run_sweep  # lazy: --help stays fast (torch/Ray/mlflow)
 
     try:
         res = run_sweep(a.config, overrides=a.overrides, resume=a.resume)
@@ -86,19 +88,15 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from moco_ray.cli import evaluate
-
     return evaluate.run(a)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from moco_ray.cli import evaluate
-
     return evaluate.export(a)
 
 
 def cmd_import_checkpoint(a: argparse.Namespace) -> int:
-    from moco_ray.jobs.import_checkpoint import import_checkpoint
+    from moco_ray.jobs.import_checkpoint import import_checkpoint  # lazy: --help stays fast (torch/Ray/mlflow)
 
     r = import_checkpoint(
         a.file, a.arch, name=a.name, experiment=a.experiment, tracking_uri=a.tracking_uri, trust_pickle=a.trust_pickle
@@ -109,18 +107,15 @@ def cmd_import_checkpoint(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="moco-ray", description="MoCo self-supervised pretraining on Ray, tracked in MLflow."
-    )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     pt = sub.add_parser("pretrain", help="pretrain an encoder (no arguments: the offline quickstart)")
     pt.add_argument("-c", "--config", help=f"experiment YAML (default: {QUICKSTART})")
     pt.add_argument("--resume", metavar="RUN_ID", help="continue a stopped run from its last checkpoint")
     _add_overrides(pt)
     pt.set_defaults(func=cmd_pretrain)
 
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
     ing = sub.add_parser("ingest", help="turn an image tree or dataset into Parquet shards + manifest")
     ing.add_argument("source", help="ImageFolder dir, torchvision:cifar10|cifar100|stl10, or digits (offline)")
     ing.add_argument("out", help="output directory (or URI) for the shards")
@@ -132,12 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--reencode", choices=["jpeg", "png"], default=None, help="re-encode images (default: keep)")
     ing.set_defaults(func=cmd_ingest)
 
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
     sw = sub.add_parser("sweep", help="Ray Tune sweep over config keys (K, m, T, augmentation strength, ...)")
     sw.add_argument("-c", "--config", required=True, help="sweep YAML, e.g. experiments/sweep_queue_momentum.yaml")
     sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     _add_overrides(sw)
     sw.set_defaults(func=cmd_sweep)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate a pretrained encoder (knn, linear)")
     ev.add_argument("protocol", choices=["knn", "linear"])
     ev.add_argument("--run", required=True, metavar="RUN_ID")
@@ -149,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tracking-uri", default="")
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="export a run's encoder (torchvision, torchscript, detectron2, moco)")
     ex.add_argument("--run", required=True, metavar="RUN_ID")
     ex.add_argument(
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out")
     ex.set_defaults(func=cmd_export)
 
+
+def _add_import_checkpoint(sub: argparse._SubParsersAction) -> None:
     im = sub.add_parser("import-checkpoint", help="register an official MoCo v1/v2/v3 checkpoint as an MLflow run")
     im.add_argument("file", help="e.g. moco_v2_800ep_pretrain.pth.tar")
     im.add_argument("--arch", help="torchvision architecture (default: the file's arch field)")
@@ -170,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--tracking-uri", default="")
     im.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (runs code from the file)")
     im.set_defaults(func=cmd_import_checkpoint)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moco-ray", description="MoCo self-supervised pretraining on Ray, tracked in MLflow."
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_pretrain, _add_ingest, _add_sweep, _add_eval, _add_export, _add_import_checkpoint):
+        add(sub)
     return p
 
 

@@ -9,6 +9,7 @@ import importlib
 from typing import Any
 
 _WHERE = {
+    "ContrastiveMethod": "method",
     "KeyQueue": "queue",
     "MoCo": "moco",
     "MoCoV3": "moco_v3",

@@ -36,6 +36,6 @@ def all_gather_grad(t: torch.Tensor) -> torch.Tensor:
     """
     if not is_dist() or world_size() == 1:
         return t
-    import torch.distributed.nn.functional as dist_fn
+    import torch.distributed.nn.functional as dist_fn  # lazy: an ImportError on a torch built without distributed
 
     return torch.cat(dist_fn.all_gather(t.contiguous()), dim=0)

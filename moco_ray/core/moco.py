@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from moco_ray.core import defaults
 from moco_ray.core.distributed import all_gather_nograd, world_size
 from moco_ray.core.loss import contrastive_accuracy, info_nce
+from moco_ray.core.method import QueryEncoderMethod, StepOutput
 from moco_ray.core.momentum import momentum_update
 from moco_ray.core.queue import KeyQueue
 from moco_ray.core.shuffle_bn import batch_shuffle_ddp, batch_unshuffle_ddp
@@ -18,12 +19,12 @@ from moco_ray.core.shuffle_bn import batch_shuffle_ddp, batch_unshuffle_ddp
 BN_MODES = ("ddp", "split", "none")
 
 
-class MoCo(nn.Module):
-    """MoCo with a queue (He et al. 2019; v2: Chen et al. 2020).
+class MoCo(QueryEncoderMethod):
+    """MoCo with a queue (He et al. 2019; v2: Chen et al. 2020); a :class:`~moco_ray.core.method.ContrastiveMethod`.
 
-    ``encoder_q`` is the only part that takes gradients; wrap just it in DDP (``model.encoder_q = DDP(...)``).
-    ``encoder_k`` starts as an exact copy and follows the EMA in :meth:`momentum_update`, which ``forward`` runs
-    first, as the reference code does (so after step t the key encoder has seen t updates).
+    ``encoder_q`` is the only part that takes gradients (what :meth:`wrap_trainable` wraps in DDP).
+    ``encoder_k`` starts as an exact copy and follows the EMA (coefficient ``momentum``) in :meth:`momentum_update`,
+    which ``forward`` runs first, as the reference code does (so after step t the key encoder has seen t updates).
 
     Value ranges are checked once, by the config layer (``moco_ray.config.validate``).
     bn_mode: ``ddp`` shuffles the key batch across workers (shuffle-BN); ``split`` shuffles it within the batch,
@@ -46,17 +47,13 @@ class MoCo(nn.Module):
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q)
         self.encoder_k.requires_grad_(False)
-        self.queue = KeyQueue(queue_size, dim)
-        self.m, self.T, self.symmetric, self.bn_mode = momentum, temperature, symmetric, bn_mode
-
-    @property
-    def query_module(self) -> nn.Module:
-        """The query encoder without a DDP wrapper (what checkpoints and exports hold)."""
-        return getattr(self.encoder_q, "module", self.encoder_q)
+        self.queue: KeyQueue = KeyQueue(queue_size, dim)
+        self.momentum: float = momentum
+        self.T, self.symmetric, self.bn_mode = temperature, symmetric, bn_mode
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        momentum_update(self.encoder_k, self.query_module, self.m)
+        momentum_update(self.encoder_k, self.query_module, self.momentum)
 
     @torch.no_grad()
     def encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
@@ -76,7 +73,7 @@ class MoCo(nn.Module):
         loss, logits = info_nce(q, k, self.queue.keys.clone().detach(), self.T)
         return loss, logits, k
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> StepOutput:
         """One MoCo step's forward: EMA update, loss, enqueue. Returns ``loss`` and ``acc1``."""
         self.momentum_update()
         if self.symmetric:  # each view is the query once; the loss is the sum of both directions

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from moco_ray.core.distributed import all_gather_nograd, rank
 from moco_ray.core.encoders import Encoder, build_backbone, build_mlp_head
 from moco_ray.core.loss import contrastive_accuracy
+from moco_ray.core.method import QueryEncoderMethod, StepOutput
 from moco_ray.core.momentum import momentum_update
 
 
@@ -72,14 +73,14 @@ def ctr_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> tuple[torc
         return F.cross_entropy(logits, labels) * (2 * temperature), logits, labels
 
 
-class MoCoV3(nn.Module):
+class MoCoV3(QueryEncoderMethod):
     """MoCo v3: symmetric ``ctr(q1, k2) + ctr(q2, k1)``; keys from the momentum encoder of the other view.
 
     ``encoder_q`` (a :class:`QueryEncoder`) is the only part that takes gradients; ``encoder_k`` is an EMA copy of
     its backbone + projector (no predictor), updated first thing in ``forward`` as in the official code. The paper
-    raises m from 0.99 to 1 with a cosine schedule over training: the training loop sets ``self.m`` before each
-    step (``train.schedule.momentum_at``, ``moco.momentum_schedule: cosine``).
-    There is no queue: the negatives are the other keys of the global batch.
+    raises m from 0.99 to 1 with a cosine schedule over training: the training loop sets ``self.momentum`` before
+    each step (``train.schedule.momentum_at``, ``moco.momentum_schedule: cosine``).
+    There is no queue (``queue`` is None): the negatives are the other keys of the global batch.
     """
 
     def __init__(
@@ -89,20 +90,17 @@ class MoCoV3(nn.Module):
         self.encoder_q = encoder_q
         self.encoder_k = Encoder(copy.deepcopy(encoder_q.backbone), copy.deepcopy(encoder_q.head))
         self.encoder_k.requires_grad_(False)
-        self.m, self.T, self.symmetric = momentum, temperature, symmetric
-
-    @property
-    def query_module(self) -> QueryEncoder:
-        """The query encoder without a DDP wrapper (what checkpoints and exports hold)."""
-        return getattr(self.encoder_q, "module", self.encoder_q)
+        self.momentum: float = momentum
+        self.queue = None
+        self.T, self.symmetric = temperature, symmetric
 
     @torch.no_grad()
     def momentum_update(self) -> None:
         q = self.query_module
-        momentum_update(self.encoder_k.backbone, q.backbone, self.m)
-        momentum_update(self.encoder_k.head, q.head, self.m)
+        momentum_update(self.encoder_k.backbone, q.backbone, self.momentum)
+        momentum_update(self.encoder_k.head, q.head, self.momentum)
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> StepOutput:
         """EMA update, then the loss. Returns ``loss`` and ``acc1`` (top-1 of the positive among global keys)."""
         self.momentum_update()
         q1 = self.encoder_q(im_q)

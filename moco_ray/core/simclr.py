@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from moco_ray.core.distributed import all_gather_grad, rank
 from moco_ray.core.loss import contrastive_accuracy
+from moco_ray.core.method import QueryEncoderMethod, StepOutput
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,24 +36,21 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[tor
         return F.cross_entropy(logits, labels), logits, labels
 
 
-class SimCLR(nn.Module):
+class SimCLR(QueryEncoderMethod):
     """SimCLR: ``encoder_q`` (an Encoder: backbone + projection MLP) embeds both views in one forward pass.
 
     Both views go through the encoder as one batch, as in the reference implementation (BN statistics over both
-    views). ``encoder_q`` is the only sub-module, so it is what DDP wraps; there is no momentum encoder and no queue.
+    views). ``encoder_q`` is the only sub-module, so it is what DDP wraps; there is no momentum encoder and no queue
+    (``momentum`` and ``queue`` are None).
     """
 
     def __init__(self, encoder_q: nn.Module, temperature: float = 0.5) -> None:
         super().__init__()
         self.encoder_q = encoder_q
+        self.momentum, self.queue = None, None
         self.T = temperature
 
-    @property
-    def query_module(self) -> nn.Module:
-        """The encoder without a DDP wrapper (what checkpoints and exports hold)."""
-        return getattr(self.encoder_q, "module", self.encoder_q)
-
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> StepOutput:
         """NT-Xent of the two views. Returns ``loss`` and ``acc1`` (top-1 of the other view among 2N_global - 1)."""
         z = self.encoder_q(torch.cat([im_q, im_k], dim=0))
         z1, z2 = z.chunk(2, dim=0)

@@ -1,22 +1,25 @@
 """Encoded image bytes -> uint8 tensors, ingest-time validation, and corrupt-image accounting in the stream.
 
 Corrupt images in the stream (possible when shards were written by something else than `ingest`, or damaged
-after it) are never dropped silently and never drop a row: `decode_batch` replaces each one by another image of
-the same batch and flags it in a per-row ``corrupt`` column that the training loop sums and logs. Keeping the row
-count keeps every worker's step count equal (MoCo all-gathers every step, so an uneven shard would hang DDP).
+after it) are never dropped silently and never drop a row: every decode path (`decode_batch`, `decode_batch_on`
+and the CPU views of `moco_ray.data.views`) replaces each one by another image of the same batch by the one rule
+of `replacement_rows`, and flags it in a per-row ``corrupt`` column that the training loop sums and logs. Keeping
+the row count keeps every worker's step count equal (MoCo all-gathers every step, so an uneven shard would hang
+DDP).
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
-if TYPE_CHECKING:
-    from PIL import Image
+T = TypeVar("T")
 
 # Formats the stream can decode (torchvision for JPEG/PNG/GIF/WEBP, PIL for the others).
 _MAGIC = (
@@ -57,8 +60,6 @@ def verify_image(data: bytes) -> str:
     fmt = sniff_format(data)
     if fmt is None:
         raise CorruptImageError(f"not an image (unknown header {data[:8]!r})")
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()  # structure and checksums (PNG CRCs), without decoding
@@ -82,8 +83,8 @@ def decode_image(data: bytes) -> torch.Tensor:
     """
     if not data:
         raise CorruptImageError("empty image bytes")
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_image as tv_decode
+    from torchvision.io import ImageReadMode  # lazy: torchvision only to decode; the driver imports this module
+    from torchvision.io import decode_image as tv_decode  # lazy: as the line above
 
     try:
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -118,8 +119,6 @@ def open_image(data: bytes) -> Image.Image:
     With :func:`upright_size` and :func:`load_upright_rgb`, a caller can plan crops on the upright image's size
     before decoding, and decode a JPEG at a reduced size (``draft``) when every crop is far larger than its output.
     """
-    from PIL import Image
-
     if not data:
         raise CorruptImageError("empty image bytes")
     try:
@@ -156,8 +155,6 @@ def load_upright_rgb(im: Image.Image, reduce: int = 1) -> tuple[Image.Image, flo
     relative to the full-size upright image (1.0, or about 1/reduce), for scaling crop boxes drawn on the full
     size. Raises CorruptImageError when the pixel data cannot be decoded.
     """
-    from PIL import ImageOps
-
     try:
         w0 = im.width
         orientation = exif_orientation(im)
@@ -187,14 +184,31 @@ def decode_batch(images: Sequence[bytes | None]) -> tuple[list[torch.Tensor], np
             out.append(decode_image(data) if data is not None else None)
         except CorruptImageError:
             out.append(None)
-    corrupt = np.array([t is None for t in out], dtype=np.int64)
-    valid = np.flatnonzero(corrupt == 0)
-    for i in np.flatnonzero(corrupt):
-        if len(valid):
-            out[i] = out[int(valid[np.argmin(np.abs(valid - i))])]
-        else:
-            out[i] = torch.full((3, FALLBACK_SIZE, FALLBACK_SIZE), 128, dtype=torch.uint8)
-    return out, corrupt  # type: ignore[return-value]
+    return replace_corrupt(out, lambda: torch.full((3, FALLBACK_SIZE, FALLBACK_SIZE), 128, dtype=torch.uint8))
+
+
+def replacement_rows(valid: Sequence[bool]) -> list[int]:
+    """The corrupt-image rule of every decode path: the row whose image row i uses.
+
+    Itself when its image is valid; else the nearest valid image of the batch (the lower index on a tie), so the
+    row keeps its own view draws on a real image; else -1, when the batch has no valid image at all: a mid-grey
+    ``FALLBACK_SIZE`` stand-in. No row is dropped (see the module docstring).
+    """
+    ok = [i for i, v in enumerate(valid) if v]
+    return [i if v else (min(ok, key=lambda j: (abs(j - i), j)) if ok else -1) for i, v in enumerate(valid)]
+
+
+def corrupt_flags(rows: Sequence[int]) -> np.ndarray:
+    """int64 [B]: 1 where `replacement_rows` gave a row another image (or the stand-in)."""
+    return np.array([j != i for i, j in enumerate(rows)], dtype=np.int64)
+
+
+def replace_corrupt(decoded: Sequence[T | None], stand_in: Callable[[], T]) -> tuple[list[T], np.ndarray]:
+    """`replacement_rows` applied to a decoded batch (None = corrupt): (each row's image, corrupt flags int64 [B]).
+
+    ``stand_in()`` makes one mid-grey image per row of an all-corrupt batch."""
+    rows = replacement_rows([x is not None for x in decoded])
+    return [decoded[j] if j >= 0 else stand_in() for j in rows], corrupt_flags(rows)  # type: ignore[misc]
 
 
 def _jpeg_on_device_ok(data: bytes | None) -> bool:
@@ -213,9 +227,7 @@ def _jpeg_on_device_ok(data: bytes | None) -> bool:
 def _batched_jpeg(bufs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """torchvision's batched JPEG decode (nvJPEG on CUDA); on an error (it returns nothing partial) each one alone,
     None for those that still fail."""
-    import warnings
-
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg  # lazy: torchvision only to decode (see decode_image)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
@@ -238,8 +250,8 @@ def decode_batch_on(
 
     Upright JPEGs are decoded in one batched call on the device (nvJPEG when it is CUDA, libjpeg-turbo on the CPU);
     PNG and the other formats, EXIF-rotated JPEGs and JPEGs the batched decoder rejects are decoded on the CPU
-    (`decode_image`) and copied over. Corrupt rows are replaced by the nearest valid image of the batch and
-    flagged, as in `decode_batch`. Returns (uint8 [3, H, W] each, on `device`; corrupt flags int64 [B], CPU).
+    (`decode_image`) and copied over. Corrupt rows are replaced and flagged by `replacement_rows`, as in
+    `decode_batch`. Returns (uint8 [3, H, W] each, on `device`; corrupt flags int64 [B], CPU).
     """
     device = torch.device(device)
     out: list[torch.Tensor | None] = [None] * len(images)
@@ -254,11 +266,7 @@ def decode_batch_on(
                 out[i] = decode_image(data).to(device, non_blocking=True)
             except CorruptImageError:
                 pass
-    corrupt = torch.tensor([t is None for t in out], dtype=torch.int64)
-    valid = [i for i, t in enumerate(out) if t is not None]
-    for i in torch.nonzero(corrupt).flatten().tolist():
-        if valid:
-            out[i] = out[min(valid, key=lambda j: (abs(j - i), j))]
-        else:
-            out[i] = torch.full((3, FALLBACK_SIZE, FALLBACK_SIZE), 128, dtype=torch.uint8, device=device)
-    return out, corrupt  # type: ignore[return-value]
+    imgs, corrupt = replace_corrupt(
+        out, lambda: torch.full((3, FALLBACK_SIZE, FALLBACK_SIZE), 128, dtype=torch.uint8, device=device)
+    )
+    return imgs, torch.from_numpy(corrupt)

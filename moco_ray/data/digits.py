@@ -18,7 +18,7 @@ CLASSES = [str(i) for i in range(10)]
 
 def digits_arrays(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(N, size, size, 3) uint8 images and (N,) int labels, in scikit-learn's order."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: about a second to import; only the digits source needs it
 
     d = load_digits()
     gray = (d.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)  # 0..16 ink levels -> 0..255

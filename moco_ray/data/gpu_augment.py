@@ -23,7 +23,18 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from moco_ray.data.augment import BRIGHTNESS, CONTRAST, HUE, SATURATION, AugParams, aug_params, sample_params
+from moco_ray.data.augment import (
+    BRIGHTNESS,
+    CONTRAST,
+    HUE,
+    SATURATION,
+    AugParams,
+    aug_params,
+    resize_for_gpu,
+    sample_params,
+    source_size,
+)
+from moco_ray.data.decode import decode_batch_on
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -199,9 +210,6 @@ def sources_from_bytes(
 
     Images already P x P (CIFAR at 32 px) are stacked as they are; the others are resized one by one (sizes differ).
     """
-    from moco_ray.data.augment import resize_for_gpu, source_size
-    from moco_ray.data.decode import decode_batch_on
-
     if not images:
         raise ValueError("sources_from_bytes: empty batch")
     imgs, corrupt = decode_batch_on(images, device)

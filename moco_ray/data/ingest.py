@@ -32,8 +32,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
+from tqdm.auto import tqdm
 
 from moco_ray.data.decode import CorruptImageError, verify_image
 from moco_ray.data.manifest import (
@@ -41,7 +44,6 @@ from moco_ray.data.manifest import (
     Manifest,
     ShardInfo,
     file_sha256,
-    manifest_exists,
     read_manifest,
     write_manifest,
 )
@@ -110,13 +112,6 @@ def ingest(
     finally:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a failed first ingest leaves nothing behind
-
-
-def ensure_shards(shards: str, source: str = "", **kwargs: Any) -> Manifest | None:
-    """Ingest `source` into `shards` when `shards` has no manifest yet (quickstart convenience); else nothing."""
-    if not shards or not source or manifest_exists(shards):
-        return None
-    return ingest(source, shards, **kwargs)
 
 
 def _check_options(out: str | os.PathLike, shard_size_mb: float, row_group_rows: int, reencode: str | None) -> None:
@@ -305,8 +300,6 @@ def _remove_outputs(out: Path) -> None:
 
 
 def _shuffled(items: list[Item]) -> list[Item]:
-    import numpy as np
-
     perm = np.random.default_rng(0).permutation(len(items))
     return [items[i] for i in perm]
 
@@ -328,8 +321,6 @@ def _loader(src: Source, reencode: str | None) -> Callable[[Item], tuple[Item, b
 
 
 def _reencode(data: bytes, fmt: str) -> bytes:
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         buf = io.BytesIO()
         im.convert("RGB").save(buf, format="JPEG" if fmt == "jpeg" else "PNG", quality=95)
@@ -362,8 +353,6 @@ def _ordered_map(fn: Callable[[T], R], items: list[T], workers: int, window: int
 def _progress(it: Iterable[T], total: int, desc: str, enabled: bool) -> Iterable[T]:
     if not enabled:
         return it
-    from tqdm.auto import tqdm
-
     return tqdm(it, total=total, desc=desc, unit="img", mininterval=1.0, disable=total < 1000)
 
 

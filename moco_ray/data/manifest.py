@@ -2,7 +2,8 @@
 
 The manifest is written last and atomically, so a directory without one is not a finished ingest. Shard paths
 are relative to the root, so a shard directory can be copied to object storage and read from there (any
-pyarrow / fsspec URI).
+pyarrow / fsspec URI). The row arithmetic of a run lives here too: which rows ``data.limit`` keeps
+(`usable_rows`, `split_files`) and how many steps an epoch has (`steps_per_epoch`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 MANIFEST_FILE = "manifest.json"
 
@@ -142,7 +144,7 @@ def resolve_fs(root: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(root)
     except (ValueError, NotImplementedError) as e:  # a scheme pyarrow lacks (ArrowInvalid is a ValueError): fsspec
         try:
-            import fsspec
+            import fsspec  # lazy: optional dependency, only for schemes pyarrow lacks
         except ImportError:
             raise ValueError(f"{root}: pyarrow cannot open this URI ({e}) and fsspec is not installed") from None
         fs, path = fsspec.core.url_to_fs(root)
@@ -187,6 +189,57 @@ def write_manifest(root: str | os.PathLike, manifest: Manifest) -> Path:
     tmp.write_text(json.dumps(manifest.to_dict(), indent=1) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def usable_rows(manifest: Manifest, split: str, limit: int = 0) -> int:
+    """Rows of `split` a run reads: all of them, or the first `limit` (``data.limit``, 0 = no limit)."""
+    rows = manifest.rows(split)
+    return min(rows, limit) if limit > 0 else rows
+
+
+def check_enough_rows(manifest: Manifest, split: str, global_batch: int, limit: int = 0) -> int:
+    """Rows used per epoch; ValueError when they do not fill one global batch (drop_last would leave none)."""
+    rows = usable_rows(manifest, split, limit)
+    if rows < global_batch:
+        lim = f" (data.limit = {limit})" if limit else ""
+        raise ValueError(
+            f"split {split!r} has {rows} rows{lim}, fewer than one global batch (train.batch_size = {global_batch}); "
+            "lower train.batch_size or use more data"
+        )
+    return rows
+
+
+def steps_per_epoch(manifest: Manifest, split: str, global_batch: int, limit: int = 0, max_steps: int = 0) -> int:
+    """Steps every worker takes per epoch: full global batches only (drop_last), capped by `max_steps` (0 = none).
+
+    ``streaming_split(equal=True)`` gives each of W workers floor(rows / W) rows, and
+    floor(floor(rows / W) / (global_batch / W)) == floor(rows / global_batch), so all workers can take this many.
+    """
+    steps = usable_rows(manifest, split, limit) // global_batch
+    return min(steps, max_steps) if max_steps > 0 else steps
+
+
+def split_files(shards: str, manifest: Manifest, split: str, limit: int = 0) -> tuple[list[str], frozenset[str]]:
+    """Shard files of `split` (full paths in the shard filesystem) and the ids to drop to honour `limit`.
+
+    The limit takes the first `limit` rows in manifest order, so the subset is the same every epoch whatever the
+    file shuffle; only the last file read may be cut, by id.
+    """
+    fs, base = resolve_fs(shards)
+    infos = manifest.shards_of(split)
+    if limit <= 0 or limit >= manifest.rows(split):
+        return [join(base, s.path) for s in infos], frozenset()
+    files, total = [], 0
+    for s in infos:
+        files.append(join(base, s.path))
+        total += s.rows
+        if total >= limit:
+            break
+    keep_in_last = s.rows - (total - limit)
+    if keep_in_last == s.rows:
+        return files, frozenset()
+    ids = pq.read_table(files[-1], columns=["id"], filesystem=fs)["id"].to_pylist()
+    return files, frozenset(ids[keep_in_last:])
 
 
 def file_sha256(path: str | os.PathLike, fs: pafs.FileSystem | None = None, chunk: int = 8 << 20) -> str:

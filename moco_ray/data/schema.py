@@ -23,6 +23,7 @@ SHARD_SCHEMA = pa.schema(
         pa.field("path", pa.string()),  # source path, or "torchvision:<name>:<split>:<index>"
     ]
 )
+READ_COLUMNS = ["image", "label", "id"]  # what training and evaluation read of a shard
 _ACCEPTED = {
     "image": (pa.binary(), pa.large_binary()),
     "label": (pa.int64(),),

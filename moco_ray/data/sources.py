@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from moco_ray.data.digits import CLASSES, digits_arrays, png_bytes, split_indices
 
 TORCHVISION = {
     # name -> (torchvision class, {split: constructor kwargs})
@@ -194,7 +197,7 @@ class TorchvisionSource:
 
     def _open(self, split: str) -> Any:
         if split not in self._ds:
-            import torchvision.datasets as tvd
+            import torchvision.datasets as tvd  # lazy: heavy, and only the torchvision sources need it
 
             cls = getattr(tvd, self._cls_name)
             kwargs = self._split_kwargs[split]
@@ -222,8 +225,6 @@ class TorchvisionSource:
         ]
 
     def load(self, item: Item) -> bytes:
-        import io
-
         img, _ = self._open(item.split)[item.index]  # PIL image
         buf = io.BytesIO()
         img.convert("RGB").save(buf, format="PNG")  # lossless: the stored pixels are the dataset's pixels
@@ -240,8 +241,6 @@ class DigitsSource:
     """scikit-learn's bundled 8x8 digits (offline), upscaled to 32 px PNGs; a fixed 80/20 train/test split."""
 
     def __init__(self, split: str | None = None, size: int = DIGITS_SIZE) -> None:
-        from moco_ray.data.digits import CLASSES, digits_arrays, split_indices
-
         self.name, self.size, self.classes = "digits", size, list(CLASSES)
         if split is not None and split not in ("train", "test"):
             raise ValueError(f"digits: no split {split!r} (splits: train, test)")
@@ -260,8 +259,6 @@ class DigitsSource:
         ]
 
     def load(self, item: Item) -> bytes:
-        from moco_ray.data.digits import png_bytes
-
         return png_bytes(self._imgs[item.index])
 
     def fingerprint(self) -> str:

@@ -1,12 +1,12 @@
-"""Linear probes on frozen backbones: the fast cached-feature protocol and the official ``main_lincls`` one.
+"""Linear probes on frozen backbones: one trainer (:func:`train_probe`), two feature sources (``probe_sources.py``).
 
-Cached features (:func:`train_linear_probe`, ``paper`` / ``small`` presets): features are extracted once (centre
-view, see ``features.py``) and the probe trains on those fixed vectors. ~``epochs`` times cheaper than the official
-protocol, deterministic given the seed; it gives up the gain that crop augmentation brings to a linear head, so
-numbers can sit slightly below the paper's.
+Cached features (``CachedFeatures``, ``paper`` / ``small`` presets of :class:`LinearProtocol`): features are
+extracted once (centre view, see ``features.py``) and the probe trains on those fixed vectors. ~``epochs`` times
+cheaper than the official protocol, deterministic given the seed; it gives up the gain that crop augmentation brings
+to a linear head, so numbers can sit slightly below the paper's.
 
-``lincls`` (:func:`train_lincls`): facebookresearch/moco ``main_lincls.py`` exactly: every epoch fresh
-RandomResizedCrop(224) + horizontal-flip views through the frozen backbone (kept in eval mode, BN statistics
+``lincls`` (:func:`train_lincls` on ``FreshViews``): facebookresearch/moco ``main_lincls.py`` exactly: every epoch
+fresh RandomResizedCrop(224) + horizontal-flip views through the frozen backbone (kept in eval mode, BN statistics
 untouched), fc initialised N(0, 0.01) / 0, SGD lr 30 x batch/256, momentum 0.9, weight decay 0, batch 256, 100
 epochs, x0.1 at 60 and 80; validation on Resize(256) + CenterCrop(224). Pure torch, in-process: for small data.
 
@@ -19,17 +19,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moco_ray.evaluation.probe_sources import Batch, FeatureSource, FreshViews
+
+P = TypeVar("P", "LinearProtocol", "LinclsProtocol")
+
 
 @dataclass
 class LinearProtocol:
-    """Hyper-parameters of a linear probe; ``run(...)`` trains one with them."""
+    """Hyper-parameters of a linear probe (``train_probe`` trains one with them)."""
 
     epochs: int = 100
     lr: float = 0.1
@@ -78,23 +82,6 @@ class LinearProtocol:
             standardize=True,
         )
 
-    def run(
-        self,
-        train_feats: torch.Tensor,
-        train_labels: torch.Tensor,
-        test_feats: torch.Tensor,
-        test_labels: torch.Tensor,
-        num_classes: int | None = None,
-        device: torch.device | str = "cpu",
-        seed: int = 0,
-        on_epoch: Callable[[dict[str, float]], None] | None = None,
-    ) -> LinearProbeResult:
-        kw = asdict(self)
-        return train_linear_probe(
-            train_feats, train_labels, test_feats, test_labels, num_classes, device=device, seed=seed,
-            on_epoch=on_epoch, **kw,
-        )  # fmt: skip
-
 
 @dataclass
 class LinearProbeResult:
@@ -135,41 +122,22 @@ def _evaluate(model: nn.Module, feats: torch.Tensor, labels: torch.Tensor, batch
     return c1 / n, c5 / n
 
 
-def _check_inputs(feats: torch.Tensor, labels: torch.Tensor, name: str) -> torch.Tensor:
-    if feats.dim() != 2 or feats.shape[0] == 0:
-        raise ValueError(f"train_linear_probe: {name} features must be a non-empty [N,D], got {list(feats.shape)}")
-    labels = torch.as_tensor(labels)
-    if labels.shape != (feats.shape[0],) or labels.is_floating_point():
+def _probe_checks(source: FeatureSource, p: LinearProtocol, num_classes: int | None) -> tuple[int, int]:
+    """The probe's inputs checked (one ValueError naming the problem); returns the train rows and the class count."""
+    train_labels, test_labels = source.checked_labels()
+    if p.epochs < 1 or p.lr <= 0 or p.batch_size < 1 or p.weight_decay < 0:
         raise ValueError(
-            f"train_linear_probe: {name} labels must be integer [{feats.shape[0]}], got "
-            f"{labels.dtype} {list(labels.shape)}"
+            f"linear probe: need epochs >= 1, lr > 0, batch_size >= 1, weight_decay >= 0; got "
+            f"epochs={p.epochs}, lr={p.lr}, batch_size={p.batch_size}, weight_decay={p.weight_decay}"
         )
-    if int(labels.min()) < 0:
-        raise ValueError(f"train_linear_probe: {name} labels must be >= 0 (unlabelled rows cannot be probed)")
-    return labels.long()
-
-
-def _probe_checks(
-    train_feats, train_labels, test_feats, test_labels, num_classes, epochs, lr, batch_size, wd, schedule
-):
-    """The probe's inputs checked (one ValueError naming the problem); returns the labels and the class count."""
-    train_labels = _check_inputs(train_feats, train_labels, "train")
-    test_labels = _check_inputs(test_feats, test_labels, "test")
-    if train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(f"train_linear_probe: train dim {train_feats.shape[1]} != test dim {test_feats.shape[1]}")
-    if epochs < 1 or lr <= 0 or batch_size < 1 or wd < 0:
-        raise ValueError(
-            f"train_linear_probe: need epochs >= 1, lr > 0, batch_size >= 1, weight_decay >= 0; got "
-            f"epochs={epochs}, lr={lr}, batch_size={batch_size}, weight_decay={wd}"
-        )
-    if schedule not in ("cosine", "step"):
-        raise ValueError(f"train_linear_probe: schedule {schedule!r} is not one of cosine, step")
+    if p.schedule not in ("cosine", "step"):
+        raise ValueError(f"linear probe: schedule {p.schedule!r} is not one of cosine, step")
     max_label = int(max(train_labels.max(), test_labels.max()))
     if num_classes is None:
         num_classes = max_label + 1
     elif max_label >= num_classes:
-        raise ValueError(f"train_linear_probe: num_classes={num_classes} but labels go up to {max_label}")
-    return train_labels, test_labels, num_classes
+        raise ValueError(f"linear probe: num_classes={num_classes} but labels go up to {max_label}")
+    return len(train_labels), num_classes
 
 
 def _probe_lr(schedule: str, lr: float, epoch: int, step: int, total: int, milestones: Sequence[int]) -> float:
@@ -179,71 +147,84 @@ def _probe_lr(schedule: str, lr: float, epoch: int, step: int, total: int, miles
     return lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
-def train_linear_probe(
-    train_feats: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_feats: torch.Tensor,
-    test_labels: torch.Tensor,
-    num_classes: int | None = None,
-    epochs: int = 100,
-    lr: float = 0.1,
-    weight_decay: float = 0.0,
-    batch_size: int = 256,
-    schedule: Literal["cosine", "step"] = "cosine",
-    milestones: Sequence[int] = (60, 80),
-    momentum: float = 0.9,
-    standardize: bool = True,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> LinearProbeResult:
-    """Train a linear classifier (SGD, cross-entropy) on frozen features; report test top-1/top-5.
-
-    ``schedule``: ``cosine`` (per step, to 0) or ``step`` (x0.1 at each epoch in ``milestones``). The head is
-    initialised as in the official code (weights N(0, 0.01), bias 0). Deterministic given ``seed``.
-    ``on_epoch``: called with each epoch's history entry (progress lines for long probes).
-    """
-    train_labels, test_labels, num_classes = _probe_checks(
-        train_feats, train_labels, test_feats, test_labels, num_classes, epochs, lr, batch_size, weight_decay, schedule
-    )
-
-    device = torch.device(device)
-    xtr, ytr = train_feats.to(device, torch.float32), train_labels.to(device)
-    xte, yte = test_feats.to(device, torch.float32), test_labels.to(device)
-    g = torch.Generator().manual_seed(seed)
-    dim = xtr.shape[1]
+def _head(dim: int, num_classes: int, fixed: Batch | None, p: LinearProtocol, g: torch.Generator) -> nn.Sequential:
+    """(Standardiser +) Linear, the weights N(0, 0.01) drawn from ``g`` and the bias 0 (the official init)."""
     linear = nn.Linear(dim, num_classes)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(num_classes, dim, generator=g) * 0.01)
         linear.bias.zero_()
-    layers: list[nn.Module] = [_standardizer(xtr)] if standardize else []
-    model = nn.Sequential(*layers, linear.to(device))
-    opt = torch.optim.SGD(linear.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if not p.standardize:
+        return nn.Sequential(linear)
+    if fixed is None:
+        raise ValueError("linear probe: standardize needs fixed (cached) training features")
+    return nn.Sequential(_standardizer(fixed[0]), linear.to(fixed[0].device))
 
-    n = xtr.shape[0]
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    step = 0
+
+@dataclass
+class _Steps:
+    """The SGD side of the loop: sets each step's learning rate by the protocol's schedule, then steps."""
+
+    p: LinearProtocol
+    opt: torch.optim.Optimizer
+    total: int
+    step: int = 0
+    lr: float = 0.0
+
+    def __call__(self, epoch: int, loss: torch.Tensor) -> None:
+        self.lr = _probe_lr(self.p.schedule, self.p.lr, epoch, self.step, self.total, self.p.milestones)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+
+
+def _epoch(model: nn.Module, data: FeatureSource, sgd: _Steps, epoch: int, n: int, g: torch.Generator):
+    """One pass over a fresh permutation; returns the mean loss and the running top-1 over the epoch's batches."""
+    perm = torch.randperm(n, generator=g)
+    loss_sum = correct = 0.0
+    for x, y in data.train_batches(perm, sgd.p.batch_size, g):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        sgd(epoch, loss)
+        loss_sum += loss.item() * y.shape[0]
+        correct += _topk_correct(logits.detach(), y, 1)
+    return loss_sum / n, correct / n
+
+
+def train_probe(
+    source: FeatureSource,
+    protocol: LinearProtocol,
+    num_classes: int | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> LinearProbeResult:
+    """Train a linear classifier (SGD, cross-entropy) on frozen features from ``source``; report test top-1/top-5.
+
+    The learning rate follows ``protocol.schedule`` step by step; the head is initialised as in the official code
+    (weights N(0, 0.01), bias 0). Train top-1 is the fixed training set scored after each epoch when the source
+    has one (cached features), else the running accuracy over the epoch's views (main_lincls's). Deterministic
+    given ``seed``. ``on_epoch``: called with each epoch's history entry (progress lines for long probes).
+    """
+    n, num_classes = _probe_checks(source, protocol, num_classes)
+    device = torch.device(device)
+    data, g = source.to(device), torch.Generator().manual_seed(seed)
+    xte, yte = data.test_set()
+    fixed = data.fixed_train_set()
+    model = _head(xte.shape[1], num_classes, fixed, protocol, g).to(device)
+    opt = torch.optim.SGD(
+        model[-1].parameters(), lr=protocol.lr, momentum=protocol.momentum, weight_decay=protocol.weight_decay
+    )
+    sgd = _Steps(protocol, opt, protocol.epochs * math.ceil(n / protocol.batch_size))
     history: list[dict[str, Any]] = []
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=g).to(device)
-        loss_sum = 0.0
-        for s in range(0, n, batch_size):
-            cur = _probe_lr(schedule, lr, epoch, step, total, milestones)
-            for group in opt.param_groups:
-                group["lr"] = cur
-            idx = perm[s : s + batch_size]
-            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * idx.shape[0]
-            step += 1
-        train_top1, _ = _evaluate(model, xtr, ytr)
+    for epoch in range(protocol.epochs):
+        loss, running_top1 = _epoch(model, data, sgd, epoch, n, g)
+        train_top1 = _evaluate(model, *fixed)[0] if fixed is not None else running_top1
         test_top1, _ = _evaluate(model, xte, yte)
-        history.append(
-            {"epoch": epoch, "lr": cur, "loss": loss_sum / n, "train_top1": train_top1, "test_top1": test_top1}
-        )
+        history.append({"epoch": epoch, "lr": sgd.lr, "loss": loss, "train_top1": train_top1, "test_top1": test_top1})
         if on_epoch is not None:
             on_epoch(history[-1])
     top1, top5 = _evaluate(model, xte, yte)
@@ -256,19 +237,24 @@ def train_linear_probe(
 SMALL_IMAGE_MAX = 96  # image_size up to this -> the `small` linear protocol by default
 
 
-def linear_protocol(preset: str | None, image_size: int, epochs: int | None = None):
+def with_epochs(proto: P, epochs: int | None) -> P:
+    """``proto`` lasting ``epochs`` (None: unchanged), its step milestones scaled to the new length (60/80 of 100
+    -> 6/8 of 10)."""
+    if epochs is None:
+        return proto
+    if epochs < 1:
+        raise ValueError(f"linear probe epochs {epochs} is out of range; allowed: >= 1")
+    ms = tuple(max(1, round(m * epochs / proto.epochs)) for m in proto.milestones)
+    return dataclasses.replace(proto, epochs=epochs, milestones=ms)
+
+
+def linear_protocol(preset: str | None, image_size: int, epochs: int | None = None) -> tuple[str, LinearProtocol]:
     """``small`` for CIFAR-sized images (<= 96 px), ``paper`` otherwise, unless ``preset`` says; ``epochs``
-    overrides, with step milestones scaled to the new length (60/80 of 100 -> 6/8 of 10)."""
+    overrides (see ``with_epochs``)."""
     name = preset or ("small" if image_size <= SMALL_IMAGE_MAX else "paper")
     if name not in ("small", "paper"):
         raise ValueError(f"linear protocol preset {name!r} is not one of small, paper")
-    proto = LinearProtocol.small() if name == "small" else LinearProtocol.paper()
-    if epochs is not None:
-        if epochs < 1:
-            raise ValueError(f"linear probe epochs {epochs} is out of range; allowed: >= 1")
-        ms = tuple(max(1, round(m * epochs / proto.epochs)) for m in proto.milestones)
-        proto = dataclasses.replace(proto, epochs=epochs, milestones=ms)
-    return name, proto
+    return name, with_epochs(LinearProtocol.small() if name == "small" else LinearProtocol.paper(), epochs)
 
 
 @dataclass
@@ -284,51 +270,13 @@ class LinclsProtocol:
     milestones: tuple[int, ...] = (60, 80)
     image_size: int = 224  # RandomResizedCrop(224) for training; Resize(256) + CenterCrop(224) for validation
 
-
-def _lincls_views(images: Sequence[torch.Tensor], size: int, g: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop(size) (scale 0.08-1, ratio 3/4-4/3) + horizontal flip of uint8 [3, H, W] images."""
-    from torchvision.transforms.v2 import functional as TF
-
-    out = []
-    for img in images:
-        h, w = img.shape[-2:]
-        area = h * w
-        box = None
-        for _ in range(10):  # torchvision RandomResizedCrop.get_params, drawn from ``g``
-            target = area * (0.08 + 0.92 * float(torch.rand((), generator=g)))
-            lo, hi = math.log(3 / 4), math.log(4 / 3)
-            ratio = math.exp(lo + (hi - lo) * float(torch.rand((), generator=g)))
-            cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-            if 0 < cw <= w and 0 < ch <= h:
-                top = int(torch.randint(0, h - ch + 1, (), generator=g))
-                left = int(torch.randint(0, w - cw + 1, (), generator=g))
-                box = (top, left, ch, cw)
-                break
-        if box is None:  # central crop at the clamped ratio
-            in_ratio = w / h
-            cw, ch = (
-                (w, h)
-                if 3 / 4 <= in_ratio <= 4 / 3
-                else ((round(h * 4 / 3), h) if in_ratio > 4 / 3 else (w, round(w * 4 / 3)))
-            )
-            box = ((h - ch) // 2, (w - cw) // 2, ch, cw)
-        v = TF.resized_crop(img, *box, [size, size], antialias=True)
-        if float(torch.rand((), generator=g)) < 0.5:
-            v = TF.horizontal_flip(v)
-        out.append(v)
-    return torch.stack(out)
-
-
-def _val_view(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize(size / 0.875) + CenterCrop(size): main_lincls's validation transform (256 / 224)."""
-    from torchvision.transforms.v2 import functional as TF
-
-    return TF.center_crop(TF.resize(img, [int(round(size / 0.875))], antialias=True), [size, size])
-
-
-@torch.no_grad()
-def _pooled(backbone: nn.Module, x: torch.Tensor, prep: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    return backbone(prep(x)).float().flatten(1)
+    def probe(self) -> LinearProtocol:
+        """The trainer's settings: lr x batch / 256, x0.1 at each milestone, raw features (no standardisation)."""
+        return LinearProtocol(
+            epochs=self.epochs, lr=self.lr * self.batch_size / 256, momentum=self.momentum,
+            weight_decay=self.weight_decay, batch_size=self.batch_size, schedule="step", milestones=self.milestones,
+            standardize=False,
+        )  # fmt: skip
 
 
 def train_lincls(
@@ -343,56 +291,18 @@ def train_lincls(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> LinearProbeResult:
-    """The official linear classification protocol on a frozen ``backbone`` (see the module docstring).
+    """The official linear classification protocol on a frozen ``backbone`` (see the module docstring):
+    ``train_probe`` on ``FreshViews``, with the backbone in eval mode throughout.
 
     ``*_images``: uint8 [3, H, W] tensors (any sizes); ``preprocess``: uint8 batch -> normalised float on
-    ``device`` (the run's mean/std, e.g. ``core.normalize.Normalizer``). The backbone stays in eval mode; its
-    train/eval mode is restored afterwards. Deterministic given ``seed``.
+    ``device`` (the run's mean/std, e.g. ``core.normalize.Normalizer``). The backbone's train/eval mode is restored
+    afterwards. Deterministic given ``seed``.
     """
     p = protocol or LinclsProtocol()
-    ytr = _check_inputs(torch.zeros(len(train_images), 1), train_labels, "train")
-    yte = _check_inputs(torch.zeros(len(test_images), 1), test_labels, "test")
-    num_classes = num_classes or int(max(ytr.max(), yte.max())) + 1
-    device, g = torch.device(device), torch.Generator().manual_seed(seed)
+    views = FreshViews(backbone, train_images, train_labels, test_images, test_labels, preprocess, p.image_size)
     was_training = backbone.training
     backbone.eval()  # main_lincls: model.eval() while training, so BN running statistics stay frozen
     try:
-        val = torch.stack([_val_view(im, p.image_size) for im in test_images])
-        xte = torch.cat([_pooled(backbone, val[s : s + 256], preprocess) for s in range(0, len(val), 256)])
-        fc = nn.Linear(xte.shape[1], num_classes).to(device)
-        with torch.no_grad():
-            fc.weight.copy_(torch.randn(fc.weight.shape, generator=g) * 0.01)
-            fc.bias.zero_()
-        lr0 = p.lr * p.batch_size / 256
-        opt = torch.optim.SGD(fc.parameters(), lr=lr0, momentum=p.momentum, weight_decay=p.weight_decay)
-        history: list[dict[str, Any]] = []
-        yte_d = yte.to(device)
-        for epoch in range(p.epochs):
-            lr = lr0 * 0.1 ** sum(epoch >= m for m in p.milestones)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            perm = torch.randperm(len(train_images), generator=g)
-            loss_sum = correct = 0.0
-            for s in range(0, len(perm), p.batch_size):
-                idx = perm[s : s + p.batch_size].tolist()
-                feats = _pooled(backbone, _lincls_views([train_images[i] for i in idx], p.image_size, g), preprocess)
-                y = ytr[idx].to(device)
-                logits = fc(feats)
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.item() * len(idx)
-                correct += _topk_correct(logits.detach(), y, 1)
-            test_top1, _ = _evaluate(fc, xte, yte_d)
-            n = len(perm)
-            history.append(
-                {"epoch": epoch, "lr": lr, "loss": loss_sum / n, "train_top1": correct / n, "test_top1": test_top1}
-            )
-        top1, top5 = _evaluate(fc, xte, yte_d)
+        return train_probe(views, p.probe(), num_classes, device=device, seed=seed)
     finally:
         backbone.train(was_training)
-    best = max(history, key=lambda h: h["test_top1"])
-    return LinearProbeResult(
-        top1, top5, history[-1]["train_top1"], history, fc.eval(), best["test_top1"], int(best["epoch"])
-    )

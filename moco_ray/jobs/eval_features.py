@@ -15,7 +15,12 @@ from typing import Any
 
 import torch
 
-from moco_ray.data.manifest import Manifest
+from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
+from moco_ray.data.manifest import Manifest, usable_rows
+from moco_ray.data.stream import eval_dataset
+from moco_ray.evaluation.features import cache_path, cached_features, extract_features, normalizing
+from moco_ray.evaluation.progress import Progress
+from moco_ray.jobs.local_ray import init_ray
 from moco_ray.tracking.run_log import RunEncoder
 
 CACHE_ENV = "MOCO_RAY_CACHE"
@@ -32,10 +37,6 @@ def _extract_task(state, arch: str, small_stem: bool, datasets: dict, batch_size
     ``rows``: each split's row count, for the progress lines (printed: a Ray task's stdout reaches the driver);
     ``stats``: ``(mean, std)`` the images are normalised with (None: ImageNet's).
     """
-    from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
-    from moco_ray.evaluation.features import extract_features, normalizing
-    from moco_ray.evaluation.progress import Progress
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = load_torchvision_backbone_from_state(state, arch, small_stem).to(device)
 
@@ -60,7 +61,7 @@ def _extract_task(state, arch: str, small_stem: bool, datasets: dict, batch_size
 
 
 def _use_gpu(use_gpu: bool | None) -> bool:
-    import ray
+    import ray  # lazy: Ray only when features are not cached (jobs.evaluate is imported by moco_ray.api)
 
     gpus = ray.cluster_resources().get("GPU", 0)
     if use_gpu and gpus < 1:
@@ -83,22 +84,17 @@ def features(
     """Raw backbone features + labels of each split, from the cache or extracted in one Ray task.
 
     ``manifest``: the shards' manifest the caller validated (row counts for the progress lines)."""
-    from moco_ray.evaluation.features import cache_path, cached_features
-
     stats = (tuple(encoder.mean), tuple(encoder.std))
     keys = {s: f"{_CACHE_VERSION}|{run_id}|{shards}|{s}|{image_size}|{limit}|{stats}" for s in splits}
     missing = [s for s in splits if not cache_path(keys[s], cache_dir()).is_file()]
     computed: dict[str, Any] = {}
     if missing:
-        import ray
-
-        from moco_ray.data.stream import eval_dataset
-        from moco_ray.jobs.local_ray import init_ray
+        import ray  # lazy: Ray only when features are not cached (see _use_gpu)
 
         init_ray()
         gpu = _use_gpu(use_gpu)
         datasets = {s: eval_dataset(shards, s, image_size, limit) for s in missing}
-        rows = {s: min(manifest.rows(s), limit) if limit else manifest.rows(s) for s in missing}
+        rows = {s: usable_rows(manifest, s, limit) for s in missing}
         task = ray.remote(_extract_task).options(num_cpus=1, num_gpus=1 if gpu else 0)
         state_ref = ray.put(encoder.state)
         computed = ray.get(task.remote(state_ref, encoder.arch, encoder.small_stem, datasets, batch_size, rows, stats))

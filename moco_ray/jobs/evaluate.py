@@ -12,19 +12,24 @@ L2-normalised, the ``paper`` probe raw (its lr 30 is tuned for raw features).
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from moco_ray.config import Config, absolute
+from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
 from moco_ray.core.defaults import KNN_K, KNN_T
+from moco_ray.core.normalize import Normalizer
+from moco_ray.data.eval_images import original_images
 from moco_ray.data.manifest import Manifest
+from moco_ray.data.schema import validate_shards
 from moco_ray.evaluation.knn import knn_accuracy
-from moco_ray.evaluation.linear import linear_protocol
+from moco_ray.evaluation.linear import LinclsProtocol, linear_protocol, train_lincls, train_probe, with_epochs
+from moco_ray.evaluation.probe_sources import CachedFeatures
+from moco_ray.evaluation.progress import Progress
 from moco_ray.jobs.eval_features import features
-from moco_ray.tracking.datasets import EVALUATION, TRAINING, log_split_inputs
+from moco_ray.tracking.datasets import EVALUATION, TRAINING
 from moco_ray.tracking.run_log import RunLog, open_run, version_tags
 from moco_ray.tracking.store import open_store
 
@@ -44,8 +49,6 @@ def _resolve_data(log: RunLog, data: str | None, image_size: int | None) -> tupl
 
 
 def _prepare(run_id: str, data: str | None, tracking_uri: str, image_size: int | None, splits: list[str]):
-    from moco_ray.data.schema import validate_shards
-
     log, parent = open_run(open_store(tracking_uri), run_id)  # ValueError naming the run when it does not exist
     shards, size, _ = _resolve_data(log, data, image_size)
     manifest = validate_shards(shards)
@@ -63,40 +66,27 @@ def _log_child(
     history: list[dict[str, float]] | None = None,
     inputs: tuple[Manifest, dict[str, str]] | None = None,
 ) -> str:
-    """A child run of ``parent`` with the evaluation's params and metrics; the summary metric on the parent.
+    """A child run of ``parent`` (``log``'s run) with the evaluation's params and metrics; the summary metric on
+    the parent. Written through RunLog, as every moco-ray run is.
 
     ``inputs``: the shards' manifest and ``{split: context}``, logged as the child's MLflow dataset inputs.
     """
-    from mlflow.entities import Metric, Param, RunTag
-
-    c = log.client
-    parent_id = parent.info.run_id
-    parent_name = parent.data.tags.get("mlflow.runName") or parent_id[:8]
-    tags = {"mlflow.parentRunId": parent_id, EVAL_TAG: kind, **version_tags()}
-    child = c.create_run(parent.info.experiment_id, tags=tags, run_name=f"eval-{kind}-{parent_name}")
-    cid = child.info.run_id
+    parent_name = parent.data.tags.get("mlflow.runName") or log.run_id[:8]
+    child = log.create_child(f"eval-{kind}-{parent_name}", params, {EVAL_TAG: kind, **version_tags()})
     if inputs is not None:
-        log_split_inputs(c, cid, *inputs)
-    now = int(time.time() * 1000)
-    ms = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        child.log_dataset_inputs(*inputs)
+    points = [(k, v, 0) for k, v in metrics.items()]
     for h in history or []:
-        ms += [Metric(f"probe_{k}", float(v), now, int(h["epoch"])) for k, v in h.items() if k != "epoch"]
-    c.log_batch(cid, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
-    for i in range(0, len(ms), 1000):
-        c.log_batch(cid, metrics=ms[i : i + 1000])
-    c.set_terminated(cid, "FINISHED")
-    c.log_batch(
-        parent_id,
-        metrics=[Metric(f"eval_{kind}_top1", float(metrics[f"{kind}_top1"]), now, 0)],
-        tags=[RunTag(f"moco_ray.eval_{kind}_run", cid)],
-    )
-    return cid
+        points += [(f"probe_{k}", v, int(h["epoch"])) for k, v in h.items() if k != "epoch"]
+    child.log_metric_points(points)
+    child.finish()
+    log.log_step_metrics({f"eval_{kind}_top1": metrics[f"{kind}_top1"]}, step=0)
+    log.set_tags({f"moco_ray.eval_{kind}_run": child.run_id})
+    return child.run_id
 
 
 def _probe_progress(epochs: int):
     """The linear probe's per-epoch callback: a progress line with ETA (at most one per ~30 s, and the last)."""
-    from moco_ray.evaluation.progress import Progress
-
     bar = Progress("linear probe epoch", epochs, lambda line: print(line, flush=True))  # the driver's console
 
     def on_epoch(h: dict[str, float]) -> None:
@@ -179,8 +169,8 @@ def evaluate_linear(
     (xtr, ytr), (xte, yte) = f[split_train], f[split_test]
     if name == "small":
         xtr, xte = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)
-    res = proto.run(
-        xtr, ytr, xte, yte, num_classes=len(manifest.classes) or None, device=_device(), seed=seed,
+    res = train_probe(
+        CachedFeatures(xtr, ytr, xte, yte), proto, len(manifest.classes) or None, device=_device(), seed=seed,
         on_epoch=_probe_progress(proto.epochs),
     )  # fmt: skip
     where = {"data": shards, "split_train": split_train, "split_test": split_test, "image_size": size,
@@ -204,20 +194,10 @@ def _evaluate_lincls(
     x0.1 at 60/80 of 100 epochs (scaled with ``epochs``); best and last epoch reported. The images are decoded
     at their own sizes into memory: use ``limit`` (rows per split) on large datasets.
     """
-    from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
-    from moco_ray.core.normalize import Normalizer
-    from moco_ray.data.stream import original_images
-    from moco_ray.evaluation.linear import LinclsProtocol, train_lincls
-
     log, parent, shards, size, manifest, enc = _prepare(
         run_id, data, tracking_uri, image_size, [split_train, split_test]
     )
-    proto = LinclsProtocol(image_size=size)
-    if epochs is not None:
-        if epochs < 1:
-            raise ValueError(f"linear probe epochs {epochs} is out of range; allowed: >= 1")
-        ms = tuple(max(1, round(m * epochs / proto.epochs)) for m in proto.milestones)
-        proto = dataclasses.replace(proto, epochs=epochs, milestones=ms)
+    proto = with_epochs(LinclsProtocol(image_size=size), epochs)
     xtr, ytr, _ = original_images(shards, split_train, limit)
     xte, yte, _ = original_images(shards, split_test, limit)
     device = _device()

@@ -74,14 +74,10 @@ def _epochs_done(run) -> int:
 
 
 def _register(log: RunLog, run, net, enc: RunEncoder, name: str) -> str:
-    import mlflow
-
-    run_id = run.info.run_id
+    """A new version of ``name`` from the run's mlflow.pytorch model, through the run's own store (RunLog)."""
     model_uri = run.data.tags.get(ENCODER_MODEL_URI_TAG)
     if not model_uri:  # e.g. a run logged before the trainer logged mlflow.pytorch models
         model_uri = log.log_pytorch_model(net)
         log.set_tags({ENCODER_MODEL_URI_TAG: model_uri})
-    mlflow.set_tracking_uri(log.uri)
-    tags = {"moco_ray.run_id": run_id, "arch": enc.arch, "small_stem": str(enc.small_stem)}
-    mv = mlflow.register_model(model_uri, name, tags=tags)
-    return str(mv.version)
+    tags = {"moco_ray.run_id": run.info.run_id, "arch": enc.arch, "small_stem": str(enc.small_stem)}
+    return log.register_model(model_uri, name, tags)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moco_ray.config import TrackingConfig
 from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
 from moco_ray.core.defaults import ARCHS
@@ -50,8 +52,6 @@ def _sha256(path: Path) -> str:
 
 def load_checkpoint(path: Path, trust_pickle: bool = False) -> Any:
     """``torch.load`` on the CPU, weights-only unless the caller trusts the file (pickle can run code)."""
-    import torch
-
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as e:  # UnpicklingError for a non-weights object, RuntimeError for a non-torch file, ...
@@ -128,8 +128,8 @@ def import_checkpoint(
     log = create_run(uri, exp, run_name, params, tags, None)
     status = "FAILED"
     try:
-        if epoch > 0:  # as a trained run's last "epoch" metric: 0-based index of the last finished epoch
-            log.log_epochs([{"epoch": epoch - 1}])
+        if epoch > 0:  # as a trained run's last "epoch" metric (step = epoch): 0-based index of the last finished epoch
+            log.log_step_metrics({"epoch": epoch - 1}, epoch - 1)
         net = load_torchvision_backbone_from_state(backbone.state, arch, backbone.small_stem)
         encoder_uri = log.log_trained_encoder(net, arch, backbone.small_stem)
         status = "FINISHED"

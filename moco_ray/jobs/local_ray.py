@@ -184,7 +184,7 @@ def steer_log_dedup(*, local: bool) -> None:
     without them the console just shows Ray's default.
     """
     with contextlib.suppress(Exception):
-        from ray._private import ray_logging
+        from ray._private import ray_logging  # lazy: private Ray API, optional; standard library only at import
 
         for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
             dedup.allow_re = _either(dedup.allow_re, PROGRESS_LINES)
@@ -208,7 +208,7 @@ def mute_worker_logs() -> None:
     dispatcher; on a Ray without it, the output just keeps showing.
     """
     with contextlib.suppress(Exception):
-        from ray._private.worker import global_worker_stdstream_dispatcher
+        from ray._private.worker import global_worker_stdstream_dispatcher  # lazy: private Ray API, optional
 
         global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
 
@@ -251,7 +251,7 @@ def init_ray() -> None:
     Only a new local instance gets moco-ray's worker-pool size and log hook; a running cluster keeps its own
     settings (and runs the dashboard, so the hook's warning does not occur there).
     """
-    import ray
+    import ray  # lazy: standard library only at import (this module runs in every worker's start-up)
 
     if ray.is_initialized():
         return

@@ -10,21 +10,30 @@ from pathlib import Path
 from typing import Any
 
 from moco_ray.config import Config, load_config
+from moco_ray.core.backbone_io import backbone_of
 from moco_ray.data.decode import TooManyCorruptImages
+from moco_ray.data.manifest import steps_per_epoch
+from moco_ray.data.stream import pair_dataset, quiet_progress
 from moco_ray.jobs.local_ray import init_ray, mute_worker_logs
 from moco_ray.jobs.resolve import (
     Prepared,
     check_local_gpus,
     check_resources,
+    ingest_missing_shards,
     knn_available,
     latest_checkpoint,
     prepare,
     with_absolute_paths,
 )
-from moco_ray.jobs.resources import TRIAL_CPU
+from moco_ray.jobs.resources import TRIAL_CPU, data_execution_options, worker_resources
+from moco_ray.tracking.datasets import EVALUATION, TRAINING
+from moco_ray.tracking.history import EpochMetrics
+from moco_ray.tracking.plots import plot_training_curves
 from moco_ray.tracking.run_log import CONFIG_FILE, RunLog, create_run, open_run, version_tags
 from moco_ray.tracking.store import open_store, resolve_tracking_uri
+from moco_ray.train.checkpoint import load_state
 from moco_ray.train.hooks import FaultHooks
+from moco_ray.train.model import build_method
 from moco_ray.train.spec import RunSpec
 
 RUN_DIR_TAG = "moco_ray.run_dir"
@@ -38,8 +47,8 @@ class PretrainResult:
 
     run_id: str
     tracking_uri: str
-    metrics: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, float]  # the last epoch's, by name (EpochMetrics.as_dict)
+    history: list[EpochMetrics] = field(default_factory=list)
     encoder_uri: str = ""
     checkpoint_path: str = ""
     status: str = "FINISHED"
@@ -100,8 +109,6 @@ def _new_run(cfg: Config, prep: Prepared, parent_run_id: str | None, extra_tags:
 
 def _dataset_contexts(cfg: Config, prep: Prepared) -> dict[str, str]:
     """The splits the run reads: the training split, and the kNN monitor's splits when it runs."""
-    from moco_ray.tracking.datasets import EVALUATION, TRAINING
-
     d = cfg.data
     contexts = {d.train_split: TRAINING}
     knn = {d.knn_train_split, d.knn_test_split}
@@ -112,13 +119,17 @@ def _dataset_contexts(cfg: Config, prep: Prepared) -> dict[str, str]:
 
 
 def _trainer(spec: RunSpec, callbacks: list | None, epoch_offset: int):
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train import DataConfig as RayDataConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import (  # lazy: Ray Train only once a run starts (moco_ray.api imports this module, Ray-free)
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train import DataConfig as RayDataConfig  # lazy: as above
+    from ray.train.torch import TorchConfig, TorchTrainer  # lazy: as above
 
-    from moco_ray.data.stream import pair_dataset, quiet_progress
-    from moco_ray.jobs.resources import data_execution_options, worker_resources
-    from moco_ray.train.loop import train_loop_per_worker
+    from moco_ray.train.loop import train_loop_per_worker  # lazy: the workers' module imports Ray Train at its top
 
     cfg, t = spec.config, spec.config.train
     quiet_progress()
@@ -173,7 +184,8 @@ def run_pretraining(
     else:
         cfg = load_config(cfg, overrides)
     cfg = with_absolute_paths(cfg)
-    prep = prepare(cfg, prepared)  # may raise a clear error: nothing started yet
+    ingest_missing_shards(cfg, prepared)  # the quickstart's first run: data.source -> data.shards, announced
+    prep = prepare(cfg, prepared)  # checks only; may raise a clear error: nothing started yet
     check_local_gpus(cfg)  # a local Ray on a machine without GPUs: say so before starting it
     init_ray()
     check_resources(cfg, TRIAL_CPU if parent_run_id else 0.0)  # one clear line, not a run that never starts
@@ -186,9 +198,7 @@ def run_pretraining(
         spec = _spec(cfg, prep, log, resume_from, hooks, label=cfg.tracking.run_name if parent_run_id else "")
         epoch_offset = 0
         if resume_from:
-            from moco_ray.train.checkpoint import load_state
-
-            epoch_offset = int(load_state(resume_from)["epoch"]) + 1
+            epoch_offset = load_state(resume_from).epoch + 1
         result = _fit(_trainer(spec, callbacks, epoch_offset), log)
         return _finish(spec, log, result)
     except KeyboardInterrupt:  # Ctrl-C: KILLED (not FAILED), and how to continue
@@ -199,8 +209,6 @@ def run_pretraining(
 def _spec(
     cfg: Config, prep: Prepared, log: RunLog, resume_from: str | None, hooks: FaultHooks | None, label: str = ""
 ) -> RunSpec:
-    from moco_ray.data.stream import steps_per_epoch
-
     d = cfg.data
     name = cfg.train.name or f"moco-{log.run_id}"
     run_dir = f"{prep.storage_path.rstrip('/')}/{name}"
@@ -292,10 +300,6 @@ def _user_error(e: BaseException) -> TooManyCorruptImages | None:
 
 def _finish(spec: RunSpec, log: RunLog, result) -> PretrainResult:
     """Load the final checkpoint on the driver and log the encoder, plots and the checkpoint location."""
-    from moco_ray.tracking.plots import plot_training_curves
-    from moco_ray.train.checkpoint import load_state
-    from moco_ray.train.model import backbone_of, build_method
-
     cfg = spec.config
     if result.checkpoint is None:
         log.finish("FAILED")
@@ -303,9 +307,9 @@ def _finish(spec: RunSpec, log: RunLog, result) -> PretrainResult:
     ckpt_path = result.checkpoint.path
     with result.checkpoint.as_directory() as d:
         state = load_state(d)
-    history = state["history"]
+    history = state.history
     log.log_epochs(history)  # idempotent: fills anything the workers could not write
-    last_epoch = int(state["epoch"])
+    last_epoch = state.epoch
     log.set_tags({"moco_ray.checkpoint": ckpt_path, "moco_ray.last_epoch": last_epoch})
     with tempfile.TemporaryDirectory() as d:
         title = cfg.tracking.run_name or log.run_id
@@ -314,10 +318,10 @@ def _finish(spec: RunSpec, log: RunLog, result) -> PretrainResult:
         log.finish("KILLED")
         raise RunInterrupted(log.run_id, last_epoch, log.uri)
     model = build_method(cfg)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.model)
     encoder_uri = log.log_trained_encoder(backbone_of(model).eval(), cfg.model.arch, cfg.model.small_stem)
     log.finish("FINISHED")
-    metrics = {k: float(v) for k, v in history[-1].items()}
+    metrics = {k: float(v) for k, v in history[-1].as_dict().items()}
     return PretrainResult(log.run_id, spec.tracking_uri, metrics, history, encoder_uri, ckpt_path)
 
 

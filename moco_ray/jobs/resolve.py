@@ -1,4 +1,10 @@
-"""Everything a run needs checked and normalised on the driver, once, before any cluster resource is requested."""
+"""Everything a run needs checked and normalised on the driver, once, before any cluster resource is requested.
+
+A driver runs, in this order: `ingest_missing_shards` (the one step that writes data: the quickstart's first-run
+ingest, announced), `prepare` (checks only), then starts Ray. Both check the tracking store and the storage first
+(`check_targets`), so a refused input is refused before anything is ingested, and `prepare` creates a sqlite
+tracking store last, once everything passed: a refused input leaves nothing behind.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from moco_ray.config import Config, absolute
-from moco_ray.data.manifest import Manifest
+from moco_ray.data.ingest import ingest
+from moco_ray.data.manifest import Manifest, check_enough_rows, manifest_exists
+from moco_ray.data.schema import validate_shards
+from moco_ray.jobs.resources import Needs, check_fits, current_view
+from moco_ray.tracking.store import check_tracking_uri, ensure_store, resolve_tracking_uri
+from moco_ray.train.checkpoint import STATE_FILE, is_complete
 
 
 @dataclass(frozen=True)
@@ -26,8 +39,6 @@ class Prepared:
 
     def serves(self, cfg: Config) -> bool:
         """Whether ``cfg`` points at the same store, storage and shards (a trial's overrides may change them)."""
-        from moco_ray.tracking.store import resolve_tracking_uri
-
         return (
             resolve_tracking_uri(cfg.tracking.tracking_uri) == self.tracking_uri
             and storage_path(cfg) == self.storage_path
@@ -65,33 +76,54 @@ def check_writable(path: str) -> None:
         raise ValueError(f"train.storage_path: cannot write to {path} ({e.strerror or e})") from None
 
 
-def prepare(cfg: Config, known: Prepared | None = None) -> Prepared:
-    """Tracking store, storage and shards checked (one clear error each), or ``known`` when it serves ``cfg``.
-
-    A sqlite store is created last, once everything else passed: a refused input leaves nothing behind.
-    """
-    from moco_ray.data.ingest import ensure_shards
-    from moco_ray.data.schema import validate_shards
-    from moco_ray.data.stream import check_enough_rows
-    from moco_ray.tracking.store import check_tracking_uri, ensure_store, resolve_tracking_uri
-
-    if known is not None and known.serves(cfg):
-        check_enough_rows(known.manifest, cfg.data.train_split, cfg.train.batch_size, cfg.data.limit)
-        return known
+def check_targets(cfg: Config) -> tuple[str, str]:
+    """The tracking URI and storage root, resolved and checked, and ``data.shards`` named: one clear error each,
+    before anything is written."""
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_tracking_uri(uri)
     store = storage_path(cfg)
     check_writable(store)
     if not cfg.data.shards:
         raise ValueError("data.shards: no dataset given; ingest one with `moco-ray ingest SOURCE OUT`")
-    ensure_shards(cfg.data.shards, cfg.data.source)
+    return uri, store
+
+
+def ingest_missing_shards(cfg: Config, known: Prepared | None = None) -> Manifest | None:
+    """The drivers' explicit ingest step: ``data.source`` into ``data.shards`` when these hold no finished ingest
+    yet (the quickstart's first run), announced with one line; the new manifest, or None when there was nothing
+    to do (no ``data.source``, the shards exist, or ``known`` (a sweep's prepared inputs) serves ``cfg``).
+
+    Runs before `prepare`, which validates what was written; the targets are checked first, so a refused input
+    is refused before anything is ingested.
+    """
+    d = cfg.data
+    if (known is not None and known.serves(cfg)) or not d.source:
+        return None
+    check_targets(cfg)
+    if manifest_exists(d.shards):
+        return None
+    print(f"moco-ray: ingesting {d.source} into {d.shards} (first run; later runs reuse the shards)", flush=True)
+    return ingest(d.source, d.shards)
+
+
+def prepare(cfg: Config, known: Prepared | None = None) -> Prepared:
+    """Tracking store, storage and shards checked (one clear error each), or ``known`` when it serves ``cfg``.
+
+    Checks only: shards missing here are refused (`ingest_missing_shards` runs before, for a config that names a
+    ``data.source``). A sqlite store is created last, once everything else passed: a refused input leaves nothing
+    behind.
+    """
+    if known is not None and known.serves(cfg):
+        check_enough_rows(known.manifest, cfg.data.train_split, cfg.train.batch_size, cfg.data.limit)
+        return known
+    uri, store = check_targets(cfg)
     manifest = validate_shards(cfg.data.shards)
     check_enough_rows(manifest, cfg.data.train_split, cfg.train.batch_size, cfg.data.limit)
     ensure_store(uri)
     return Prepared(uri, store, manifest)
 
 
-def check_resources(cfg: Config, driver_cpu: float = 0.0, what: str = "the run"):
+def check_resources(cfg: Config, driver_cpu: float = 0.0, what: str = "the run") -> Needs | None:
     """The run's resources (Train workers, data-stream CPUs, a trial's ``driver_cpu``) against the cluster (and
     its autoscaler's node types): a one-line ValueError when they cannot fit, instead of a run that waits forever.
 
@@ -99,8 +131,6 @@ def check_resources(cfg: Config, driver_cpu: float = 0.0, what: str = "the run")
     GCS nor a launcher YAML has them): a GPU run is then not checked, since its GPUs may still come.
     Returns the checked ``resources.Needs`` (None when not checked).
     """
-    from moco_ray.jobs.resources import check_fits, current_view
-
     view = current_view()
     pending_ok = os.environ.get("MOCO_RAY_ALLOW_PENDING_GPUS") == "1"
     if cfg.train.use_gpu and pending_ok and not view.autoscaling and not any(n["GPU"] for n in view.nodes):
@@ -120,7 +150,7 @@ def _gpu_shortage(cfg: Config, gpus: float) -> str | None:
 
 def starts_local_ray() -> bool:
     """Whether ``init_ray`` would start a new local Ray instance (no RAY_ADDRESS, no running cluster)."""
-    import ray
+    import ray  # lazy: seconds to import; the checks before it (and `import moco_ray.api`) need no Ray
 
     if ray.is_initialized():
         return False
@@ -130,7 +160,7 @@ def starts_local_ray() -> bool:
     if address is not None:
         return False
     try:  # the `ray start` cluster that ray.init() would join, if any
-        from ray._private.services import canonicalize_bootstrap_address
+        from ray._private.services import canonicalize_bootstrap_address  # lazy: as `import ray` above
 
         return canonicalize_bootstrap_address(None) is None
     except Exception:  # unknown: leave it to the check after ray.init
@@ -141,8 +171,6 @@ def check_local_gpus(cfg: Config) -> None:
     """Before Ray starts: a local Ray gets this machine's GPUs, so count them now rather than after a 30 s start."""
     if not cfg.train.use_gpu or not starts_local_ray():
         return
-    import torch
-
     msg = _gpu_shortage(cfg, torch.cuda.device_count())
     if msg:
         raise ValueError(msg)
@@ -162,8 +190,6 @@ def latest_checkpoint(run_dir: str) -> str | None:
     (the run was stopped while Ray copied it into storage) is skipped, and said so."""
     if "://" in run_dir or not Path(run_dir).is_dir():
         return None
-    from moco_ray.train.checkpoint import STATE_FILE, is_complete
-
     cands = [p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file()]
     for p in sorted(cands, key=lambda p: (p.stat().st_mtime, p.name), reverse=True):
         if is_complete(p / STATE_FILE):

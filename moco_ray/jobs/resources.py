@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from moco_ray.config import Config
 
 EPS = 1e-9
@@ -100,7 +102,7 @@ def data_execution_options(cfg: Config) -> Any:
     (Train's shards do not subtract the workers' CPUs), so two runs' streams could each plan on every CPU. Given
     explicitly, Train also skips its default options, which set the deprecated ``exclude_resources``.
     """
-    from ray.data import DataContext, ExecutionOptions, ExecutionResources
+    from ray.data import DataContext, ExecutionOptions, ExecutionResources  # lazy: seconds; arithmetic needs no Ray
 
     ctx = DataContext.get_current().execution_options
     return ExecutionOptions(
@@ -242,6 +244,48 @@ def check_fits(cfg: Config, view: ClusterView, driver_cpu: float = 0.0, what: st
     return needs
 
 
+# -- a sweep's concurrency ---------------------------------------------------------------------------------------
+
+
+def auto_concurrency(cfg: Config, view: ClusterView | None = None, limit: int = 1024) -> int:
+    """Trials the cluster can run at once when sweep.max_concurrent_trials is 0: as many as the packing above puts
+    onto its nodes (or the nodes its autoscaler may add), each trial's Train workers, its data-stream CPUs
+    (data.cpus) and its trainable's TRIAL_CPU included.
+
+    The trainables request almost nothing, so Tune cannot limit them by resources: without a limit every trial
+    would start and its TorchTrainer wait for workers. ``limit``: the sweep's trial count (no use counting past it).
+    """
+    return max(1, max_runs(needs_of(cfg, TRIAL_CPU), view or current_view(), limit))
+
+
+def check_concurrency(cfg: Config, wanted: int, view: ClusterView | None = None) -> None:
+    """An explicit sweep.max_concurrent_trials may exceed what fits (the extra trials wait for workers), but the
+    trials that do start must leave a whole CPU for their streams, or none of them ever gets a batch."""
+    view = view or current_view()
+    needs = needs_of(cfg, TRIAL_CPU)
+    free = capacity(view, needs, wanted)
+    started = 0
+    while started < wanted and place_run(replace(needs, data_cpus=0), free):
+        started += 1
+    if started and not any(n.get("CPU", 0) >= 1 for n in free):
+        raise ValueError(
+            f"sweep.max_concurrent_trials: {started} trials' workers at once leave no whole CPU for their data "
+            f"streams ({view.describe()}); set sweep.max_concurrent_trials=0 (auto: "
+            f"{auto_concurrency(cfg, view, wanted)}) or lower train.cpus_per_worker"
+        )
+
+
+def trial_concurrency(cfg: Config, wanted: int, trials: int) -> int:
+    """The sweep's ``max_concurrent_trials``: ``wanted`` once checked, or for 0 what the connected cluster fits
+    (said on the console, with the setting that overrides it)."""
+    if wanted:
+        check_concurrency(cfg, wanted)
+        return wanted
+    n = auto_concurrency(cfg, limit=max(1, trials))
+    print(f"[sweep] {n} trial(s) at once (what the cluster fits; sweep.max_concurrent_trials=N sets it)", flush=True)
+    return n
+
+
 # -- reading the cluster ---------------------------------------------------------------------------------------------
 
 
@@ -266,7 +310,7 @@ def types_from_launcher_yaml(conf: dict[str, Any]) -> tuple[tuple[NodeType, ...]
 def _types_from_gcs() -> tuple[NodeType, ...]:
     """Node types the autoscaler published in the GCS (what Ray Data reads too); () when none (a fixed cluster)."""
     try:
-        import ray._private.state
+        import ray._private.state  # lazy: only reading a live cluster needs Ray; the arithmetic is pure
 
         conf = ray._private.state.state.get_cluster_config()
     except Exception:  # an internal API: treat anything unexpected as "nothing published"
@@ -281,7 +325,6 @@ def _types_from_gcs() -> tuple[NodeType, ...]:
 
 
 def _launcher_yaml() -> tuple[dict[str, Any], str] | None:
-    import yaml
 
     path = os.environ.get(CLUSTER_CONFIG_ENV)
     if path:
@@ -297,7 +340,7 @@ def _launcher_yaml() -> tuple[dict[str, Any], str] | None:
 
 def current_view() -> ClusterView:
     """The connected cluster: alive nodes from ``ray.nodes()``, node types from a launcher YAML or the GCS."""
-    import ray
+    import ray  # lazy: only reading a live cluster needs Ray; the arithmetic is pure
 
     alive = [n for n in ray.nodes() if n.get("Alive")]
     nodes = tuple({k: float(n["Resources"].get(k, 0)) for k in KEYS} for n in alive)

@@ -31,7 +31,7 @@ def _split_uri(manifest: Manifest, split: str) -> str:
 
 def split_dataset(manifest: Manifest, split: str):
     """The MLflow ``Dataset`` entity of one split of the shards at ``manifest.root``."""
-    from mlflow.entities import Dataset
+    from mlflow.entities import Dataset  # lazy: Ray workers import this module on every rank; mlflow only if used
 
     manifest.require_split(split)
     uri = _split_uri(manifest, split)
@@ -56,8 +56,8 @@ def split_dataset(manifest: Manifest, split: str):
 
 def log_split_inputs(client, run_id: str, manifest: Manifest, contexts: dict[str, str]) -> None:
     """Log ``{split: context}`` of the shards as the run's dataset inputs (one ``log_inputs`` call)."""
-    from mlflow.entities import DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+    from mlflow.entities import DatasetInput, InputTag  # lazy: as in split_dataset
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # lazy: as in split_dataset
 
     inputs = [
         DatasetInput(split_dataset(manifest, split), tags=[InputTag(MLFLOW_DATASET_CONTEXT, ctx)])

@@ -1,31 +1,40 @@
 """One MLflow run, written by one process at a time (driver or rank 0), through a small handle.
 
 ``RunLog(uri, run_id)`` owns the store's client and knows the run; everything moco-ray writes to or reads back
-from a run (params, tags, per-epoch metrics, config, encoder, end state) goes through it.
+from a run (params, tags, per-epoch metrics, config, encoder, end state, child runs, Model Registry versions) goes
+through it, bound to that store: nothing here sets MLflow's process-global tracking URI for longer than the one
+call of MLflow's fluent API that needs it (:func:`_fluent_run`).
+
+mlflow, torch and the model helpers that import torch are imported inside the functions that use them: this
+module is imported by every Ray Train worker (``train.reporting``), and only rank 0 (or the driver) writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import platform
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moco_ray.config import Config, load_config
 from moco_ray.core.defaults import IMAGENET_MEAN, IMAGENET_STD, feature_dim
 from moco_ray.envvars import scoped_env
+from moco_ray.tracking.datasets import log_split_inputs
+from moco_ray.tracking.history import EpochMetrics
 from moco_ray.tracking.store import client
 from moco_ray.version import __version__
 
 if TYPE_CHECKING:
     import torch
-
-    from moco_ray.config import Config
 
 ENCODER_DIR = "encoder"
 ENCODER_FILE = "encoder.pt"
@@ -36,6 +45,7 @@ ENCODER_MODEL_URI_TAG = "moco_ray.encoder_model_uri"  # run tag: the mlflow.pyto
 # learning") opens the experiment on its runs table instead of the GenAI overview (traces, latency)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_EXPERIMENT_KIND = "custom_model_development"
+URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 @dataclass
@@ -62,8 +72,6 @@ def _git_commit() -> str | None:
 
 
 def _installed(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -96,7 +104,7 @@ class RunLog:
 
     def get(self):
         """The MLflow ``Run``; ValueError naming the run when the store does not have it."""
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # lazy: Ray workers import this module; mlflow only if used
 
         try:
             return self.client.get_run(self.run_id)
@@ -104,7 +112,7 @@ class RunLog:
             raise ValueError(f"MLflow run {self.run_id!r} not found in {self.uri}") from None
 
     def download(self, path: str, dst: str | Path) -> Path:
-        import mlflow.artifacts
+        import mlflow.artifacts  # lazy: Ray workers import this module on every rank; mlflow only if used
 
         with _no_artifact_bar():
             return Path(
@@ -115,8 +123,6 @@ class RunLog:
 
     def config(self) -> Config | None:
         """The run's resolved config (its ``config.yaml`` artifact), or None when it has none."""
-        from moco_ray.config import load_config
-
         with tempfile.TemporaryDirectory() as d:
             try:
                 path = self.download(CONFIG_FILE, d)
@@ -126,7 +132,7 @@ class RunLog:
 
     def encoder(self) -> RunEncoder:
         """The run's ``encoder/`` artifact (encoder.pt + encoder.json); ValueError when the run has none."""
-        import torch
+        import torch  # lazy: torch only where an encoder is read or written, not on every tracking path
 
         with tempfile.TemporaryDirectory() as d:
             try:
@@ -144,17 +150,31 @@ class RunLog:
         return RunEncoder(state, arch, bool(info["small_stem"]), dim, mean, std)
 
     def logged_steps(self, key: str = "loss") -> set[int]:
-        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        return {step for step, _ in self.metric_history(key)}
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """Every ``(step, value)`` of metric ``key``, as MLflow returns them."""
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+    def children(self) -> list[Any]:
+        """This run's child runs (``mlflow.parentRunId``), deleted ones included, oldest first."""
+        from mlflow.entities import ViewType  # lazy: Ray workers import this module on every rank; mlflow only if used
+
+        exp_id = self.get().info.experiment_id
+        runs = self.client.search_runs(
+            [exp_id], f"tags.`mlflow.parentRunId` = '{self.run_id}'", run_view_type=ViewType.ALL, max_results=50000
+        )
+        return sorted(runs, key=lambda r: r.info.start_time or 0)
 
     # --- writing ---------------------------------------------------------------------------------------------
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # lazy: Ray workers import this module on every rank; mlflow only if used
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: Ray workers import this module on every rank; mlflow only if used
 
         plist = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(plist), 100):
@@ -169,35 +189,47 @@ class RunLog:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_epochs(self, history: list[dict[str, float]]) -> int:
-        """Log each epoch's metrics (step = epoch) not logged yet; returns how many epochs were written.
+    def log_epochs(self, history: Sequence[EpochMetrics]) -> int:
+        """Log each epoch's metrics (step = epoch, names as in ``EpochMetrics.as_dict``) not logged yet; returns how
+        many epochs were written.
 
         Idempotent by design: after a worker restart the same epochs come again from the checkpoint's history and
         are skipped, so per-epoch metrics are neither lost nor duplicated.
         """
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: Ray workers import this module on every rank; mlflow only if used
 
         done = self.logged_steps("epoch")
-        new = [h for h in history if int(h["epoch"]) not in done]
+        new = [h for h in history if h.epoch not in done]
         now = int(time.time() * 1000)
         for h in new:
-            step = int(h["epoch"])
-            metrics = [Metric(k, float(v), now, step) for k, v in h.items() if isinstance(v, int | float)]
+            metrics = [Metric(k, float(v), now, h.epoch) for k, v in h.as_dict().items()]
             self.client.log_batch(self.run_id, metrics=metrics)
         return len(new)
 
     def log_step_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Step-level metrics at MLflow step ``step`` (the global step, comparable across runs)."""
-        from mlflow.entities import Metric
+        """Metrics at MLflow step ``step`` (in training the global step, comparable across runs; a summary: 0)."""
+        from mlflow.entities import Metric  # lazy: Ray workers import this module on every rank; mlflow only if used
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def log_metric_points(self, points: Iterable[tuple[str, float, int]]) -> None:
+        """``(key, value, step)`` points, in batches of at most 1000 (MLflow's limit for one request)."""
+        from mlflow.entities import Metric  # lazy: Ray workers import this module on every rank; mlflow only if used
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, step) for k, v, step in points]
+        for i in range(0, len(ms), 1000):
+            self.client.log_batch(self.run_id, metrics=ms[i : i + 1000])
+
     def log_dataset_inputs(self, manifest, contexts: dict[str, str]) -> None:
         """The shard splits ``{split: "training" | "evaluation"}`` as the run's MLflow dataset inputs."""
-        from moco_ray.tracking.datasets import log_split_inputs
-
         log_split_inputs(self.client, self.run_id, manifest, contexts)
+
+    def create_child(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> RunLog:
+        """A new run in this run's experiment with ``mlflow.parentRunId`` = this run (no config artifact)."""
+        exp_id = self.get().info.experiment_id
+        return _new_run(self.uri, exp_id, run_name, params, tags, None, self.run_id)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
@@ -211,9 +243,9 @@ class RunLog:
         """The backbone's torchvision state dict + how to build its module and normalise its inputs (``mean`` /
         ``std``, 0-1 scale; default: the run's ``data.mean`` / ``data.std``, else ImageNet's); returns the
         ``encoder/`` URI."""
-        import torch
+        import torch  # lazy: torch only where an encoder is read or written, not on every tracking path
 
-        from moco_ray.core.backbone_io import torchvision_state_dict
+        from moco_ray.core.backbone_io import torchvision_state_dict  # lazy: imports torch and torchvision
 
         if mean is None or std is None:
             cfg = self.config()
@@ -231,17 +263,56 @@ class RunLog:
 
     def log_pytorch_model(self, module) -> str:
         """The plain torchvision module through mlflow.pytorch (loads with ``mlflow.pytorch.load_model``)."""
-        import mlflow
-        import torch
-        import torchvision
+        import mlflow.pytorch  # lazy: Ray workers import this module on every rank; mlflow only if used
+        import torch  # lazy: torch only where an encoder is read or written, not on every tracking path
+        import torchvision  # lazy: as torch
 
-        mlflow.set_tracking_uri(self.uri)
         reqs = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"]
-        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False), _quiet_model_logging():
+        with _fluent_run(self.uri, self.run_id), _quiet_model_logging():
             info = mlflow.pytorch.log_model(
                 module.cpu().eval(), name="encoder_model", pip_requirements=reqs, serialization_format="pickle"
             )
         return info.model_uri
+
+    def register_model(self, model_uri: str, name: str, tags: dict[str, str]) -> str:
+        """A new version of registered model ``name`` (created if missing) from this run's model at ``model_uri``
+        (``models:/<model id>``, as :meth:`log_pytorch_model` returns, or ``runs:/<run id>/<path>``); returns the
+        version. What ``mlflow.register_model`` does, through this store's client instead of the process-global
+        tracking URI it reads (and MLflow's sqlite registry reads for a ``models:/`` source)."""
+        from mlflow.exceptions import MlflowException  # lazy: Ray workers import this module; mlflow only if used
+        from mlflow.protos.databricks_pb2 import (  # lazy: as mlflow
+            ALREADY_EXISTS,
+            RESOURCE_ALREADY_EXISTS,
+            ErrorCode,
+        )
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
+                raise
+        source, run_id, model_id = self._model_source(model_uri)
+        mv = self.client.create_model_version(name, source, run_id, tags=tags, model_id=model_id)
+        if model_id:  # the logged model lists its registered versions, as mlflow.register_model records them
+            self._note_model_version(model_id, mv.name, str(mv.version))
+        return str(mv.version)
+
+    def _model_source(self, model_uri: str) -> tuple[str, str | None, str | None]:
+        """(storage location, source run, logged model id) of a ``models:/<id>`` or ``runs:/`` model URI."""
+        from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository  # lazy: mlflow, see docstring
+
+        if RunsArtifactRepository.is_runs_uri(model_uri):
+            run_id, _ = RunsArtifactRepository.parse_runs_uri(model_uri)
+            return RunsArtifactRepository.get_underlying_uri(model_uri, tracking_uri=self.uri), run_id, None
+        model = self.client.get_logged_model(model_uri.removeprefix("models:/"))
+        return model.artifact_location, model.source_run_id, model.model_id
+
+    def _note_model_version(self, model_id: str, name: str, ver: str) -> None:
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS  # lazy: mlflow only if used (see docstring)
+
+        model = self.client.get_logged_model(model_id)
+        listed = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS) or "[]") + [{"name": name, "version": ver}]
+        self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
 
     def log_trained_encoder(
         self, backbone, arch: str, small_stem: bool, mean: list[float] | None = None, std: list[float] | None = None
@@ -251,7 +322,10 @@ class RunLog:
 
         Returns the ``encoder/`` artifact URI. One function, so the trainer and hand-made runs log alike.
         """
-        from moco_ray.core.backbone_io import load_torchvision_backbone_from_state, torchvision_state_dict
+        from moco_ray.core.backbone_io import (  # lazy: imports torch and torchvision
+            load_torchvision_backbone_from_state,
+            torchvision_state_dict,
+        )
 
         encoder_uri = self.log_encoder(backbone, arch, small_stem, mean, std)
         plain = load_torchvision_backbone_from_state(torchvision_state_dict(backbone), arch, small_stem)
@@ -266,12 +340,34 @@ def _no_artifact_bar() -> contextlib.AbstractContextManager[None]:
 
 
 @contextlib.contextmanager
+def _fluent_run(uri: str, run_id: str) -> Iterator[None]:
+    """MLflow's fluent API on run ``run_id`` of ``uri`` for the ``with`` block only.
+
+    ``mlflow.pytorch.log_model`` has no client form: it writes to the active run of the process-global tracking
+    URI. That URI is set for the block and then put back as it was, ``$MLFLOW_TRACKING_URI`` included (setting
+    the URI overwrites it), so the caller's own MLflow use, e.g. in a notebook, sees no change.
+    """
+    import mlflow  # lazy: Ray workers import this module on every rank; mlflow only if used
+    from mlflow.tracking._tracking_service import utils  # lazy: as mlflow; MLflow's holder of the global URI
+
+    before, env = utils._tracking_uri, os.environ.get(URI_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if env is None:
+            os.environ.pop(URI_ENV, None)
+        else:
+            os.environ[URI_ENV] = env
+
+
+@contextlib.contextmanager
 def _quiet_model_logging() -> Iterator[None]:
     """``mlflow.pytorch.log_model`` without its progress bar and its warning about the pickle format. Pickle is
     moco-ray's choice for this copy (a plain torchvision module, which ``mlflow.pytorch.load_model`` then loads on
     any torch); the safe path is the ``encoder/`` state dict, which ``load_encoder`` and ``export`` read."""
-    import logging
-
     log = logging.getLogger("mlflow.pytorch")
     level = log.level
     log.setLevel(logging.ERROR)
@@ -288,7 +384,7 @@ def training_experiment(c, name: str) -> str:
     An experiment made before the tag existed (or by hand) gets it too, unless it already has a kind: a kind a
     user chose in the UI is kept.
     """
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: Ray workers import this module; mlflow only if used
 
     exp = c.get_experiment_by_name(name)
     if exp is None:
@@ -312,21 +408,30 @@ def create_run(
     config_yaml: str | None,
     parent_run_id: str | None = None,
 ) -> RunLog:
-    """Create the run, log params (the flattened config), tags and the resolved config YAML (None: a run that has
-    no moco-ray config, e.g. an imported checkpoint)."""
-    from mlflow.entities import RunTag
+    """Create the run in experiment ``experiment`` (made if missing), log params (the flattened config), tags and
+    the resolved config YAML (None: a run that has no moco-ray config, e.g. an imported checkpoint)."""
+    exp_id = training_experiment(client(uri), experiment)
+    return _new_run(uri, exp_id, run_name, params, tags, config_yaml, parent_run_id)
 
-    c = client(uri)
-    exp_id = training_experiment(c, experiment)
+
+def _new_run(
+    uri: str,
+    exp_id: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    config_yaml: str | None,
+    parent_run_id: str | None,
+) -> RunLog:
     all_tags = dict(tags)
     if run_name:
         all_tags["mlflow.runName"] = run_name
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = c.create_run(exp_id, tags=all_tags, run_name=run_name or None)
+    run = client(uri).create_run(exp_id, tags=all_tags, run_name=run_name or None)
     log = RunLog(uri, run.info.run_id)
     log.log_params(params)
-    c.log_batch(log.run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
+    log.set_tags(all_tags)
     if config_yaml is not None:
         log.log_text(config_yaml, CONFIG_FILE)
     return log

@@ -7,6 +7,8 @@ import fcntl
 import functools
 import logging
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,9 +54,6 @@ def server_problem(uri: str, timeout: float = 5.0) -> str | None:
     (and for any other kind of store). One cheap request with a short timeout, not MLflow's minutes-long retries."""
     if not is_server(uri):
         return None
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
             return None
@@ -127,6 +126,6 @@ def open_store(uri: str = "") -> str:
 @functools.lru_cache(maxsize=8)
 def client(uri: str):
     """The process's one ``MlflowClient`` for ``uri``."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazy: Ray workers import this module on every rank; mlflow only if used
 
     return MlflowClient(tracking_uri=uri)

@@ -20,11 +20,11 @@ def start_system_metrics(uri: str, run_id: str, interval: float):
     if interval <= 0:
         return None
     try:
-        import psutil  # noqa: F401
+        import psutil  # noqa: F401  # lazy: probes an optional dependency; a missing one turns the sampler off
     except ImportError:
         _log.warning("system metrics off: psutil is not installed (pip install psutil)")
         return None
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # lazy: imports psutil (above)
 
     # its start/stop INFO lines and "Skip logging GPU metrics" would land between the epoch lines
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)

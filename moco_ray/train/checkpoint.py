@@ -1,20 +1,70 @@
-"""Full training state <-> a checkpoint directory, loadable with ``torch.load(weights_only=True)``.
+"""The full training state (:class:`TrainState`) <-> a checkpoint directory, ``torch.load(weights_only=True)``.
 
 Everything needed to continue exactly: query/key encoders, queue and pointer (inside the model's state dict),
 optimizer, epoch and global step, the RNG states of torch, numpy and Python, the config and the metric history.
+On disk it is a plain dict of tensors and Python values; :meth:`TrainState.to_dict` / :meth:`TrainState.from_dict`
+are the one place that knows its keys.
 """
 
 from __future__ import annotations
 
 import random
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from moco_ray.tracking.history import EpochMetrics
+
 STATE_FILE = "state.pt"
+
+
+@dataclass
+class TrainState:
+    """One checkpoint. ``epoch``: the last finished epoch (0-based); ``rng``: every rank's :func:`rng_state`, in
+    rank order; ``config``: ``Config.to_dict()`` of the run; ``model`` / ``optimizer``: their state dicts."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    epoch: int
+    global_step: int
+    rng: list[dict[str, Any]]
+    history: list[EpochMetrics]
+    config: dict[str, Any]
+    run_id: str
+
+    def rng_of(self, rank: int) -> dict[str, Any]:
+        """``rank``'s RNG states; rank 0's for a rank the saving run did not have (resumed on more workers)."""
+        return self.rng[rank] if rank < len(self.rng) else self.rng[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The on-disk layout (unchanged since the first checkpoints; history entries are plain dicts)."""
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "rng": self.rng,
+            "history": [h.as_dict() for h in self.history],
+            "config": self.config,
+            "run_id": self.run_id,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(
+            model=d["model"],
+            optimizer=d["optimizer"],
+            epoch=int(d["epoch"]),
+            global_step=int(d["global_step"]),
+            rng=list(d["rng"]),
+            history=[EpochMetrics.from_dict(h) for h in d["history"]],
+            config=d["config"],
+            run_id=d["run_id"],
+        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -55,12 +105,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(cuda.cpu())
 
 
-def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
+def save_state(directory: str | Path, state: TrainState) -> Path:
     """Write ``state`` to ``directory/state.pt`` atomically (temp file, then rename)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
+    torch.save(state.to_dict(), tmp)
     tmp.replace(directory / STATE_FILE)
     return directory / STATE_FILE
 
@@ -75,7 +125,7 @@ def is_complete(path: str | Path) -> bool:
         return False
 
 
-def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> TrainState:
     """The state as saved, on the CPU by default: ``load_state_dict`` copies weights onto the model's device.
 
     With another ``map_location`` everything but the RNG states moves there; those stay CPU ByteTensors whatever
@@ -85,9 +135,9 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"not a moco-ray checkpoint (no {STATE_FILE}): {directory}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if torch.device(map_location).type == "cpu":
-        return state
-    return {k: v if k == "rng" else _to_location(v, torch.device(map_location)) for k, v in state.items()}
+    if torch.device(map_location).type != "cpu":
+        state = {k: v if k == "rng" else _to_location(v, torch.device(map_location)) for k, v in state.items()}
+    return TrainState.from_dict(state)
 
 
 def _to_location(obj: Any, device: torch.device) -> Any:

@@ -44,7 +44,7 @@ class FaultHooks:
         return self.stop_after_epoch == epoch
 
     def _hold(self) -> None:
-        import ray.train
+        import ray.train  # lazy: the driver imports this module (jobs.pretrain, via moco_ray.api) without Ray
 
         ctx = ray.train.get_context()
         marker = Path(self.marker_dir or tempfile.gettempdir()) / f"held-{ctx.get_experiment_name()}"

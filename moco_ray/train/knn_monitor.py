@@ -14,6 +14,8 @@ import torch
 from moco_ray.config import Config
 from moco_ray.core.backbone_io import backbone_of
 from moco_ray.core.normalize import Normalizer
+from moco_ray.data.eval_images import eval_arrays
+from moco_ray.data.manifest import read_manifest, usable_rows
 from moco_ray.evaluation.features import extract_features
 from moco_ray.evaluation.knn import knn_accuracy
 
@@ -29,8 +31,6 @@ class KnnMonitor:
 
     @classmethod
     def load(cls, cfg: Config) -> KnnMonitor:
-        from moco_ray.data.stream import eval_arrays
-
         d, e = cfg.data, cfg.eval
         warn_if_large(cfg)
         bank = eval_arrays(d.shards, d.knn_train_split, cfg.aug.image_size, e.knn_max_bank)[:2]
@@ -86,14 +86,10 @@ def warn_if_large(cfg: Config) -> int:
     Rank 0 decodes both splits serially before step 1 while the other ranks wait in their first collective (an
     NCCL timeout, or host memory, on ImageNet-size splits); ``eval.knn_max_bank`` / ``knn_max_queries`` cap it.
     """
-    from moco_ray.data.manifest import read_manifest
-
     d, e = cfg.data, cfg.eval
     manifest = read_manifest(d.shards)
-    rows = 0
-    for split, cap in ((d.knn_train_split, e.knn_max_bank), (d.knn_test_split, e.knn_max_queries)):
-        n = manifest.rows(split)
-        rows += min(n, cap) if cap > 0 else n
+    caps = ((d.knn_train_split, e.knn_max_bank), (d.knn_test_split, e.knn_max_queries))
+    rows = sum(usable_rows(manifest, split, cap) for split, cap in caps)  # what eval_arrays decodes
     nbytes = rows * 3 * cfg.aug.image_size**2
     if nbytes > LARGE_DECODE_BYTES:
         _log.warning(

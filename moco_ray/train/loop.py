@@ -4,6 +4,8 @@ The worker receives a :class:`~moco_ray.train.spec.RunSpec` resolved on the driv
 takes rank 0's initial state (so key encoders, queues and BN buffers start identical whatever the seeds), trains
 with :func:`~moco_ray.train.step.train_step`, and reports once per epoch (a barrier); rank 0 checkpoints and
 writes the run's MLflow metrics. See "GPU contract" in docs/architecture.md for what may sync with the host.
+Imported only on the workers (``jobs.pretrain`` hands ``train_loop_per_worker`` to the trainer), so Ray, the data
+stream and the kNN monitor are imported at the top.
 """
 
 from __future__ import annotations
@@ -14,13 +16,21 @@ import time
 from typing import Any
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from moco_ray.config import Config
 from moco_ray.core.normalize import Normalizer
 from moco_ray.data.decode import TooManyCorruptImages
+from moco_ray.data.gpu_augment import GpuViewAugment, sources_from_bytes
+from moco_ray.data.stream import iter_pairs
+from moco_ray.tracking.history import EpochMetrics
 from moco_ray.tracking.system_metrics import start_system_metrics, stop_system_metrics
-from moco_ray.train.checkpoint import load_state, set_rng_state
+from moco_ray.train.checkpoint import TrainState, load_state, set_rng_state
+from moco_ray.train.knn_monitor import KnnMonitor
 from moco_ray.train.model import build_method
 from moco_ray.train.progress import StepProgress, TimedIter
 from moco_ray.train.reporting import Reporter
@@ -40,7 +50,7 @@ def _quiet_report_lines() -> None:
     does not match; every epoch printed a long TrainingReport repr beside the epoch line.
     """
     try:
-        from ray.train.v2._internal.execution import context
+        from ray.train.v2._internal.execution import context  # lazy: Ray Train V2's private module, not in every Ray
     except ImportError:  # a Ray without that module does not print the line either
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
@@ -84,8 +94,6 @@ class Worker:
     """One rank's training state and its per-epoch work."""
 
     def __init__(self, spec: RunSpec) -> None:
-        import ray.train
-
         self.spec, cfg = spec, spec.config
         self.cfg = cfg
         ctx = ray.train.get_context()
@@ -101,17 +109,17 @@ class Worker:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.opt = model, build_optimizer(cfg, model)
-        self.start_epoch, self.global_step, self.history = 0, 0, []
+        self.start_epoch, self.global_step = 0, 0
+        self.history: list[EpochMetrics] = []
         self.reporter = Reporter(spec, self.rank, self.world)
         self._restore()
         if self.world > 1:
             broadcast_state(self.model)
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             # only what takes gradients is wrapped; the key encoder and queue are kept equal by the method itself
-            self.model.encoder_q = DDP(self.model.encoder_q, device_ids=[self.device.index] if on_gpu else None)
+            ids = [self.device.index] if on_gpu else None
+            self.model.wrap_trainable(lambda module: DDP(module, device_ids=ids))
         if cfg.train.compile:  # the encoder's graph; the queue and EMA bookkeeping stay eager
-            self.model.encoder_q = torch.compile(self.model.encoder_q)
+            self.model.wrap_trainable(torch.compile)
         self.normalize = Normalizer(cfg.data.mean, cfg.data.std, device=self.device, channels_last=self.channels_last)
         self.gpu_aug = self._gpu_augment()
         self.knn = self._knn_monitor()
@@ -121,8 +129,6 @@ class Worker:
 
     def _restore(self) -> None:
         """Continue from Ray Train's checkpoint after a worker failure, else from ``spec.resume_from``."""
-        import ray.train
-
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
@@ -130,31 +136,26 @@ class Worker:
         elif self.spec.resume_from:
             self._load(load_state(self.spec.resume_from))
 
-    def _load(self, state: dict[str, Any]) -> None:
+    def _load(self, state: TrainState) -> None:
         # state is on the CPU (load_state's map_location): load_state_dict copies onto the model's device, and the
         # RNG states must stay CPU ByteTensors for torch.set_rng_state.
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.start_epoch, self.global_step = state["epoch"] + 1, state["global_step"]
-        self.history = state["history"]
-        rngs = state["rng"]
-        set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+        self.model.load_state_dict(state.model)
+        self.opt.load_state_dict(state.optimizer)
+        self.start_epoch, self.global_step = state.epoch + 1, state.global_step
+        self.history = list(state.history)
+        set_rng_state(state.rng_of(self.rank))
         if self.rank == 0:
             self.reporter.note_restore(self.model, state)
 
-    def _gpu_augment(self):
+    def _gpu_augment(self) -> GpuViewAugment | None:
         if self.cfg.aug.device != "gpu":
             return None
-        from moco_ray.data.gpu_augment import GpuViewAugment
-
         a = self.cfg.aug
         return GpuViewAugment(a.preset, a.image_size, a.strength)
 
-    def _knn_monitor(self):
+    def _knn_monitor(self) -> KnnMonitor | None:
         if self.rank != 0 or not self.spec.knn or not self.cfg.eval.knn_every:
             return None
-        from moco_ray.train.knn_monitor import KnnMonitor
-
         return KnnMonitor.load(self.cfg)
 
     def _step_progress(self) -> StepProgress | None:
@@ -174,8 +175,6 @@ class Worker:
         corrupt flags of that decode are put into ``batch["corrupt"]``, where the epoch's count reads them.
         """
         if self.gpu_aug is not None:
-            from moco_ray.data.gpu_augment import sources_from_bytes
-
             src, corrupt = sources_from_bytes(batch["jpeg"], self.gpu_aug.image_size, self.device)
             batch["corrupt"] = corrupt.to(self.device, non_blocking=True)
             q_u8, k_u8 = self.gpu_aug.pair(src)
@@ -183,25 +182,47 @@ class Worker:
             q_u8, k_u8 = batch["q"], batch["k"]
         return self.normalize(q_u8), self.normalize(k_u8)
 
-    def run_epoch(self, epoch: int) -> dict[str, float]:
+    def run_epoch(self, epoch: int) -> EpochMetrics:
         """One epoch of exactly ``spec.steps_per_epoch`` steps; the metrics averaged over all ranks."""
-        from moco_ray.data.stream import iter_pairs
-
         cfg, steps = self.cfg, self.spec.steps_per_epoch
         self.model.train()
         t0 = time.perf_counter()
-        # loss, acc1, corrupt images: accumulated on the device, read once at the end of the epoch
+        batches = TimedIter(self.watchdog.watch(iter_pairs(self.shard, cfg.per_worker_batch, steps, cfg.data)))
+        sums, lr = self._train_steps(epoch, batches)
+        loss, acc1, corrupt = mean_over_ranks_(sums, self.world).tolist()  # the epoch's one host-device sync
+        seconds = time.perf_counter() - t0
+        images = steps * cfg.train.batch_size
+        self._check_corrupt(epoch, corrupt * self.world, images)
+        knn = None
+        if self.knn is not None and self.knn.due(epoch):
+            knn = self.knn.score(self.model, self.device, self.autocast)
+        return EpochMetrics(
+            epoch=epoch,
+            loss=loss / steps,
+            acc1=acc1 / steps,
+            lr=lr,
+            epoch_seconds=seconds,
+            images_per_s=images / seconds,
+            corrupt_images=corrupt * self.world,
+            # this rank's time waiting for the next batch (the stream, timed by TimedIter), and its share of the epoch
+            data_wait_seconds=batches.wait,
+            data_wait_frac=batches.wait / seconds,
+            knn_top1=knn,
+        )
+
+    def _train_steps(self, epoch: int, batches: TimedIter) -> tuple[torch.Tensor, float]:
+        """The epoch's steps. Returns the sums of loss, acc1 and corrupt images (still on the device: read once, at
+        the end of the epoch) and the last step's learning rate."""
+        cfg, steps = self.cfg, self.spec.steps_per_epoch
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         n, lr = 0, cfg.lr
-        batches = TimedIter(
-            self.watchdog.watch(iter_pairs(self.shard, cfg.per_worker_batch, steps, cfg.data))
-        )  # data-wait time
         if self.progress is not None:
             self.progress.start_epoch(epoch, batches)
         for batch in batches:
             lr = lr_at(cfg.optim, cfg.lr, epoch, n, steps, cfg.train.epochs)
             set_lr(self.opt, lr)
-            self.model.m = momentum_at(cfg.moco, epoch, n, steps, cfg.train.epochs)
+            if self.model.momentum is not None:  # a method without a momentum encoder (SimCLR) has none to schedule
+                self.model.momentum = momentum_at(cfg.moco, epoch, n, steps, cfg.train.epochs)
             out = train_step(self.model, self.opt, *self.views(batch), autocast=self.autocast)
             sums[0] += out["loss"]
             sums[1] += out["acc1"]
@@ -214,24 +235,7 @@ class Worker:
             self.spec.hooks.after_step(self.spec.run_id, self.global_step, self.rank)
         if n != steps:
             raise RuntimeError(f"worker {self.rank} took {n} steps in epoch {epoch}, expected {steps}")
-        loss, acc1, corrupt = mean_over_ranks_(sums, self.world).tolist()  # the epoch's one host-device sync
-        seconds = time.perf_counter() - t0
-        metrics: dict[str, float] = {
-            "epoch": epoch,
-            "loss": loss / steps,
-            "acc1": acc1 / steps,
-            "lr": lr,
-            "epoch_seconds": seconds,
-            "images_per_s": steps * cfg.train.batch_size / seconds,
-            "corrupt_images": corrupt * self.world,
-            # this rank's time waiting for the next batch (the stream), and its share of the epoch
-            "data_wait_seconds": batches.wait,
-            "data_wait_frac": batches.wait / seconds,
-        }
-        self._check_corrupt(epoch, metrics["corrupt_images"], steps * cfg.train.batch_size)
-        if self.knn is not None and self.knn.due(epoch):
-            metrics["knn_top1"] = self.knn.score(self.model, self.device, self.autocast)
-        return metrics
+        return sums, lr
 
     def _check_corrupt(self, epoch: int, corrupt: float, images: int) -> None:
         """Warn about any corrupt image; fail above ``data.max_corrupt_fraction`` (training on grey stand-ins).
@@ -281,9 +285,10 @@ def _train_epochs(w: Worker, spec: RunSpec) -> None:
             break  # test-only: an interrupted run (the driver marks it KILLED; --resume continues it)
 
 
-def epoch_line(cfg, m: dict[str, float]) -> str:
-    knn = f"  knn {m['knn_top1']:.4f}" if "knn_top1" in m else ""
+def epoch_line(cfg: Config, m: EpochMetrics) -> str:
+    """Rank 0's console line for an epoch."""
+    knn = f"  knn {m.knn_top1:.4f}" if m.knn_top1 is not None else ""
     return (
-        f"epoch {int(m['epoch']) + 1}/{cfg.train.epochs}  loss {m['loss']:.4f}  top1 {m['acc1']:.3f}{knn}"
-        f"  lr {m['lr']:.4g}  {m['images_per_s']:.0f} img/s  {m['epoch_seconds']:.1f}s"
+        f"epoch {m.epoch + 1}/{cfg.train.epochs}  loss {m.loss:.4f}  top1 {m.acc1:.3f}{knn}"
+        f"  lr {m.lr:.4g}  {m.images_per_s:.0f} img/s  {m.epoch_seconds:.1f}s"
     )

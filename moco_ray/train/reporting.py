@@ -1,4 +1,7 @@
-"""Per-epoch reports from the workers: Ray Train reports (a barrier), rank 0's checkpoints and MLflow metrics."""
+"""Per-epoch reports from the workers: Ray Train reports (a barrier), rank 0's checkpoints and MLflow metrics.
+
+Imported only where Ray Train runs (``train.loop`` on the workers), so Ray is imported at the top.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,16 @@ import hashlib
 import tempfile
 from typing import Any
 
+import ray
+import ray.train
 import torch
 import torch.distributed as dist
 
 from moco_ray.core.backbone_io import plain_state_dict
+from moco_ray.core.method import ContrastiveMethod
+from moco_ray.tracking.history import EpochMetrics
 from moco_ray.tracking.run_log import RunLog
-from moco_ray.train.checkpoint import rng_state, save_state
+from moco_ray.train.checkpoint import TrainState, rng_state, save_state
 from moco_ray.train.spec import RunSpec
 
 
@@ -28,8 +35,6 @@ class Reporter:
 
     def record_worker_nodes(self) -> None:
         """Tag the run with the Ray node of every worker, so a multi-node run shows which nodes took part."""
-        import ray
-
         node = ray.get_runtime_context().get_node_id()
         nodes: list[Any] = [node]
         if self.world > 1:
@@ -38,15 +43,15 @@ class Reporter:
         if self.run is not None:
             self.run.set_tags({"moco_ray.worker_nodes": ",".join(nodes)})
 
-    def note_restore(self, model: torch.nn.Module, state: dict[str, Any]) -> None:
+    def note_restore(self, model: ContrastiveMethod, state: TrainState) -> None:
         """Tags that show what a restart continued from (the queue's digest proves it came back bit-exact)."""
-        queue = getattr(model, "queue", None)
+        queue = model.queue
         if self.run is None or queue is None:
             return
         digest = hashlib.sha256(queue.keys.cpu().numpy().tobytes()).hexdigest()
         self.run.set_tags(
             {
-                "moco_ray.restored_from_epoch": state["epoch"],
+                "moco_ray.restored_from_epoch": state.epoch,
                 "moco_ray.restored_queue_sha256": digest,
                 "moco_ray.restored_queue_ptr": int(queue.ptr),
             }
@@ -61,28 +66,35 @@ class Reporter:
         dist.all_gather_object(gathered, mine)
         return gathered
 
-    def report(self, model, opt, epoch: int, global_step: int, history: list[dict[str, float]], last: bool) -> None:
-        """``ray.train.report`` on every worker; rank 0 attaches a checkpoint every ``train.checkpoint_every``."""
-        import ray.train
-
+    def report(
+        self,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        epoch: int,
+        global_step: int,
+        history: list[EpochMetrics],
+        last: bool,
+    ) -> None:
+        """``ray.train.report`` of the last epoch's metrics on every worker (a dict, the names MLflow and Tune see);
+        rank 0 attaches a checkpoint every ``train.checkpoint_every``."""
         cfg = self.spec.config
         do_ckpt = last or (epoch + 1) % cfg.train.checkpoint_every == 0
         rngs = self._rng_states()
         if not (do_ckpt and self.rank == 0):
-            ray.train.report(history[-1])
+            ray.train.report(history[-1].as_dict())
             return
-        state = {
-            "model": plain_state_dict(model),
-            "optimizer": opt.state_dict(),
-            "epoch": epoch,
-            "global_step": global_step,
-            "rng": rngs,
-            "history": history,
-            "config": cfg.to_dict(),
-            "run_id": self.spec.run_id,
-        }
+        state = TrainState(
+            model=plain_state_dict(model),
+            optimizer=opt.state_dict(),
+            epoch=epoch,
+            global_step=global_step,
+            rng=rngs,
+            history=history,
+            config=cfg.to_dict(),
+            run_id=self.spec.run_id,
+        )
         with tempfile.TemporaryDirectory() as d:
             save_state(d, state)
-            ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d))
+            ray.train.report(history[-1].as_dict(), checkpoint=ray.train.Checkpoint.from_directory(d))
         assert self.run is not None
         self.run.log_epochs(history)

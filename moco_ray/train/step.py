@@ -1,7 +1,8 @@
 """One MoCo training step and the optimizer it steps: used by the Ray Train loop, the benchmarks and the tests.
 
-Pure PyTorch. The step never reads a tensor's value on the host (no ``.item()``, no ``float(tensor)``), so on a
-GPU it queues work without a host-device sync; callers accumulate the returned device tensors.
+Pure PyTorch, no Ray (the benchmarks and tests run it in one process). The step never reads a tensor's value on
+the host (no ``.item()``, no ``float(tensor)``), so on a GPU it queues work without a host-device sync; callers
+accumulate the returned device tensors.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import torch
 import torch.nn as nn
 
 from moco_ray.config import Config
+from moco_ray.core.method import ContrastiveMethod, StepOutput
+from moco_ray.train.lars import LARS
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -22,8 +25,6 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     batch-scaled learning rate ``cfg.lr``."""
     o = cfg.optim
     if o.optimizer == "lars":
-        from moco_ray.train.lars import LARS
-
         return LARS(trainable_parameters(model), lr=cfg.lr, weight_decay=o.weight_decay, momentum=o.momentum)
     return torch.optim.SGD(trainable_parameters(model), lr=cfg.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
@@ -34,13 +35,13 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def train_step(
-    model: nn.Module,
+    model: ContrastiveMethod,
     opt: torch.optim.Optimizer,
     im_q: torch.Tensor,
     im_k: torch.Tensor,
     *,
     autocast: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
+) -> StepOutput:
     """Forward (EMA update, loss, enqueue inside the method), backward and one optimizer step.
 
     ``autocast``: a reduced precision for the forward pass (bf16 on GPUs), or None for fp32.

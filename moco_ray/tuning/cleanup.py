@@ -22,10 +22,10 @@ logger = logging.getLogger(__name__)
 def remove_orphaned_placement_groups() -> int:
     """Remove placement groups whose (non-driver) creator actor died; returns how many were removed."""
     try:
-        import ray
-        from ray._private.state import state
-        from ray.core.generated import gcs_pb2
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
+        import ray  # lazy: in the try: Ray's private API may change; failing to import it must not fail the sweep
+        from ray._private.state import state  # lazy: as above
+        from ray.core.generated import gcs_pb2  # lazy: as above
+        from ray.util.placement_group import PlacementGroup, remove_placement_group  # lazy: as above
 
         if not ray.is_initialized():
             return 0

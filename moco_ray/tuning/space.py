@@ -87,7 +87,7 @@ class SearchSpec:
         return [lo, hi - 1] if self.kind == "randint" else [lo, hi]
 
     def to_tune(self) -> Any:
-        from ray import tune
+        from ray import tune  # lazy: ray.tune takes seconds; sweeps are validated without it, before Ray
 
         if self.kind == "grid":
             return tune.grid_search(list(self.values))
@@ -184,7 +184,7 @@ def validate_settings(s: SweepSettings, base: Config) -> None:
         _check(s.grace_period <= max_t, "grace_period", s.grace_period, f"<= {max_t} ({why})")
     if s.searcher == "optuna":
         try:
-            import optuna  # noqa: F401
+            import optuna  # noqa: F401  # lazy: optional; only checked when the sweep asks for it
         except ImportError:
             raise ValueError("sweep.searcher: optuna is not installed; use searcher: random") from None
 

@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from moco_ray.jobs.local_ray import exit_on_swallowed_sigterm
 from moco_ray.tuning.outage import DEFAULT_GRACE_S, wait_while_down
 
 if TYPE_CHECKING:
@@ -48,11 +49,12 @@ def make_trainable(
     """
 
     def moco_trial(params: dict[str, Any]) -> None:
-        from ray import tune
-        from ray.tune.integration.ray_train import TuneReportCallback
+        # lazy (the three): only the trial actor runs a trial; the sweep driver imports this module for its tag
+        # names before Ray starts, and must not wait seconds for ray.tune, Ray Train and torch to refuse a bad file
+        from ray import tune  # lazy: see above
+        from ray.tune.integration.ray_train import TuneReportCallback  # lazy: see above
 
-        from moco_ray.jobs.local_ray import exit_on_swallowed_sigterm
-        from moco_ray.jobs.pretrain import run_pretraining
+        from moco_ray.jobs.pretrain import run_pretraining  # lazy: see above
 
         exit_on_swallowed_sigterm()  # a joined cluster's trial actors lack the local instance's worker hook
         ctx = tune.get_context()

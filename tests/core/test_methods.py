@@ -12,10 +12,14 @@ import torch.nn.functional as F
 
 from moco_ray.config import load_config
 from moco_ray.core import MoCoV3, QueryEncoder, SimCLR, ctr_loss, nt_xent
+from moco_ray.core.backbone_io import backbone_of
 from moco_ray.core.encoders import Encoder, build_mlp_head, torchvision_backbone
+from moco_ray.core.method import ContrastiveMethod
+from moco_ray.core.moco import MoCo
 from moco_ray.core.moco_v3 import build_query_encoder
+from moco_ray.core.queue import KeyQueue
 from moco_ray.core.shuffle_bn import SplitBatchNorm
-from moco_ray.train.model import backbone_of, build_method
+from moco_ray.train.model import METHODS, build_method
 
 
 def _unit(rows: torch.Tensor) -> list[list[float]]:
@@ -128,7 +132,7 @@ def test_v3_momentum_encoder_is_backbone_plus_projector_and_takes_no_gradient():
     q_params = list(model.encoder_q.backbone.parameters()) + list(model.encoder_q.head.parameters())
     for pq, pk in zip(q_params, model.encoder_k.parameters(), strict=True):
         assert torch.equal(pq, pk) and not pk.requires_grad
-    assert not hasattr(model, "queue")
+    assert model.queue is None and not any(isinstance(m, KeyQueue) for m in model.modules())  # no queue
     out = model(torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
     out["loss"].backward()
     assert all(p.grad is None for p in model.encoder_k.parameters())
@@ -185,7 +189,8 @@ def test_simclr_forward_matches_written_out_and_is_symmetric_in_the_views():
     assert out["acc1"].item() == pytest.approx(acc)
     # the same two views in the other order: the same samples in each BN batch, the same loss
     assert model(b, a)["loss"].item() == pytest.approx(out["loss"].item(), rel=1e-5)
-    assert not hasattr(model, "queue") and not hasattr(model, "encoder_k")
+    assert model.queue is None and model.momentum is None and not hasattr(model, "encoder_k")
+    assert not any(isinstance(m, KeyQueue) for m in model.modules())
 
 
 TINY = ["model.small_stem=true", "train.batch_size=8", "model.dim=16", "model.hidden_dim=32"]
@@ -200,7 +205,7 @@ def test_build_method_runs_forward_backward(method, cls, temperature):
     torch.manual_seed(0)
     model = build_method(cfg)
     if cls is not None:
-        assert isinstance(model, cls) and not hasattr(model, "queue")
+        assert isinstance(model, cls) and model.queue is None
         # plain BN: the negatives share the positive's batch, so there is nothing for split-BN to de-leak
         assert not any(isinstance(m, SplitBatchNorm) for m in model.modules())
     assert model.T == temperature  # the method preset reached the module
@@ -211,6 +216,45 @@ def test_build_method_runs_forward_backward(method, cls, temperature):
     backbone = backbone_of(model)
     assert backbone is model.query_module.backbone
     torchvision_backbone("resnet18", small_stem=True).load_state_dict(backbone.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize(
+    "method,cls,has_momentum,has_queue",
+    [("moco_v1", MoCo, True, True), ("moco_v2", MoCo, True, True), ("moco_v3", MoCoV3, True, False),
+     ("simclr", SimCLR, False, False)],
+)  # fmt: skip
+def test_every_registered_method_keeps_the_contract(method, cls, has_momentum, has_queue):
+    """What the loop relies on: the Protocol's members, a momentum / queue only where the method has one, and the
+    one trainable module wrapped by the method itself (DDP's ``module`` unwrapped again by ``query_module``)."""
+    assert set(METHODS) == {"moco_v1", "moco_v2", "moco_v3", "simclr"}
+    cfg = load_config(None, [f"moco.method={method}", *TINY, "model.pred_hidden_dim=24", "moco.queue_size=32"])
+    model = build_method(cfg)
+    assert isinstance(model, cls) and isinstance(model, ContrastiveMethod)
+    assert (model.momentum == cfg.moco.momentum) if has_momentum else model.momentum is None
+    assert isinstance(model.queue, KeyQueue) if has_queue else model.queue is None
+    encoder = model.encoder_q
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in encoder.parameters()}  # the only module that takes gradients
+
+    class Wrapper(nn.Module):  # stands in for DDP: the wrapped module is its `module`
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.module(x)
+
+    model.wrap_trainable(Wrapper)
+    assert isinstance(model.encoder_q, Wrapper) and model.query_module is encoder
+    out = model(torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
+    assert set(out) == {"loss", "acc1"} and torch.isfinite(out["loss"])
+
+
+def test_an_unknown_method_is_refused_with_the_known_names():
+    cfg = load_config(None, TINY)
+    cfg.moco.method = "byol"  # past the config's own check, as a caller could build it
+    with pytest.raises(ValueError, match=r"^moco\.method: 'byol' is not one of moco_v1, moco_v2, moco_v3, simclr$"):
+        build_method(cfg)
 
 
 def test_build_method_v3_uses_pred_hidden_dim_and_rejects_linear_head():

@@ -65,7 +65,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         mine = slice(rank * B, (rank + 1) * B)
         results = {}
         for name, model in _models().items():
-            model.encoder_q = DDP(model.encoder_q)  # what the training loop does
+            model.wrap_trainable(DDP)  # what the training loop does
             results[name] = _step(model, im1[mine], im2[mine])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

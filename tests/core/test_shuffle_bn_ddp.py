@@ -32,7 +32,7 @@ def _model(bn_mode: str) -> MoCo:
 
 
 def _run_steps(model: MoCo, rank: int, steps: int = 3) -> list[dict]:
-    model.encoder_q = DDP(model.encoder_q)
+    model.wrap_trainable(DDP)  # what the training loop does
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
     records = []
     for step in range(steps):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from moco_ray.data.augment import ViewAugment, eval_view
 from moco_ray.data.decode import decode_batch, decode_image, load_upright_rgb, open_image, upright_size
-from moco_ray.data.stream import _train_pairs
+from moco_ray.data.views import _train_pairs
 
 H, W = 48, 80  # upright: landscape
 

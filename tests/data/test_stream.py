@@ -15,15 +15,9 @@ import torch
 
 from moco_ray.config import AugConfig, DataConfig
 from moco_ray.data.ingest import ingest
-from moco_ray.data.manifest import read_manifest
-from moco_ray.data.stream import (
-    check_enough_rows,
-    eval_dataset,
-    iter_pairs,
-    pair_dataset,
-    split_files,
-    steps_per_epoch,
-)
+from moco_ray.data.manifest import check_enough_rows, read_manifest, split_files, steps_per_epoch
+from moco_ray.data.stream import eval_dataset, iter_pairs, pair_dataset
+from moco_ray.data.views import make_eval, make_pairs
 
 S = 16  # output side: tiny keeps the augmentations cheap
 
@@ -185,8 +179,6 @@ def test_a_batch_cut_empty_by_the_limit_keeps_the_column_types(shards, device):
     """data.limit can cut every row of a batch. The empty result must keep the columns' Arrow types (before: a
     0-row [0,3,S,S] array failed Ray Data's tensor conversion, was pickled as Python objects and warned)."""
     from ray.data.extensions import ArrowTensorArray
-
-    from moco_ray.data.stream import make_eval, make_pairs
 
     rows = pq.read_table(next(Path(shards).glob("**/*.parquet")), columns=["image", "label", "id"]).slice(0, 3)
     batch = {c: rows[c].to_numpy(zero_copy_only=False) for c in rows.column_names}

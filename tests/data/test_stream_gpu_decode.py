@@ -13,7 +13,8 @@ from PIL import Image
 from moco_ray.data.augment import resize_for_gpu
 from moco_ray.data.decode import decode_batch, decode_batch_on, decode_image
 from moco_ray.data.gpu_augment import GpuViewAugment, sources_from_bytes
-from moco_ray.data.stream import _pair_collate, make_pairs
+from moco_ray.data.stream import _pair_collate
+from moco_ray.data.views import make_pairs
 
 
 def _photo(seed: int, w: int, h: int) -> Image.Image:

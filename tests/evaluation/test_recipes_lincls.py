@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from moco_ray.core.normalize import Normalizer
-from moco_ray.evaluation.linear import LinclsProtocol, train_lincls, train_linear_probe
+from moco_ray.evaluation.linear import LinclsProtocol, LinearProtocol, train_lincls, train_probe
+from moco_ray.evaluation.probe_sources import CachedFeatures, FreshViews
 
 
 def _images(n: int, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -53,6 +54,14 @@ def test_lincls_trains_on_fresh_crops_with_a_frozen_backbone():
     assert again.history == res.history  # deterministic given the seed
 
 
+def test_fresh_views_cannot_be_standardised():
+    """Standardising needs the fixed training set's statistics; fresh views have none."""
+    xtr, ytr = _images(4, 0)
+    views = FreshViews(_backbone().eval(), xtr, ytr, xtr, ytr, Normalizer(), image_size=12)
+    with pytest.raises(ValueError, match="standardize"):
+        train_probe(views, LinearProtocol(epochs=1, standardize=True))
+
+
 def test_lincls_defaults_are_main_lincls():
     p = LinclsProtocol()
     assert (p.epochs, p.lr, p.momentum, p.weight_decay, p.batch_size, p.milestones, p.image_size) == (
@@ -69,6 +78,6 @@ def test_lincls_defaults_are_main_lincls():
 def test_cached_probe_reports_best_and_last_epoch():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 8, generator=g), torch.randint(0, 3, (200,), generator=g)
-    res = train_linear_probe(x[:150], y[:150], x[150:], y[150:], epochs=5, batch_size=32)
+    res = train_probe(CachedFeatures(x[:150], y[:150], x[150:], y[150:]), LinearProtocol(epochs=5, batch_size=32))
     assert res.best_top1 == max(h["test_top1"] for h in res.history) >= res.top1
     assert res.history[res.best_epoch]["test_top1"] == res.best_top1

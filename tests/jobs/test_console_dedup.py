@@ -10,6 +10,7 @@ import pytest
 from ray._private import ray_logging
 
 from moco_ray.jobs.local_ray import steer_log_dedup
+from moco_ray.tracking.history import EpochMetrics
 from moco_ray.train.loop import epoch_line
 from moco_ray.train.spec import RunSpec
 
@@ -44,7 +45,7 @@ def _line(label: str, loss: float) -> str:
     spec = RunSpec.__new__(RunSpec)
     spec.label = label
     cfg = type("C", (), {"train": type("T", (), {"epochs": 2})})
-    m = {"epoch": 1, "loss": loss, "acc1": 0.5, "lr": 0.03, "images_per_s": 100, "epoch_seconds": 3.0}
+    m = EpochMetrics(epoch=1, loss=loss, acc1=0.5, lr=0.03, epoch_seconds=3.0, images_per_s=100, corrupt_images=0)
     return spec.console(epoch_line(cfg, m))
 
 

@@ -42,11 +42,11 @@ FIXTURE_CFG = {
 def runs(tmp_path_factory):
     """Digits shards, a sqlite store and runs: trained, random and collapsed encoders, and one without encoder."""
     from moco_ray.config import load_config
+    from moco_ray.core.backbone_io import backbone_of
     from moco_ray.core.encoders import torchvision_backbone
     from moco_ray.data.arrays import load_imagefolder_arrays
     from moco_ray.data.digits import write_digits_imagefolder
     from moco_ray.data.ingest import ingest
-    from moco_ray.train.model import backbone_of
 
     base = tmp_path_factory.mktemp("eval_runs")
     root = write_digits_imagefolder(base / "digits", size=SIZE)

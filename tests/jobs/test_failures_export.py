@@ -15,7 +15,8 @@ def run_id(mlflow_uri):
     import torch
 
     from moco_ray.config import load_config
-    from moco_ray.train.model import backbone_of, build_method
+    from moco_ray.core.backbone_io import backbone_of
+    from moco_ray.train.model import build_method
 
     cfg = load_config(None, {**TINY_MODEL, "tracking.experiment": "export-dir"})
     torch.manual_seed(0)

@@ -87,8 +87,9 @@ def test_pretrain_end_to_end(small_shards, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from moco_ray import load_encoder
+    from moco_ray.core.backbone_io import backbone_of
     from moco_ray.train.checkpoint import load_state
-    from moco_ray.train.model import backbone_of, build_method
+    from moco_ray.train.model import build_method
 
     cfg_file = _as_yaml(_overrides(small_shards, tmp_path, mlflow_uri), tmp_path / "run.yaml")
     p = subprocess.run(
@@ -138,7 +139,7 @@ def test_pretrain_end_to_end(small_shards, tmp_path, mlflow_uri):
     net = load_encoder(run_id, tracking_uri=mlflow_uri)
     cfg = load_config(None, _overrides(small_shards, tmp_path, mlflow_uri))
     model = build_method(cfg)
-    model.load_state_dict(load_state(run.data.tags["moco_ray.checkpoint"])["model"])
+    model.load_state_dict(load_state(run.data.tags["moco_ray.checkpoint"]).model)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         ref = backbone_of(model).eval()(x)

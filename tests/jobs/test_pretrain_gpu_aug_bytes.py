@@ -34,6 +34,6 @@ def test_pretrain_with_gpu_aug_decodes_bytes_in_the_worker(ray_local, small_shar
     }
     res = run_pretraining(None, over)
     h = res.history[-1]
-    assert math.isfinite(h["loss"]) and 0 < h["loss"] < 20 and h["corrupt_images"] == 0
+    assert math.isfinite(h.loss) and 0 < h.loss < 20 and h.corrupt_images == 0
     run = MlflowClient(mlflow_uri).get_run(res.run_id)
     assert run.info.status == "FINISHED" and run.data.params["aug.device"] == "gpu"

@@ -12,13 +12,14 @@ from moco_ray.jobs.resources import (
     TRIAL_CPU,
     ClusterView,
     Needs,
+    auto_concurrency,
+    check_concurrency,
     fits,
     max_runs,
     needs_of,
     types_from_launcher_yaml,
     why_not,
 )
-from moco_ray.tuning.sweep import auto_concurrency, check_concurrency
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -39,7 +39,7 @@ def _metric_steps(uri, run_id, key="loss"):
 
 
 def _queue_sha(state) -> str:
-    return hashlib.sha256(state["model"]["queue.keys"].numpy().tobytes()).hexdigest()
+    return hashlib.sha256(state.model["queue.keys"].numpy().tobytes()).hexdigest()
 
 
 def test_restart_then_interrupt_then_resume_loses_nothing(ray_local, small_shards, tmp_path, mlflow_uri):
@@ -68,7 +68,7 @@ def test_restart_then_interrupt_then_resume_loses_nothing(ray_local, small_shard
     assert run.data.tags["moco_ray.restored_from_epoch"] == "0"  # and the restart came from epoch 1's checkpoint
     assert _metric_steps(mlflow_uri, run_id) == [0, 1]  # the restarted epoch logged once
     saved = load_state(run.data.tags["moco_ray.checkpoint"])
-    assert saved["epoch"] == 1 and saved["global_step"] == 2 * steps_per_epoch
+    assert saved.epoch == 1 and saved.global_step == 2 * steps_per_epoch
 
     res = run_pretraining(None, {"tracking.tracking_uri": mlflow_uri}, resume=run_id)
     assert res.run_id == run_id
@@ -77,12 +77,12 @@ def test_restart_then_interrupt_then_resume_loses_nothing(ray_local, small_shard
     assert _metric_steps(mlflow_uri, run_id) == list(range(EPOCHS))  # no epoch lost or logged twice
     assert run.data.tags["moco_ray.restored_from_epoch"] == "1"
     assert run.data.tags["moco_ray.restored_queue_sha256"] == _queue_sha(saved)
-    assert int(run.data.tags["moco_ray.restored_queue_ptr"]) == int(saved["model"]["queue.ptr"])
+    assert int(run.data.tags["moco_ray.restored_queue_ptr"]) == int(saved.model["queue.ptr"])
     final = load_state(res.checkpoint_path)
-    assert final["epoch"] == EPOCHS - 1
-    steps = final["global_step"]
+    assert final.epoch == EPOCHS - 1
+    steps = final.global_step
     assert steps == EPOCHS * steps_per_epoch
-    assert int(final["model"]["queue.ptr"]) == (steps * 32) % 80
+    assert int(final.model["queue.ptr"]) == (steps * 32) % 80
 
 
 def test_worker_failure_without_retries_fails_the_run(ray_local, small_shards, tmp_path, mlflow_uri):

@@ -53,10 +53,10 @@ CFG = {
 def scores(natural_image_root, ray_local, tmp_path_factory) -> dict[str, dict[str, dict]]:
     """``{"trained" | "random": {"knn" | "linear": evaluate_* result}}`` (trained once for both tests)."""
     from moco_ray.config import load_config
+    from moco_ray.core.backbone_io import backbone_of
     from moco_ray.data.arrays import load_imagefolder_arrays
     from moco_ray.data.ingest import ingest
     from moco_ray.jobs.evaluate import evaluate_knn, evaluate_linear
-    from moco_ray.train.model import backbone_of
 
     base = tmp_path_factory.mktemp("trained_vs_random")
     images = copy_balanced_subset(natural_image_root, base / "images", PER_CLASS)

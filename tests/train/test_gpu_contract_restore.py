@@ -15,7 +15,8 @@ from moco_helpers import TINY_MODEL
 
 from moco_ray.config import load_config
 from moco_ray.core.backbone_io import plain_state_dict
-from moco_ray.train.checkpoint import load_state, rng_state, save_state, set_rng_state
+from moco_ray.tracking.history import EpochMetrics
+from moco_ray.train.checkpoint import TrainState, load_state, rng_state, save_state, set_rng_state
 from moco_ray.train.loop import Worker
 from moco_ray.train.model import build_method
 from moco_ray.train.step import build_optimizer
@@ -30,16 +31,17 @@ def _checkpoint(tmp_path) -> tuple[torch.Tensor, dict]:
         torch.manual_seed(seed)
         rngs.append(rng_state())
         nexts.append(torch.rand(4))
-    state = {
-        "model": plain_state_dict(model),
-        "optimizer": build_optimizer(cfg, model).state_dict(),
-        "epoch": 3,
-        "global_step": 12,
-        "rng": rngs,
-        "history": [{"epoch": 3, "loss": 1.0}],
-        "config": cfg.to_dict(),
-        "run_id": "r",
-    }
+    epoch = EpochMetrics(epoch=3, loss=1.0, acc1=0.5, lr=0.03, epoch_seconds=1.0, images_per_s=8.0, corrupt_images=0)
+    state = TrainState(
+        model=plain_state_dict(model),
+        optimizer=build_optimizer(cfg, model).state_dict(),
+        epoch=3,
+        global_step=12,
+        rng=rngs,
+        history=[epoch],
+        config=cfg.to_dict(),
+        run_id="r",
+    )
     save_state(tmp_path, state)
     return torch.stack(nexts), {"cfg": cfg, "state": state}
 
@@ -47,8 +49,8 @@ def _checkpoint(tmp_path) -> tuple[torch.Tensor, dict]:
 def test_rng_states_stay_on_the_cpu_for_any_map_location(tmp_path):
     nexts, _ = _checkpoint(tmp_path)
     state = load_state(tmp_path, map_location="meta")
-    assert state["model"]["queue.keys"].device.type == "meta"  # the rest moved
-    for r, rng in enumerate(state["rng"]):
+    assert state.model["queue.keys"].device.type == "meta"  # the rest moved
+    for r, rng in enumerate(state.rng):
         assert rng["torch"].device.type == "cpu" and rng["torch"].dtype == torch.uint8
         set_rng_state(rng)
         assert torch.equal(torch.rand(4), nexts[r])
@@ -61,7 +63,7 @@ def test_worker_restores_from_a_saved_checkpoint_onto_a_non_cpu_model(tmp_path):
     model = build_method(saved["cfg"]).to("meta")
     w = types.SimpleNamespace(model=model, opt=build_optimizer(saved["cfg"], model), rank=1, reporter=None)
     Worker._load(w, load_state(tmp_path))
-    assert (w.start_epoch, w.global_step, w.history) == (4, 12, saved["state"]["history"])
+    assert (w.start_epoch, w.global_step, w.history) == (4, 12, saved["state"].history)
     assert torch.equal(torch.rand(4), nexts[1])  # rank 1 continues its own stream
 
 
@@ -92,8 +94,8 @@ def test_cuda_rng_saved_for_this_device_only_and_restored_from_either_format(mon
 def test_on_cuda_a_checkpoint_mapped_to_the_gpu_restores_rng_states(tmp_path):
     nexts, _ = _checkpoint(tmp_path)
     state = load_state(tmp_path, map_location="cuda")
-    assert state["model"]["queue.keys"].is_cuda
-    set_rng_state(state["rng"][0])
+    assert state.model["queue.keys"].is_cuda
+    set_rng_state(state.rng[0])
     assert torch.equal(torch.rand(4), nexts[0])
     torch.cuda.init()
     set_rng_state(rng_state())  # this device's CUDA state round-trips

@@ -11,8 +11,33 @@ import torch
 
 from moco_ray.config import OptimConfig, load_config
 from moco_ray.jobs.resolve import latest_checkpoint
-from moco_ray.train.checkpoint import STATE_FILE, is_complete, load_state, rng_state, save_state, set_rng_state
+from moco_ray.tracking.history import EpochMetrics
+from moco_ray.train.checkpoint import (
+    STATE_FILE,
+    TrainState,
+    is_complete,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
 from moco_ray.train.schedule import lr_at
+
+EPOCH_0 = {
+    "epoch": 0,
+    "loss": 1.5,
+    "acc1": 0.25,
+    "lr": 0.03,
+    "epoch_seconds": 2.0,
+    "images_per_s": 64.0,
+    "corrupt_images": 0.0,
+    "data_wait_seconds": 0.5,
+    "data_wait_frac": 0.25,
+}
+
+
+def _state(model: dict, epoch: int, rng: list | None = None, history: list | None = None) -> TrainState:
+    return TrainState(model, {}, epoch, 4 * (epoch + 1), rng or [], history or [], {}, "r")
 
 
 def test_cosine_with_warmup():
@@ -40,26 +65,73 @@ def test_checkpoint_roundtrip_weights_only_with_rng_states(tmp_path):
     torch.manual_seed(3)
     np.random.seed(4)
     random.seed(5)
-    state = {"model": {"w": torch.randn(3)}, "epoch": 2, "history": [{"epoch": 0.0, "loss": 1.5}], "rng": [rng_state()]}
+    state = _state({"w": torch.randn(3)}, 2, [rng_state()], [EpochMetrics.from_dict(EPOCH_0)])
     expected = (torch.rand(2), np.random.rand(2), random.random())
     save_state(tmp_path, state)
     loaded = load_state(tmp_path)  # torch.load(weights_only=True) inside
-    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["epoch"] == 2
-    set_rng_state(loaded["rng"][0])
+    assert torch.equal(loaded.model["w"], state.model["w"]) and loaded.epoch == 2
+    set_rng_state(loaded.rng_of(0))
     again = (torch.rand(2), np.random.rand(2), random.random())
     assert torch.equal(again[0], expected[0]) and np.array_equal(again[1], expected[1]) and again[2] == expected[2]
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(FileNotFoundError, match="not a moco-ray checkpoint"):
         load_state(tmp_path / "missing")
-    assert math.isfinite(loaded["history"][0]["loss"])
+    assert loaded.history == state.history and math.isfinite(loaded.history[0].loss)
+    raw = torch.load(tmp_path / STATE_FILE, weights_only=True)  # on disk: a plain dict, history as plain dicts
+    assert sorted(raw) == ["config", "epoch", "global_step", "history", "model", "optimizer", "rng", "run_id"]
+    assert raw["history"] == [EPOCH_0]
+
+
+def test_a_checkpoint_in_the_dict_layout_of_earlier_versions_loads(tmp_path):
+    """Checkpoints written before TrainState existed: the same dict, saved by ``torch.save`` directly; history
+    entries as plain dicts, with knn_top1 only in the epochs it ran and no data-wait figures in the oldest."""
+    cfg = load_config(None, ["train.batch_size=16", "moco.queue_size=32"])
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    torch.manual_seed(7)
+    rngs = [rng_state(), rng_state()]
+    after = torch.rand(2)
+    old_epoch = {k: v for k, v in EPOCH_0.items() if not k.startswith("data_wait")}  # before data-wait existed
+    history = [old_epoch, {**EPOCH_0, "epoch": 1, "knn_top1": 0.5}]
+    layout = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": 1,
+        "global_step": 8,
+        "rng": rngs,
+        "history": history,
+        "config": cfg.to_dict(),
+        "run_id": "0123abcd",
+    }
+    tmp_path.mkdir(exist_ok=True)
+    torch.save(layout, tmp_path / STATE_FILE)
+    state = load_state(tmp_path)
+    assert (state.epoch, state.global_step, state.run_id, state.config) == (1, 8, "0123abcd", cfg.to_dict())
+    assert state.history[0].data_wait_seconds is None and state.history[0].knn_top1 is None
+    assert state.history[1].knn_top1 == 0.5 and state.history[1].data_wait_frac == 0.25
+    assert [h.as_dict() for h in state.history] == history  # nothing added, nothing lost
+    restored = torch.nn.Linear(3, 2)
+    restored.load_state_dict(state.model)
+    assert torch.equal(restored.weight, model.weight)
+    opt2 = torch.optim.SGD(restored.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(state.optimizer)
+    momentum = [o.state_dict()["state"][0]["momentum_buffer"] for o in (opt, opt2)]
+    assert torch.equal(*momentum)
+    set_rng_state(state.rng_of(3))  # a rank the run did not have: rank 0's states
+    assert torch.equal(torch.rand(2), after)
+    save_state(tmp_path / "again", state)  # and written back in the same layout
+    again = torch.load(tmp_path / "again" / STATE_FILE, weights_only=True)
+    assert sorted(again) == sorted(layout) and again["history"] == history and again["epoch"] == 1
 
 
 def test_resume_skips_a_checkpoint_cut_short_while_being_copied(tmp_path, capsys):
     """A Ctrl-C while Ray copies a reported checkpoint into the run's storage leaves a truncated state.pt in the
     newest checkpoint directory (seen in CI: resume then died in torch.load). Resume takes the newest whole one."""
-    state = {"model": {"w": torch.randn(64, 64)}, "epoch": 0}
-    old = save_state(tmp_path / "checkpoint_2026-12-03_00-00-00.000000", state)
-    new = save_state(tmp_path / "checkpoint_2026-12-03_00-00-09.000000", {**state, "epoch": 1})
+    weights = {"w": torch.randn(64, 64)}
+    old = save_state(tmp_path / "checkpoint_2026-12-03_00-00-00.000000", _state(weights, 0))
+    new = save_state(tmp_path / "checkpoint_2026-12-03_00-00-09.000000", _state(weights, 1))
     whole = new.read_bytes()
     assert is_complete(old) and is_complete(new)
     assert latest_checkpoint(str(tmp_path)) == str(new.parent)
@@ -68,6 +140,6 @@ def test_resume_skips_a_checkpoint_cut_short_while_being_copied(tmp_path, capsys
         assert not is_complete(new), cut
         assert latest_checkpoint(str(tmp_path)) == str(old.parent)
         assert f"skipping {new.parent.name}: its {STATE_FILE} is incomplete" in capsys.readouterr().out
-    assert load_state(latest_checkpoint(str(tmp_path)))["epoch"] == 0
+    assert load_state(latest_checkpoint(str(tmp_path))).epoch == 0
     old.write_bytes(b"")
     assert latest_checkpoint(str(tmp_path)) is None  # nothing whole: the caller's "no checkpoint found"

@@ -1,4 +1,4 @@
-"""What the parent run shows: the results table (CSV) and plots of a sweep (headless PNGs)."""
+"""Plots of a sweep's results table (headless PNGs), logged to the parent run by moco_ray.tuning.results."""
 
 from __future__ import annotations
 
@@ -12,35 +12,6 @@ import pandas as pd
 from moco_ray.tracking.plots import _plt
 
 LOG_SCALE_KEYS = ("moco.queue_size", "optim.lr", "optim.weight_decay")
-
-
-def pick_best(table: pd.DataFrame, metric: str, mode: str) -> dict[str, Any]:
-    """The best trial by its final reported `metric`; finished trials win over ones ASHA stopped early.
-
-    A stopped trial's last value is from an earlier epoch, so it competes only when no trial finished.
-    """
-    col = f"final_{metric}"
-    if table.empty or col not in table:
-        return {}
-    scored = table[table[col].notna()]
-    finished = scored[scored["state"] == "finished"]
-    pool = finished if not finished.empty else scored[scored["state"] == "stopped_early"]
-    if pool.empty:
-        return {}
-    row = pool.loc[pool[col].idxmax() if mode == "max" else pool[col].idxmin()]
-    params = {k[len("param:") :]: _plain(row[k]) for k in table.columns if k.startswith("param:")}
-    return {
-        "trial_id": row["trial_id"],
-        "run_id": row["run_id"],
-        "params": params,
-        "metric": metric,
-        "value": float(row[col]),
-        "state": row["state"],
-    }
-
-
-def _plain(v: Any) -> Any:
-    return v.item() if hasattr(v, "item") else v
 
 
 def _numeric(values: Sequence[Any]) -> bool:
