@@ -196,22 +196,14 @@ class RunLog:
         Idempotent by design: after a worker restart the same epochs come again from the checkpoint's history and
         are skipped, so per-epoch metrics are neither lost nor duplicated.
         """
-        from mlflow.entities import Metric  # lazy: Ray workers import this module on every rank; mlflow only if used
-
         done = self.logged_steps("epoch")
         new = [h for h in history if h.epoch not in done]
-        now = int(time.time() * 1000)
-        for h in new:
-            metrics = [Metric(k, float(v), now, h.epoch) for k, v in h.as_dict().items()]
-            self.client.log_batch(self.run_id, metrics=metrics)
+        self.log_metric_points((k, v, h.epoch) for h in new for k, v in h.as_dict().items())
         return len(new)
 
     def log_step_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Metrics at MLflow step ``step`` (in training the global step, comparable across runs; a summary: 0)."""
-        from mlflow.entities import Metric  # lazy: Ray workers import this module on every rank; mlflow only if used
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.log_metric_points((k, v, step) for k, v in metrics.items())
 
     def log_metric_points(self, points: Iterable[tuple[str, float, int]]) -> None:
         """``(key, value, step)`` points, in batches of at most 1000 (MLflow's limit for one request)."""
