@@ -32,7 +32,7 @@ def natural_image_root() -> Path:
     For the tests that compare a trained encoder with a random one: that needs natural images. On the digits
     fallback random conv features already score 0.97 kNN / linear at 16 px, and the generated sets tried instead
     (digits at random scale and position, or in random colours) leave MoCo below its random start for the few
-    hundred steps a test can afford (measured; see tests/test_trained_beats_random.py).
+    hundred steps a test can afford (measured; see tests/jobs/test_trained_beats_random.py).
     """
     if not (CIFAR_MINI / "train").is_dir():
         pytest.skip(f"needs natural images: {CIFAR_MINI} not found (set MOCO_RAY_TEST_DATA to an ImageFolder tree)")

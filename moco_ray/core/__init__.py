@@ -23,6 +23,7 @@ _WHERE = {
     "momentum_update": "momentum",
     "nt_xent": "simclr",
     "torchvision_backbone": "encoders",
+    "train_step": "step",
 }
 __all__ = sorted(_WHERE)
 

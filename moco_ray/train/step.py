@@ -1,8 +1,8 @@
-"""One MoCo training step and the optimizer it steps: used by the Ray Train loop, the benchmarks and the tests.
+"""The optimizer the training step steps, and its learning rate: used by the Ray Train loop and the benchmarks.
 
-Pure PyTorch, no Ray (the benchmarks and tests run it in one process). The step never reads a tensor's value on
-the host (no ``.item()``, no ``float(tensor)``), so on a GPU it queues work without a host-device sync; callers
-accumulate the returned device tensors.
+The step itself (:func:`~moco_ray.core.step.train_step`) is pure PyTorch and lives in the core, where the core's
+tests use it too; it is re-exported here so the loop, the benchmarks and the tests import step and optimizer from
+one place. ``build_optimizer`` stays here because it reads the config.
 """
 
 from __future__ import annotations
@@ -11,13 +11,10 @@ import torch
 import torch.nn as nn
 
 from moco_ray.config import Config
-from moco_ray.core.method import ContrastiveMethod, StepOutput
+from moco_ray.core.step import train_step, trainable_parameters
 from moco_ray.train.lars import LARS
 
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters that take gradients: the query side (the key encoder and the queue never do)."""
-    return [p for p in model.parameters() if p.requires_grad]
+__all__ = ["build_optimizer", "set_lr", "train_step", "trainable_parameters"]
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -32,24 +29,3 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr
-
-
-def train_step(
-    model: ContrastiveMethod,
-    opt: torch.optim.Optimizer,
-    im_q: torch.Tensor,
-    im_k: torch.Tensor,
-    *,
-    autocast: torch.dtype | None = None,
-) -> StepOutput:
-    """Forward (EMA update, loss, enqueue inside the method), backward and one optimizer step.
-
-    ``autocast``: a reduced precision for the forward pass (bf16 on GPUs), or None for fp32.
-    Returns the detached ``loss`` and ``acc1`` tensors, still on the device.
-    """
-    with torch.autocast(im_q.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        out = model(im_q, im_k)
-    opt.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    opt.step()
-    return {"loss": out["loss"].detach(), "acc1": out["acc1"].detach()}

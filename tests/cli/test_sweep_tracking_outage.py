@@ -6,7 +6,7 @@ server back on the same store, ``--resume`` reruns the cut trial, and the parent
 tell the truth (the cut trial's first child KILLED/interrupted, its rerun FINISHED). One trial: each costs a minute
 here; trials that never started are resumed like the cut one (Tune's unfinished trials), as in
 test_sweep_interrupt.py, and two trials starting at once against a server are what found the dataset-row race that
-tests/tracking/test_mlflow21_experiment.py now covers.
+tests/tracking/test_datasets.py now covers.
 """
 
 from __future__ import annotations

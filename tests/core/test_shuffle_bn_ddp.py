@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from moco_ray.core import MoCo
 from moco_ray.core.encoders import build_encoder
 from moco_ray.core.shuffle_bn import batch_shuffle_ddp, batch_unshuffle_ddp
+from moco_ray.core.step import train_step
 
 WORLD = 2
 B = 4  # per-rank batch
@@ -43,11 +44,8 @@ def _run_steps(model: MoCo, rank: int, steps: int = 3) -> list[dict]:
             "queue": model.queue.keys.clone(),
             "ptr": model.queue.ptr.clone(),
         }
-        out = model(im_q, im_k)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        records.append({"state": state, "loss": out["loss"].detach(), "queue_after": model.queue.keys.clone()})
+        out = train_step(model, opt, im_q, im_k)
+        records.append({"state": state, "loss": out["loss"], "queue_after": model.queue.keys.clone()})
     return records
 
 

@@ -47,7 +47,7 @@ def _overrides(small_shards, tmp_path, uri, **extra):
         "model.small_stem": False,
         "model.dim": 64,
         "model.hidden_dim": 256,
-        "model.head_bn": True,  # leaves the early plateau within dozens of steps (see test_core_learns)
+        "model.head_bn": True,  # leaves the early plateau within dozens of steps (see tests/core/test_moco_learns.py)
         "aug.image_size": 32,
         # Milder views and a faster-following key encoder: the loss falls within 80 steps (measured on CIFAR at
         # 32 px with the core alone: 5.40 -> 4.8 at strength 0.5, m 0.99; the v2 views at m 0.999 stay near

@@ -1,5 +1,5 @@
-"""Failures of issue #18 through the real CLI: one line ``moco-ray: error: ...``, exit 2, no traceback, no Ray
-started, in seconds.
+"""Services and files a command cannot use, through the real CLI: one line ``moco-ray: error: ...``, exit 2, no
+traceback, no Ray started, in seconds.
 
 An unreachable MLflow server for every command that takes a tracking URI (``pretrain``, ``pretrain --resume``,
 ``eval``, ``export``); YAML syntax errors in ``-c FILE``, a sweep file and an override value (named with line and

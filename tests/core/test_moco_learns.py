@@ -24,6 +24,7 @@ import torch
 from moco_ray.core import MoCo
 from moco_ray.core.encoders import build_encoder
 from moco_ray.core.shuffle_bn import split_bn_factory
+from moco_ray.core.step import train_step
 from moco_ray.data.augment import build_view_augment, normalize_on_device
 from moco_ray.data.digits import digits_arrays
 
@@ -32,6 +33,7 @@ GAIN_MIN, LATE_MIN = 0.015, 3 / 257
 
 
 def test_moco_learns_on_real_images():
+    """Mutation caught (checked by hand, failed): ``core.step.train_step`` without ``opt.step()``."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -50,10 +52,7 @@ def test_moco_learns_on_real_images():
             pairs = [aug.pair(img, gen) for img in batch]
             q = normalize_on_device(torch.stack([p[0] for p in pairs]), "cpu")
             k = normalize_on_device(torch.stack([p[1] for p in pairs]), "cpu")
-            out = model(q, k)
-            opt.zero_grad()
-            out["loss"].backward()
-            opt.step()
+            out = train_step(model, opt, q, k)
             losses.append(out["loss"].item())
             accs.append(out["acc1"].item())
     finally:

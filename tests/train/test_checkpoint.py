@@ -1,4 +1,5 @@
-"""Learning-rate schedules and the checkpoint format (pure, no Ray)."""
+"""The checkpoint format: TrainState <-> state.pt (weights only, RNG states, typed history), and the dict layout of
+earlier versions still loading."""
 
 from __future__ import annotations
 
@@ -8,64 +9,18 @@ import random
 import numpy as np
 import pytest
 import torch
+from checkpoint_states import EPOCH_0, train_state
 
-from moco_ray.config import OptimConfig, load_config
-from moco_ray.jobs.resolve import latest_checkpoint
+from moco_ray.config import load_config
 from moco_ray.tracking.history import EpochMetrics
-from moco_ray.train.checkpoint import (
-    STATE_FILE,
-    TrainState,
-    is_complete,
-    load_state,
-    rng_state,
-    save_state,
-    set_rng_state,
-)
-from moco_ray.train.schedule import lr_at
-
-EPOCH_0 = {
-    "epoch": 0,
-    "loss": 1.5,
-    "acc1": 0.25,
-    "lr": 0.03,
-    "epoch_seconds": 2.0,
-    "images_per_s": 64.0,
-    "corrupt_images": 0.0,
-    "data_wait_seconds": 0.5,
-    "data_wait_frac": 0.25,
-}
-
-
-def _state(model: dict, epoch: int, rng: list | None = None, history: list | None = None) -> TrainState:
-    return TrainState(model, {}, epoch, 4 * (epoch + 1), rng or [], history or [], {}, "r")
-
-
-def test_cosine_with_warmup():
-    o = OptimConfig(schedule="cosine", warmup_epochs=2)
-    assert lr_at(o, 1.0, 0, 0, 10, 12) == pytest.approx(0.1 / 2)  # first step of warmup
-    assert lr_at(o, 1.0, 1, 9, 10, 12) == pytest.approx(1.0)  # last warmup step reaches the base lr
-    assert lr_at(o, 1.0, 2, 0, 10, 12) == pytest.approx(1.0)
-    assert lr_at(o, 1.0, 7, 0, 10, 12) == pytest.approx(0.5)  # half way through the cosine
-    assert lr_at(o, 1.0, 11, 9, 10, 12) < 0.01
-
-
-def test_step_schedule_of_moco_v1():
-    o = OptimConfig(schedule="step", milestones=[120, 160])
-    assert [lr_at(o, 0.03, e, 0, 5, 200) for e in (0, 119, 120, 159, 160, 199)] == pytest.approx(
-        [0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003]
-    )
-
-
-def test_lr_scales_linearly_with_global_batch():
-    cfg = load_config(None, ["optim.lr=0.03", "train.batch_size=1024", "moco.queue_size=4096"])
-    assert cfg.lr == pytest.approx(0.12)
+from moco_ray.train.checkpoint import STATE_FILE, load_state, rng_state, save_state, set_rng_state
 
 
 def test_checkpoint_roundtrip_weights_only_with_rng_states(tmp_path):
     torch.manual_seed(3)
     np.random.seed(4)
     random.seed(5)
-    state = _state({"w": torch.randn(3)}, 2, [rng_state()], [EpochMetrics.from_dict(EPOCH_0)])
+    state = train_state({"w": torch.randn(3)}, 2, [rng_state()], [EpochMetrics.from_dict(EPOCH_0)])
     expected = (torch.rand(2), np.random.rand(2), random.random())
     save_state(tmp_path, state)
     loaded = load_state(tmp_path)  # torch.load(weights_only=True) inside
@@ -124,22 +79,3 @@ def test_a_checkpoint_in_the_dict_layout_of_earlier_versions_loads(tmp_path):
     save_state(tmp_path / "again", state)  # and written back in the same layout
     again = torch.load(tmp_path / "again" / STATE_FILE, weights_only=True)
     assert sorted(again) == sorted(layout) and again["history"] == history and again["epoch"] == 1
-
-
-def test_resume_skips_a_checkpoint_cut_short_while_being_copied(tmp_path, capsys):
-    """A Ctrl-C while Ray copies a reported checkpoint into the run's storage leaves a truncated state.pt in the
-    newest checkpoint directory (seen in CI: resume then died in torch.load). Resume takes the newest whole one."""
-    weights = {"w": torch.randn(64, 64)}
-    old = save_state(tmp_path / "checkpoint_2026-12-03_00-00-00.000000", _state(weights, 0))
-    new = save_state(tmp_path / "checkpoint_2026-12-03_00-00-09.000000", _state(weights, 1))
-    whole = new.read_bytes()
-    assert is_complete(old) and is_complete(new)
-    assert latest_checkpoint(str(tmp_path)) == str(new.parent)
-    for cut in (1, 21, 22, 100, len(whole) // 2, len(whole) - 1):  # inside the end record, the directory, the data
-        new.write_bytes(whole[: len(whole) - cut])
-        assert not is_complete(new), cut
-        assert latest_checkpoint(str(tmp_path)) == str(old.parent)
-        assert f"skipping {new.parent.name}: its {STATE_FILE} is incomplete" in capsys.readouterr().out
-    assert load_state(latest_checkpoint(str(tmp_path))).epoch == 0
-    old.write_bytes(b"")
-    assert latest_checkpoint(str(tmp_path)) is None  # nothing whole: the caller's "no checkpoint found"
