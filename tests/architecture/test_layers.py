@@ -1,15 +1,24 @@
-"""The package's imports point down the layers drawn in docs/architecture.md; an upward import fails here.
+"""The package's imports point down the layers drawn in docs/architecture.md, no layer reaches a framework it must
+not use (directly or through a lower module), and no modules import each other in a cycle.
 
-Every ``import moco_ray...`` in every module counts, including those inside functions (lazy imports are still
-dependencies); only ``if TYPE_CHECKING:`` blocks are skipped.
+The import graph (``import_graph.py``) counts absolute, relative and dynamic imports (``importlib.import_module``,
+``__import__``), lazy imports inside functions, and the parent packages Python runs first; only ``if
+TYPE_CHECKING:`` blocks are skipped. Each hole an earlier version of this guard had is shown closed by a probe
+module dropped into a copy of the package, which the same checks must reject (the mutation each probe stands for is
+in its id).
+
+Mutations checked by hand (each made a probe pass, so its test failed): relative imports read as absolute
+(``node.level`` ignored); ``importlib.import_module`` / ``__import__`` not treated as imports; the reach not
+followed past the first module (``todo.append`` dropped); cycles of two modules not reported.
 """
 
 from __future__ import annotations
 
-import ast
+import shutil
 from pathlib import Path
 
 import pytest
+from import_graph import ImportGraph
 
 PKG = Path(__file__).resolve().parents[2] / "moco_ray"
 
@@ -29,7 +38,7 @@ LAYERS = {
     "api": 8,
     "__init__": 9,
 }
-# third-party frameworks a layer must not import (pure PyTorch / MLflow-only layers)
+# third-party frameworks a layer must not use, directly or through any module it imports
 FORBIDDEN = {
     "core": {"ray", "mlflow", "yaml"},
     "config": {"ray", "mlflow", "torch", "torchvision"},
@@ -39,61 +48,119 @@ FORBIDDEN = {
 }
 
 
-def _layer_of(module: str) -> str:
+def layer_of(module: str) -> str:
     """``moco_ray.train.loop`` -> ``train``; ``moco_ray`` -> ``__init__``."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "__init__"
 
 
-def _file_layer(path: Path) -> str:
-    rel = path.relative_to(PKG)
-    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+def upward_imports(graph: ImportGraph, name: str) -> list[str]:
+    own = layer_of(name)
+    if own == "__init__":
+        return []
+    mod = graph.modules[name]
+    return [
+        f"line {line}: {own} (layer {LAYERS[own]}) imports {target} (layer {LAYERS[layer_of(target)]})"
+        for target, line in sorted(mod.internal.items())
+        if layer_of(target) != own and LAYERS[layer_of(target)] >= LAYERS[own]
+    ]
 
 
-def _imports(path: Path) -> list[tuple[int, str]]:
-    tree = ast.parse(path.read_text())
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip.update(id(n) for b in node.body for n in ast.walk(b))
-    out = []
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
-        if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.append((node.lineno, node.module))
-            if node.module == "moco_ray":  # `from moco_ray import config` names a layer
-                out += [(node.lineno, f"moco_ray.{a.name}") for a in node.names if a.name in LAYERS]
-    return out
+def forbidden_frameworks(graph: ImportGraph, name: str) -> list[str]:
+    reached = graph.frameworks_reached(name)
+    return [
+        f"{layer_of(name)} must not use {fw}: " + " -> ".join([*reached[fw], fw])
+        for fw in sorted(FORBIDDEN.get(layer_of(name), set()) & set(reached))
+    ]
 
 
-MODULES = sorted(PKG.rglob("*.py"))
+GRAPH = ImportGraph.of(PKG)
+MODULES = sorted(GRAPH.modules)
 
 
 def test_every_module_has_a_layer():
-    assert {_file_layer(p) for p in MODULES} <= set(LAYERS), "a new top-level module needs a layer here and in docs"
+    assert {layer_of(m) for m in MODULES} <= set(LAYERS), "a new top-level module needs a layer here and in docs"
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
-def test_imports_point_down(path: Path):
-    own = _file_layer(path)
-    bad = []
-    for line, mod in _imports(path):
-        top = mod.split(".")[0]
-        if top == "moco_ray":
-            target = _layer_of(mod)
-            if target != own and LAYERS[target] >= LAYERS[own] and own != "__init__":
-                bad.append(f"line {line}: {own} (layer {LAYERS[own]}) imports {mod} (layer {LAYERS[target]})")
-        elif top in FORBIDDEN.get(own, ()):
-            bad.append(f"line {line}: {own} must not import {top}")
+@pytest.mark.parametrize("name", MODULES)
+def test_imports_point_down(name: str):
+    bad = upward_imports(GRAPH, name)
     assert not bad, "\n".join(bad)
 
 
-def test_the_check_sees_an_upward_import(tmp_path):
-    """The checker itself: a core module importing the trainer is caught."""
-    fake = tmp_path / "x.py"
-    fake.write_text("def f():\n    from moco_ray.jobs.pretrain import run_pretraining\n")
-    assert _imports(fake) == [(2, "moco_ray.jobs.pretrain")]
-    assert LAYERS[_layer_of("moco_ray.jobs.pretrain")] > LAYERS["core"]
+@pytest.mark.parametrize("name", MODULES)
+def test_no_forbidden_framework_is_reached(name: str):
+    bad = forbidden_frameworks(GRAPH, name)
+    assert not bad, "\n".join(bad)
+
+
+def test_every_dynamic_import_is_readable():
+    """``importlib.import_module(some_variable)`` could load any layer; the guard must see what is loaded."""
+    bad = {n: m.unreadable for n, m in GRAPH.modules.items() if m.unreadable}
+    assert not bad, bad
+
+
+def test_no_import_cycles():
+    assert GRAPH.cycles() == []
+
+
+PROBES = {  # id: (file, source appended, the check that must flag it)
+    "relative-upward-import": ("core/probe.py", "from ..jobs import pretrain\n", "layers"),
+    "relative-upward-import-in-function": ("data/probe.py", "def f():\n    from ..tuning import sweep\n", "layers"),
+    "importlib-upward-import": (
+        "core/probe.py",
+        "import importlib\nimportlib.import_module('moco_ray.jobs.pretrain')\n",
+        "layers",
+    ),
+    "dunder-import-upward": ("config.py", "def f():\n    return __import__('moco_ray.train.loop')\n", "layers"),
+    "mlflow-through-tracking": ("evaluation/probe.py", "from moco_ray.tracking import run_log\n", "frameworks"),
+    "ray-through-data-stream": (
+        "evaluation/probe.py",
+        "def f():\n    from moco_ray.data import stream\n",
+        "frameworks",
+    ),
+    "torch-through-core": ("config.py", "from moco_ray.core.moco import MoCo\n", "frameworks"),
+    "unreadable-dynamic-import": ("core/probe.py", "import importlib\nimportlib.import_module(NAME)\n", "unreadable"),
+    "ray-two-modules-down": ("evaluation/probe.py", "from moco_ray.evaluation import probe_b\n", "frameworks"),
+    "cycle-through-lazy-import": ("data/probe.py", "from moco_ray.data import probe_b\n", "cycles"),
+}
+# the second module some probes need: a chain or a cycle takes two
+PROBE_PARTNERS = {
+    "ray-two-modules-down": ("evaluation/probe_b.py", "from moco_ray.data.stream import eval_dataset\n"),
+    "cycle-through-lazy-import": ("data/probe_b.py", "def f():\n    from moco_ray.data import probe\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def package_copy(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pkg") / "moco_ray"
+    shutil.copytree(PKG, root, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def _checks(graph: ImportGraph, name: str) -> dict[str, list[str]]:
+    return {
+        "layers": upward_imports(graph, name),
+        "frameworks": forbidden_frameworks(graph, name),
+        "unreadable": graph.modules[name].unreadable,
+        "cycles": [" <-> ".join(c) for c in graph.cycles()],
+    }
+
+
+@pytest.mark.parametrize("probe", sorted(PROBES))
+def test_the_guard_rejects_a_probe_module(package_copy: Path, probe: str, tmp_path: Path):
+    """Each probe is one hole of the old guard (relative, importlib and __import__ imports, frameworks reached
+    through a lower module, cycles, unreadable dynamic imports) put back into a copy of the package: the check
+    named for it must flag the probe, and the untouched copy must pass every check."""
+    root = tmp_path / "moco_ray"
+    shutil.copytree(package_copy, root)
+    rel, source, check = PROBES[probe]
+    name = "moco_ray." + rel.removesuffix(".py").replace("/", ".")
+    assert not _checks(ImportGraph.of(root), name if (root / rel).exists() else "moco_ray.core")[check]
+    with (root / rel).open("a") as f:
+        f.write(source)
+    if probe in PROBE_PARTNERS:
+        partner, partner_source = PROBE_PARTNERS[probe]
+        (root / partner).write_text(partner_source)
+    found = _checks(ImportGraph.of(root), name)[check]
+    assert found, f"probe {probe!r} passed the {check} check"
