@@ -270,7 +270,8 @@ class _SigintWatch:
 
 
 def _fit(trainer, log: RunLog):
-    """``trainer.fit()``; a crash marks the run FAILED, a Ctrl-C raises KeyboardInterrupt (the caller: KILLED)."""
+    """``trainer.fit()``; a crash marks the run FAILED, a clean exit (Tune stopping a trial) KILLED, and a Ctrl-C
+    raises KeyboardInterrupt (the caller: KILLED)."""
     watch = _SigintWatch(trainer)
     try:
         return trainer.fit()
@@ -279,6 +280,11 @@ def _fit(trainer, log: RunLog):
     except BaseException as e:
         if watch.seen:  # Ray's handler ended fit() with SystemExit or the aborted controller's error
             raise KeyboardInterrupt from None
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            # Tune stopping this trial (ASHA): it ends the trainable's thread with a clean exit. Stopped, not
+            # crashed; marking it FAILED raced the sweep's own KILLED and sometimes won.
+            log.finish("KILLED")
+            raise
         log.finish("FAILED")
         user = _user_error(e)
         if user is not None:  # a data problem the user fixes: its message, not Ray's traceback of the worker
