@@ -309,27 +309,34 @@ class ViewAugment:
         out: np.ndarray,
         imgs: Sequence[Image.Image],
         p: dict[str, torch.Tensor],
-        scales: Sequence[float] | None = None,
+        scales: Sequence[tuple[float, float]] | None = None,
     ) -> None:
         """Write view i of ``imgs[i]`` into ``out[i]`` (uint8 [N, S, S, 3], channels last).
 
-        ``scales[i]`` (default 1) is the size of ``imgs[i]`` relative to the image the crop boxes were drawn on (a
-        JPEG decoded at reduced size with ``draft``): boxes are drawn in full-size coordinates and scaled here.
+        ``scales[i] = (sx, sy)`` (default (1, 1)) is the size of ``imgs[i]`` relative to the image the crop boxes
+        were drawn on, per axis (a JPEG decoded at reduced size with ``draft``, see
+        `moco_ray.data.decode.load_upright_rgb`): boxes are drawn in full-size coordinates and scaled here.
         """
         rows = {k: v.detach().cpu().tolist() for k, v in p.items()}
         for i, im in enumerate(imgs):
             r = {k: v[i] for k, v in rows.items()}
-            x = self.view_pil(im, r, 1.0 if scales is None else scales[i])
+            x = self.view_pil(im, r, (1.0, 1.0) if scales is None else scales[i])
             if x.mode == "L":
                 out[i] = np.asarray(x)[:, :, None]
             else:
                 out[i] = np.asarray(x)
 
-    def view_pil(self, img: Image.Image, r: dict, scale: float = 1.0) -> Image.Image:
-        """One view of an RGB PIL image with one drawn row; returns an RGB or (grey view) L image, S x S."""
+    def view_pil(self, img: Image.Image, r: dict, scale: tuple[float, float] = (1.0, 1.0)) -> Image.Image:
+        """One view of an RGB PIL image with one drawn row; returns an RGB or (grey view) L image, S x S.
+
+        ``scale = (sx, sy)``: the row's box is in coordinates of an image ``img.width / sx`` by
+        ``img.height / sy`` (left and width are scaled by sx, top and height by sy)."""
         P, S = self.params, self.params.image_size
-        t, lf, h, w = r["top"] * scale, r["left"] * scale, r["height"] * scale, r["width"] * scale
-        x = img.resize((S, S), Image.Resampling.BILINEAR, box=(lf, t, lf + w, t + h))
+        sx, sy = scale
+        lf, t = r["left"] * sx, r["top"] * sy
+        right = _fit_edge(lf + r["width"] * sx, img.width)
+        bottom = _fit_edge(t + r["height"] * sy, img.height)
+        x = img.resize((S, S), Image.Resampling.BILINEAR, box=(lf, t, right, bottom))
         if P.gray_first and r["gray"]:
             x = x.convert("L")  # stays single-band: jitter keeps a grey image grey
         if r["jitter"]:
@@ -343,6 +350,17 @@ class ViewAugment:
         if r["flip"]:
             x = x.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return x
+
+
+def _fit_edge(edge: float, size: int) -> float:
+    """A scaled box edge, pulled back onto the image border when float rounding alone put it past it.
+
+    With per-axis scales a box drawn inside the full-size image fits the reduced one by construction
+    (``left * sx + width * sx <= W0 * (W' / W0) = W'``), but the products can overshoot ``W'`` by an ulp or so, which
+    Pillow's ``resize(box=...)`` rejects. Only that rounding is absorbed: a larger overshoot (a box drawn on the
+    wrong size, or the wrong scale) is left for Pillow to reject rather than silently squashing the crop. Unscaled
+    boxes (integers, scale 1) are returned unchanged, so their views are bit-identical."""
+    return float(size) if size < edge <= size * (1.0 + 1e-9) else edge
 
 
 def to_pil(img: torch.Tensor | Image.Image, where: str = "to_pil") -> Image.Image:

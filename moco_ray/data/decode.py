@@ -147,20 +147,26 @@ def upright_size(im: Image.Image) -> tuple[int, int]:
     return (w, h) if exif_orientation(im) in _SWAPS_SIDES else (h, w)
 
 
-def load_upright_rgb(im: Image.Image, reduce: int = 1) -> tuple[Image.Image, float]:
+def load_upright_rgb(im: Image.Image, reduce: int = 1) -> tuple[Image.Image, tuple[float, float]]:
     """Decode an :func:`open_image` image: EXIF orientation applied (as ``ImageOps.exif_transpose``), RGB.
 
     ``reduce`` in (2, 4, 8) decodes a JPEG at 1/reduce of its size in the DCT (libjpeg's scaled decoding via
-    ``Image.draft``: far cheaper than a full decode); other formats ignore it. Returns the image and its size
-    relative to the full-size upright image (1.0, or about 1/reduce), for scaling crop boxes drawn on the full
-    size. Raises CorruptImageError when the pixel data cannot be decoded.
+    ``Image.draft``: far cheaper than a full decode); other formats ignore it. Returns the image and its scale
+    ``(sx, sy)`` relative to the full-size upright image: its width over the full-size upright width, its height
+    over the full-size upright height ((1.0, 1.0) exactly when not reduced), for scaling crop boxes drawn on the
+    full-size upright image. The two differ when a side is not a multiple of ``reduce`` (libjpeg rounds each side
+    up on its own: 1077 x 784 at 1/8 is 135 x 98), so one scale for both axes would put a box on the bottom or
+    right edge outside the reduced image. Raises CorruptImageError when the pixel data cannot be decoded.
     """
     try:
-        w0 = im.width
+        w0, h0 = im.size
         orientation = exif_orientation(im)
+        up_w, up_h = (h0, w0) if orientation in _SWAPS_SIDES else (w0, h0)  # full-size upright sides
         if reduce > 1 and im.format == "JPEG":
-            im.draft("RGB", (-(-im.width // reduce), -(-im.height // reduce)))
-        scale = im.width / w0
+            # Pillow picks the largest factor k in (8, 4, 2) with size // requested >= k on both sides: asking
+            # for the floor sizes gives k = reduce (the rounded-up sizes gave reduce / 2 for a side not a multiple
+            # of reduce).
+            im.draft("RGB", (max(1, w0 // reduce), max(1, h0 // reduce)))
         if orientation != 1:
             im = ImageOps.exif_transpose(im)  # decodes, then rotates / mirrors
         else:
@@ -169,7 +175,8 @@ def load_upright_rgb(im: Image.Image, reduce: int = 1) -> tuple[Image.Image, flo
             im = im.convert("RGB")
     except Exception as e:
         raise CorruptImageError(f"corrupt image ({type(e).__name__}: {e})") from None
-    return im, scale
+    # measured on the upright result, so both scales are in upright coordinates (orientations 5-8 swap the sides)
+    return im, (im.width / up_w, im.height / up_h)
 
 
 def decode_batch(images: Sequence[bytes | None]) -> tuple[list[torch.Tensor], np.ndarray]:

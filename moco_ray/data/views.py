@@ -103,7 +103,7 @@ class _Sources:
     def __init__(self, images: list[bytes | None]) -> None:
         self.images = images
         self.heads = [_open_or_none(data) for data in images]
-        self.loaded: dict[tuple[int, int], tuple[Image.Image, float]] = {}
+        self.loaded: dict[tuple[int, int], tuple[Image.Image, tuple[float, float]]] = {}
 
     @functools.cached_property
     def stand_in(self) -> Image.Image:
@@ -115,11 +115,11 @@ class _Sources:
     def upright_hw(self, j: int) -> tuple[int, int]:
         return upright_size(self.heads[j]) if j >= 0 else (FALLBACK_SIZE, FALLBACK_SIZE)
 
-    def load(self, j: int, reduce: int) -> tuple[Image.Image, float]:
-        """Image j (-1: the stand-in) decoded upright RGB at 1/reduce, and its scale; CorruptImageError marks it
-        corrupt."""
+    def load(self, j: int, reduce: int) -> tuple[Image.Image, tuple[float, float]]:
+        """Image j (-1: the stand-in) decoded upright RGB at 1/reduce, and its (x, y) scale relative to the
+        full-size upright image (`load_upright_rgb`); CorruptImageError marks it corrupt."""
         if j < 0:
-            return self.stand_in, 1.0
+            return self.stand_in, (1.0, 1.0)
         key = (j, reduce)
         if key not in self.loaded:
             # a lazy image decodes once: another reduction of the same image needs a fresh open
@@ -140,12 +140,14 @@ def _crop_params(aug: ViewAugment, draws: list[dict[str, torch.Tensor]], hw: lis
     return params_from_uniforms(u, aug.params, [h for h, _ in hw for _ in "qk"], [w for _, w in hw for _ in "qk"])
 
 
-def _decode_views(src: _Sources, rows: list[int], p: dict, size: int) -> tuple[list[Image.Image], list[float]]:
-    """The decoded source of every view (two per row) and its scale; a JPEG whose both crops are >= 2x the output
-    is decoded at reduced size (`_draft_factor`). Raises CorruptImageError when an image fails to decode."""
+def _decode_views(
+    src: _Sources, rows: list[int], p: dict, size: int
+) -> tuple[list[Image.Image], list[tuple[float, float]]]:
+    """The decoded source of every view (two per row) and its (x, y) scale; a JPEG whose both crops are >= 2x the
+    output is decoded at reduced size (`_draft_factor`). Raises CorruptImageError when an image fails to decode."""
     boxes = torch.stack([p["height"], p["width"]], 1).tolist() if rows else []
     views: list[Image.Image] = []
-    scales: list[float] = []
+    scales: list[tuple[float, float]] = []
     for i, j in enumerate(rows):
         im, scale = src.load(j, _draft_factor(boxes[2 * i : 2 * i + 2], size))
         views += [im, im]

@@ -67,7 +67,7 @@ def test_lazy_pil_decode_applies_exif_orientation(orientation):
     im = open_image(data)
     assert upright_size(im) == (H, W)
     rgb, scale = load_upright_rgb(im)
-    assert rgb.size == (W, H) and rgb.mode == "RGB" and scale == 1.0
+    assert rgb.size == (W, H) and rgb.mode == "RGB" and scale == (1.0, 1.0)
     t = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
     assert close(t, upright()) < 4.0
     assert torch.equal(t, decode_image(data))  # both decoders agree pixel for pixel here
