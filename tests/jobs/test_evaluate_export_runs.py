@@ -10,7 +10,7 @@ kNN / linear accuracy below a random ResNet's (digits 8 px: random 0.86 / 0.89, 
 CIFAR 8 px: random 0.21 / 0.21, after 50 steps 0.19 / 0.20): random conv features are a strong baseline and
 contrastive training needs hundreds of steps to overtake it. The random-vs-collapsed gap
 still fails whenever features and labels fall out of step, splits are mixed up, or the wrong weights are loaded.
-Trained vs random, with 300 steps on CIFAR images, is tests/jobs/test_trained_beats_random.py.
+Trained vs random, with 150 steps on CIFAR images, is tests/jobs/test_trained_beats_random.py.
 """
 
 from __future__ import annotations
