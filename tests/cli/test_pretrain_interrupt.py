@@ -1,6 +1,7 @@
 """Ctrl-C of a real ``moco-ray pretrain`` (SIGINT to its whole process group, as a terminal sends it): the MLflow
 run ends KILLED, one line names ``moco-ray pretrain --resume RUN_ID``, the exit code is 130, and ``--resume``
-continues the run to FINISHED.
+continues the run to FINISHED (run through the CLI's ``main`` in the test's process: only the Ctrl-C needs a process
+of its own).
 
 Ray Train V2's ``fit()`` installs its own SIGINT handler, which aborts the controller and ends in ``SystemExit``:
 before the fix that was exit 1, nothing printed and the run FAILED.
@@ -48,8 +49,12 @@ def _config(small_shards: Path, tmp_path: Path, uri: str, epochs: int) -> Path:
     return path
 
 
-def test_ctrl_c_kills_the_run_and_resume_finishes_it(small_shards, tmp_path, mlflow_uri):
+def test_ctrl_c_kills_the_run_and_resume_finishes_it(
+    ray_local, small_shards, tmp_path, mlflow_uri, monkeypatch, capsys
+):
     from mlflow.tracking import MlflowClient
+
+    from moco_ray.cli.main import main
 
     cfg = _config(small_shards, tmp_path, mlflow_uri, epochs=40)
     cmd = [sys.executable, "-m", "moco_ray.cli.main", "pretrain", "-c", str(cfg)]
@@ -78,15 +83,13 @@ def test_ctrl_c_kills_the_run_and_resume_finishes_it(small_shards, tmp_path, mlf
     done = len(c.get_metric_history(run_id, "loss"))
     assert 1 <= done < 40
 
-    # --resume continues the same run (the two remaining epochs only: the epoch count is an override)
-    r = subprocess.run(
-        [*cmd[:3], *resume.split()[1:], f"train.epochs={done + 2}"],  # the hint as printed, plus more epochs
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    # --resume continues the same run (the two remaining epochs only: the epoch count is an override), through the
+    # CLI's entry point in this process, on the session's Ray: the Ctrl-C above needed a process of its own, the
+    # resume does not (a second CLI process would pay its imports, a Ray start and cold workers again)
+    with monkeypatch.context() as mp:
+        for key in ("MLFLOW_TRACKING_URI", "MOCO_RAY_ALLOW_PENDING_GPUS"):  # as cli_env() leaves them out
+            mp.delenv(key, raising=False)
+        rc = main([*resume.split()[1:], f"train.epochs={done + 2}"])  # the hint as printed, plus more epochs
+    assert rc == 0, capsys.readouterr().err[-3000:]
     assert c.get_run(run_id).info.status == "FINISHED"
     assert len(c.get_metric_history(run_id, "loss")) >= done + 1

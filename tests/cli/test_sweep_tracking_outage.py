@@ -55,8 +55,10 @@ class _Server:
             self.proc.wait(timeout=30)
 
 
-def test_tracking_server_dies_mid_sweep_then_resume_finishes(small_shards, tmp_path):
+def test_tracking_server_dies_mid_sweep_then_resume_finishes(ray_local, small_shards, tmp_path, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
+
+    from moco_ray.cli.main import main
 
     server = _Server(tmp_path)
     server.start()
@@ -92,11 +94,17 @@ def test_tracking_server_dies_mid_sweep_then_resume_finishes(small_shards, tmp_p
     assert "FAILED" not in out, out[-3000:]  # no trial failed on the outage
     assert "Stop signal received" not in err, err[-3000:]  # Tune's Ctrl-C notice: this was no Ctrl-C
 
+    # the resume through the CLI's entry point in this process, on the session's Ray (the outage needed a process
+    # of its own to watch; the resume does not, and a second CLI process pays imports, a Ray start and cold workers)
     server.start()
-    again = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    monkeypatch.setenv("MOCO_RAY_TRACKING_GRACE_S", "15")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    capsys.readouterr()
+    rc = main(["sweep", "-c", str(path), "--resume"])
+    again = capsys.readouterr()
+    assert rc == 0, again.err[-3000:]
     # MLflow's "View run ... at: URL" lines (a server store prints them for every run that ends) stay off
-    assert "View run" not in again.stdout + again.stderr, again.stdout[-3000:]
+    assert "View run" not in again.out + again.err, again.out[-3000:]
     c = MlflowClient(server.uri)
     exp_id = c.get_experiment_by_name(EXPERIMENT).experiment_id
     (parent,) = c.search_runs([exp_id], "tags.`moco_ray.sweep` = 'true'")
