@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from moco_helpers import TINY_MODEL
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 
