@@ -76,7 +76,15 @@ def one_thread(restore_threads):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray instance with 2 CPUs, shared by the session's Ray tests."""
+    """A real local Ray instance with 2 CPUs, shared by the session's Ray tests (started once: its task workers stay
+    warm across tests, so Ray Data's map tasks and the kNN/feature tasks do not import torch again per test).
+
+    The tests that start a Ray of their own do so because the behaviour they check belongs to a fresh CLI process:
+    Ctrl-C to the process group and the exit code (tests/cli/test_pretrain_interrupt.py, test_sweep_interrupt.py),
+    a driver watching a dying MLflow server (test_sweep_tracking_outage.py), what reaches the console from the Ray
+    workers (tests/jobs/test_pretrain.py, test_pretrain_corrupt_images.py: this instance drops worker logs), "no Ray
+    started" before a refusal (tests/cli/test_bad_input*.py), and a two-node cluster (test_pretrain_multinode.py).
+    Their resumes, where the behaviour allows, run through the CLI's ``main`` on this instance."""
     import ray
 
     from moco_ray.jobs.local_ray import local_init_kwargs
