@@ -24,6 +24,10 @@ from moco_ray.core import defaults as D
 from moco_ray.core.defaults import ARCHS
 
 METHODS = ("moco_v1", "moco_v2", "moco_v3", "simclr")
+# MLflow's rule for experiment names (mlflow/utils/validation.py: _validate_experiment_name, MAX_EXPERIMENT_NAME_LENGTH
+# in MLflow 3.x): not empty, at most 500 characters. Replicated because this layer may not import mlflow, and MLflow
+# only refuses a name when the run is created, after Ray has started. tests/config/test_config_errors.py compares.
+MLFLOW_MAX_EXPERIMENT_NAME_LENGTH = 500
 
 
 @dataclass
@@ -128,7 +132,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 2  # worker-failure restarts from the last checkpoint
     max_steps_per_epoch: int = 0  # 0 = full epoch; a cap for quick runs and tests
-    storage_path: str = ""  # Ray Train checkpoints; "" -> ~/moco-ray-runs
+    storage_path: str = ""  # Ray Train checkpoints; "" -> $MOCO_RAY_STORAGE_PATH, else ./moco-ray-runs (the cwd)
     name: str = ""  # Ray Train run name; "" -> derived from the MLflow run id
 
 
@@ -147,7 +151,7 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     tracking_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)
-    experiment: str = "moco-ray"
+    experiment: str = "moco-ray"  # MLflow experiment name: 1 to 500 characters (MLflow's limit)
     run_name: str = ""
     # step-level MLflow metrics (step = global step) every N steps, and rank 0's progress line; 0 = off
     log_every_steps: int = 50
@@ -535,7 +539,19 @@ def _check_stream(d: DataConfig) -> None:
     _check(0.0 <= f <= 1.0, "data.max_corrupt_fraction", f, "0 <= f <= 1 (1 = never fail)")
 
 
+def _check_experiment_name(name: str) -> None:
+    """MLflow's own check (see MLFLOW_MAX_EXPERIMENT_NAME_LENGTH), here so it fails before Ray, in one line."""
+    if 1 <= len(name) <= MLFLOW_MAX_EXPERIMENT_NAME_LENGTH:
+        return
+    shown = repr(name) if len(name) <= 40 else f"{name[:40]!r}... ({len(name)} characters)"
+    raise ValueError(
+        f"tracking.experiment: {shown} is out of range; allowed: 1 to {MLFLOW_MAX_EXPERIMENT_NAME_LENGTH} "
+        "characters (MLflow's limit on experiment names)"
+    )
+
+
 def _check_tracking(tr: TrackingConfig) -> None:
+    _check_experiment_name(tr.experiment)
     _check(tr.log_every_steps >= 0, "tracking.log_every_steps", tr.log_every_steps, ">= 0 (0 = off)")
     _check(
         tr.system_metrics_interval == 0 or 0.1 <= tr.system_metrics_interval <= 3600,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from moco_ray.cli import evaluate
+from moco_ray.version import __version__
 
 QUICKSTART = "experiments/quickstart.yaml"
 
@@ -139,10 +140,24 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate a pretrained encoder (knn, linear)")
     ev.add_argument("protocol", choices=["knn", "linear"])
-    ev.add_argument("--run", required=True, metavar="RUN_ID")
+    ev.add_argument(
+        "--run",
+        required=True,
+        metavar="RUN_ID",
+        help="MLflow run id of a pretraining (or import-checkpoint) run, as `pretrain` prints it; its encoder is "
+        "evaluated and the result logged as a child run",
+    )
     ev.add_argument("--data", help="shards to evaluate on (default: the run's own)")
     ev.add_argument("--epochs", type=int, default=None, help="linear probe epochs")
-    ev.add_argument("--protocol-preset", choices=["small", "paper", "lincls"], default=None)
+    ev.add_argument(
+        "--protocol-preset",
+        choices=["small", "paper", "lincls"],
+        default=None,
+        help="linear probe recipe. small: cached centre-crop features, L2-normalised and standardised, SGD lr 0.1, "
+        "cosine (the default at an image size <= 96 px); paper: cached raw features, SGD lr 30, x0.1 at epochs 60 "
+        "and 80 (the default above 96 px); lincls: the official main_lincls.py, fresh random crops every epoch "
+        "(slow; images held in memory, use --limit). 100 epochs unless --epochs",
+    )
     ev.add_argument("--image-size", type=int, default=None, help="px (default: the run's aug.image_size, else 224)")
     ev.add_argument("--limit", type=int, default=0, help="rows per split (0 = all)")
     ev.add_argument("--tracking-uri", default="")
@@ -151,7 +166,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="export a run's encoder (torchvision, torchscript, detectron2, moco)")
-    ex.add_argument("--run", required=True, metavar="RUN_ID")
+    ex.add_argument("--run", required=True, metavar="RUN_ID", help="MLflow run id of the run whose encoder to export")
     ex.add_argument(
         "--format",
         choices=["torchvision", "torchscript", "detectron2", "moco"],
@@ -179,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moco-ray", description="MoCo self-supervised pretraining on Ray, tracked in MLflow."
     )
+    p.add_argument("--version", action="version", version=f"moco-ray {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_pretrain, _add_ingest, _add_sweep, _add_eval, _add_export, _add_import_checkpoint):
         add(sub)

@@ -11,6 +11,8 @@
   ingest again is a no-op; a different one into a finished OUT is refused unless ``overwrite``.
 - Exclusive: one ingest at a time writes into an OUT (an ``flock`` on ``OUT/.moco-ray-ingest.lock``); another
   one started meanwhile fails at once with one line naming the holder's pid.
+- An ImageFolder class directory without files is refused (it would still take a label); a source of one class
+  is ingested with one warning (every accuracy on it would be 1.0).
 - Symlinks are followed; dangling ones and loops are skipped and listed like bad files. An OUT inside the source
   tree is refused (its shards would be read as images next time).
 - Parallel: files are read and validated by a thread pool (PIL releases the GIL while decoding) in a bounded
@@ -108,10 +110,20 @@ def ingest(
                 log.info("%s: already ingested from %s (same fingerprint); nothing to do", out, src.name)
                 return read_manifest(out)
             workers = num_workers or min(32, os.cpu_count() or 1)
-            return _write_ingest(src, out, fp, options, strict=strict, workers=workers, progress=progress)
+            m = _write_ingest(src, out, fp, options, strict=strict, workers=workers, progress=progress)
+            _warn_one_class(m)
+            return m
     finally:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a failed first ingest leaves nothing behind
+
+
+def _warn_one_class(m: Manifest) -> None:
+    """One class is allowed (unlabeled images ingested as one folder) but every accuracy on it is 1.0: say so once."""
+    if len(m.classes) == 1:
+        log.warning(
+            "moco-ray: warning: %s has one class (%s): kNN/linear accuracy will be meaningless", m.source, m.classes[0]
+        )
 
 
 def _check_options(out: str | os.PathLike, shard_size_mb: float, row_group_rows: int, reencode: str | None) -> None:

@@ -82,7 +82,8 @@ class ImageFolderSource:
     Every visible file under a class directory is a row candidate (the ingest validates and skips non-images, so
     they show up in the manifest instead of vanishing); files directly under the root or a split (READMEs) are
     not rows. Symlinks are followed, except dangling ones and loops (a link to itself or to a directory holding
-    it): those are not rows but `unlisted` entries, which the ingest skips and lists like bad files.
+    it): those are not rows but `unlisted` entries, which the ingest skips and lists like bad files. A class
+    directory without any file is refused when the files are first listed (see `_refuse_empty`).
     """
 
     def __init__(self, root: str | os.PathLike, split: str | None = None) -> None:
@@ -128,23 +129,48 @@ class ImageFolderSource:
         return dirs
 
     def _listing(self) -> dict[str, list[tuple[str, int, int]]]:
+        """split -> [(class/file, size, mtime_ns)]; a class folder without any file is refused (see `_refuse_empty`)."""
         if self._files is None:
             files: dict[str, list[tuple[str, int, int]]] = {}
+            empty: list[Path] = []
             for split, dirs in self._class_dirs.items():
                 rows = []
                 for c in dirs:
-                    for e in sorted(os.scandir(c), key=lambda e: e.name):
-                        if not _visible(e):
-                            continue
-                        reason = broken_link(Path(e.path)) if e.is_symlink() else None
-                        if reason:
-                            self._broken.append({"path": str(c / e.name), "reason": reason})
-                        elif e.is_file():
-                            st = e.stat()
-                            rows.append((f"{c.name}/{e.name}", st.st_size, st.st_mtime_ns))
+                    found = self._class_files(c)
+                    if not found:
+                        empty.append(c)
+                    rows += found
                 files[split] = rows
+            self._refuse_empty(empty)
             self._files = files
         return self._files
+
+    def _class_files(self, c: Path) -> list[tuple[str, int, int]]:
+        """The visible files of class folder `c`; broken symlinks among them go to `_broken`."""
+        rows = []
+        for e in sorted(os.scandir(c), key=lambda e: e.name):
+            if not _visible(e):
+                continue
+            reason = broken_link(Path(e.path)) if e.is_symlink() else None
+            if reason:
+                self._broken.append({"path": str(c / e.name), "reason": reason})
+            elif e.is_file():
+                st = e.stat()
+                rows.append((f"{c.name}/{e.name}", st.st_size, st.st_mtime_ns))
+        return rows
+
+    def _refuse_empty(self, empty: list[Path]) -> None:
+        """An empty class folder would still take a label index (the later classes' labels shift; beside one real
+        class, kNN scores a meaningless 1.0); torchvision's ImageFolder refuses it too ("Found no valid file for the
+        classes ..."). Refused before anything is written, naming the folders relative to the root."""
+        if not empty:
+            return
+        names = [str(c.relative_to(self.root)) for c in empty]
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        raise ValueError(
+            f"{self.name}: no files in class folder(s) {', '.join(names[:5])}{more}; an empty class would still "
+            "take a label: add images or remove the folder(s)"
+        )
 
     def unlisted(self) -> list[dict[str, str]]:
         self._listing()

@@ -6,6 +6,7 @@ All cases run in ONE fresh interpreter (`_RUNNER`), each through ``moco_ray.cli.
 captured: a fresh process is what tells "no Ray was started" apart from the session's shared Ray instance, and
 one process instead of one per case saves the torch/ray/mlflow import each time (tens of seconds on a busy 2-CPU
 machine). Validation of the shard checks themselves lives in test_ingest.py; here only the user-facing line.
+The one non-refusal here: ``moco-ray --version`` through the installed console script.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ import json
 import re
 import shutil
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from moco_helpers import run_cli_cases
+from moco_helpers import REPO, cli_env, run_cli_cases
 from PIL import Image
+
+from moco_ray.version import __version__
 
 
 @dataclass
@@ -113,6 +118,8 @@ def cases(image_root, shards, tmp_path_factory) -> dict[str, Case]:
     afile.write_text("x")
     bad_src = _bad_image_tree(image_root, t / "bad_images")
     (t / "empty_images" / "train" / "a").mkdir(parents=True)
+    (t / "no_images" / "train" / "a").mkdir(parents=True)
+    (t / "no_images" / "train" / "a" / "notes.txt").write_text("not an image\n")
 
     def pretrain(
         name: str,
@@ -141,8 +148,15 @@ def cases(image_root, shards, tmp_path_factory) -> dict[str, Case]:
             r"4 bad image file\(s\) in (?=.*zero\.jpg)(?=.*truncated\.jpg)(?=.*corrupt\.jpg)(?=.*notes\.txt)",
             [t / "ingest_out"],
         ),
+        # an empty class folder, refused as torchvision's ImageFolder does (mutation: without the refusal in
+        # ImageFolderSource._listing this reads "no valid images found", and beside a class with images it ingests)
         "ingest_empty_folder": Case(
-            ["ingest", str(t / "empty_images"), str(t / "empty_out")], "no valid images found", [t / "empty_out"]
+            ["ingest", str(t / "empty_images"), str(t / "empty_out")],
+            r"empty_images: no files in class folder\(s\) train/a; an empty class would still take a label",
+            [t / "empty_out"],
+        ),
+        "ingest_no_valid_image": Case(
+            ["ingest", str(t / "no_images"), str(t / "no_images_out")], "no valid images found", [t / "no_images_out"]
         ),
         "shards_missing": pretrain("shards_missing", data=t / "nowhere", expect=r"no manifest\.json"),
         "shard_truncated": pretrain(
@@ -192,6 +206,18 @@ def cases(image_root, shards, tmp_path_factory) -> dict[str, Case]:
             "train.batch_size=32",
             expect=r"moco\.queue_size: 16 is out of range; allowed: >= the global batch \(train\.batch_size = 32\)",
         ),
+        # MLflow's own limits on experiment names, checked with the config (mutation: without
+        # config._check_experiment_name both fail after Ray started, in a long MLflow traceback)
+        "experiment_empty": pretrain(
+            "experiment_empty",
+            "tracking.experiment=",
+            expect=r"tracking\.experiment: '' is out of range; allowed: 1 to 500 characters",
+        ),
+        "experiment_too_long": pretrain(
+            "experiment_too_long",
+            "tracking.experiment=" + "x" * 501,
+            expect=r"tracking\.experiment: 'x{40}'\.\.\. \(501 characters\) is out of range; allowed: 1 to 500",
+        ),
         "mlflow_unreachable": pretrain(
             "mlflow_unreachable",
             f"tracking.tracking_uri=http://127.0.0.1:{_closed_port()}",
@@ -234,6 +260,7 @@ def results(cases, tmp_path_factory) -> dict[str, dict]:
 CASE_NAMES = [
     "ingest_bad_images_strict",
     "ingest_empty_folder",
+    "ingest_no_valid_image",
     "shards_missing",
     "shard_truncated",
     "shard_missing_columns",
@@ -249,6 +276,8 @@ CASE_NAMES = [
     "lr_negative",
     "epochs_zero",
     "queue_smaller_than_batch",
+    "experiment_empty",
+    "experiment_too_long",
     "mlflow_unreachable",
     "storage_under_a_file",
     "sqlite_store_under_a_file",
@@ -286,3 +315,12 @@ def test_gpu_request_leaves_no_running_mlflow_run(cases, results):
     exps = [e.experiment_id for e in c.search_experiments()]
     runs = c.search_runs(exps) if exps else []
     assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+
+
+def test_version_through_the_console_script():
+    """``moco-ray --version`` prints ``moco-ray <version>`` on stdout and exits 0, through the installed console
+    script (mutation: without the --version argument argparse refuses it: exit 2, usage on stderr)."""
+    script = Path(sys.executable).with_name("moco-ray")
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "moco_ray.cli.main"]
+    p = subprocess.run([*cmd, "--version"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout, p.stderr) == (0, f"moco-ray {__version__}\n", "")

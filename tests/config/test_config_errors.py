@@ -1,13 +1,16 @@
 """Config errors of issue #18: YAML syntax errors name the file (or override) with line and column; a warm-up as
-long as the run is clipped with one note instead of refused; ``data.max_corrupt_fraction`` is range-checked."""
+long as the run is clipped with one note instead of refused; ``data.max_corrupt_fraction`` is range-checked; an
+MLflow experiment name MLflow would refuse is refused with the config (MLflow's own rule, compared with MLflow)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.utils import validation
 
-from moco_ray.config import load_config
+from moco_ray.config import MLFLOW_MAX_EXPERIMENT_NAME_LENGTH, load_config
 from moco_ray.train.schedule import lr_at
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,3 +69,24 @@ def test_max_corrupt_fraction_range(bad):
     with pytest.raises(ValueError, match=r"data\.max_corrupt_fraction: .* is out of range; allowed: 0 <= f <= 1"):
         load_config(None, {"data.max_corrupt_fraction": bad})
     assert load_config(None, {"data.max_corrupt_fraction": 1}).data.max_corrupt_fraction == 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"), [("", "''"), ("e" * 501, "'" + "e" * 40 + r"'\.\.\. \(501 characters\)")], ids=["empty", "501"]
+)
+def test_experiment_name_mlflow_refuses_is_refused(name, shown):
+    """Mutations: without ``_check_experiment_name`` neither raises; with ``<`` for ``<=`` the 500-character name of
+    the next test is refused."""
+    with pytest.raises(ValueError, match=rf"^tracking\.experiment: {shown} is out of range; allowed: 1 to 500 "):
+        load_config(None, {"tracking.experiment": name})
+
+
+def test_experiment_name_rule_is_mlflows():
+    """The replicated rule agrees with MLflow's own validation at its edges (fails when MLflow changes its limit)."""
+    assert validation.MAX_EXPERIMENT_NAME_LENGTH == MLFLOW_MAX_EXPERIMENT_NAME_LENGTH
+    longest = "e" * MLFLOW_MAX_EXPERIMENT_NAME_LENGTH
+    validation._validate_experiment_name(longest)
+    assert load_config(None, {"tracking.experiment": longest}).tracking.experiment == longest
+    for refused in ("", longest + "e"):
+        with pytest.raises(MlflowException):
+            validation._validate_experiment_name(refused)

@@ -1,5 +1,6 @@
 """Ingest faults (issue #18): symlink loops and dangling links, an output inside the source tree, a manifest with
-wrongly typed fields, and the --overwrite hint. Real files, real Parquet; the CLI's line through the real CLI."""
+wrongly typed fields, the --overwrite hint, empty class folders (refused) and a one-class source (one warning).
+Real files, real Parquet; the CLI's line through the real CLI."""
 
 from __future__ import annotations
 
@@ -117,6 +118,45 @@ def test_refusals_name_the_cli_flag(tmp_path):
     (foreign / "notes.md").write_text("mine")
     line = one_error_line(cli_ingest(a, foreign))
     assert "not a moco-ray shard directory (notes.md)" in line and "pass overwrite=True (--overwrite)" in line
+
+
+# ---- empty class folders and a single class ----
+
+
+def test_empty_class_folders_are_refused_by_name_and_nothing_written(tmp_path):
+    """Mutation: without ``ImageFolderSource._refuse_empty`` the tree ingests, c02 and c03 classes of 0 images."""
+    root = image_tree(tmp_path / "src")
+    (root / "train" / "c02").mkdir()
+    (root / "train" / "c03").mkdir()
+    (root / "train" / "c03" / ".DS_Store").write_bytes(b"\0")  # hidden files are no data: still empty
+    out = tmp_path / "out"
+    line = one_error_line(cli_ingest(root, out))
+    assert f"{root}: no files in class folder(s) train/c02, train/c03; an empty class would still take a label" in line
+    assert not out.exists()
+    flat = root / "train"  # class/image: the folder is named as it sits under the root
+    assert "no files in class folder(s) c02, c03;" in one_error_line(cli_ingest(flat, out))
+    for empty, full in (("c02", "c00"), ("c03", "c01")):
+        (root / "train" / empty / "000.png").write_bytes((root / "train" / full / "000.png").read_bytes())
+    ingest(root, out, progress=False)  # a finished ingest, then a class folder emptied: refused, it stays intact
+    before = files_state(out)
+    (root / "train" / "c03" / "000.png").unlink()
+    with pytest.raises(ValueError, match=r"no files in class folder\(s\) train/c03;"):
+        ingest(root, out, overwrite=True, progress=False)
+    assert files_state(out) == before
+
+
+def test_one_class_is_ingested_with_one_warning(tmp_path):
+    """Unlabeled images as one folder are allowed, with one warning line (mutation: without ``_warn_one_class`` the
+    stderr is empty); two classes give no warning."""
+    root = image_tree(tmp_path / "src", classes=1) / "train"  # class/image: one class, c00
+    p = cli_ingest(root, tmp_path / "out")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.splitlines() == [
+        f"moco-ray: warning: {root} has one class (c00): kNN/linear accuracy will be meaningless"
+    ]
+    assert read_manifest(tmp_path / "out").counts == {"train": 3}
+    p = cli_ingest(image_tree(tmp_path / "two"), tmp_path / "out2")
+    assert (p.returncode, p.stderr) == (0, "")
 
 
 # ---- a manifest with wrongly typed fields ----
