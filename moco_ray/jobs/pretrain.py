@@ -21,22 +21,21 @@ from moco_ray.jobs.resolve import (
     check_resources,
     ingest_missing_shards,
     knn_available,
-    latest_checkpoint,
     prepare,
     with_absolute_paths,
 )
 from moco_ray.jobs.resources import TRIAL_CPU, data_execution_options, worker_resources
+from moco_ray.jobs.resume import RUN_DIR_TAG, ResumeTarget, record_resume, resume_target
 from moco_ray.tracking.datasets import EVALUATION, TRAINING
 from moco_ray.tracking.history import EpochMetrics
 from moco_ray.tracking.plots import plot_training_curves
-from moco_ray.tracking.run_log import CONFIG_FILE, RunLog, create_run, open_run, version_tags
-from moco_ray.tracking.store import open_store, resolve_tracking_uri
+from moco_ray.tracking.run_log import RunLog, create_run, version_tags
+from moco_ray.tracking.store import resolve_tracking_uri
 from moco_ray.train.checkpoint import load_state
 from moco_ray.train.hooks import FaultHooks
 from moco_ray.train.model import build_method
 from moco_ray.train.spec import RunSpec
 
-RUN_DIR_TAG = "moco_ray.run_dir"
 STORAGE_TAG = "moco_ray.storage_path"
 NAME_TAG = "moco_ray.ray_run_name"
 
@@ -75,25 +74,6 @@ class RunKilled(KeyboardInterrupt):
     def __init__(self, run_id: str, uri: str = "") -> None:
         super().__init__(f"run {run_id} interrupted (KILLED); continue with: {resume_command(run_id, uri)}")
         self.run_id = run_id
-
-
-def _resume_target(run_id: str, overrides) -> tuple[Config, RunLog, str]:
-    """The stopped run's own config (plus ``overrides``), its handle and its newest checkpoint directory."""
-    over = load_config(None, overrides)  # only for the tracking URI: the run's config comes from MLflow
-    log, run = open_run(open_store(over.tracking.tracking_uri), run_id)  # unreachable server: one line, seconds
-    if run.info.status == "FINISHED":
-        raise ValueError(f"run {run_id} already FINISHED; nothing to resume (start a new run instead)")
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            cfg_path = log.download(CONFIG_FILE, d)
-        except Exception:
-            raise ValueError(f"run {run_id} has no {CONFIG_FILE} artifact: not a moco-ray pretraining") from None
-        cfg = load_config(cfg_path, overrides)
-    run_dir = run.data.tags.get(RUN_DIR_TAG, "")
-    resume_from = latest_checkpoint(run_dir)
-    if resume_from is None:
-        raise ValueError(f"run {run_id}: no checkpoint found under {run_dir or '(unknown run dir)'}")
-    return cfg, log, resume_from
 
 
 def _new_run(cfg: Config, prep: Prepared, parent_run_id: str | None, extra_tags: dict[str, str] | None) -> RunLog:
@@ -177,10 +157,10 @@ def run_pretraining(
 
     ``prepared``: what a sweep already checked (reused when it serves this config); ``hooks``: test-only faults.
     """
-    log: RunLog | None = None
-    resume_from = None
-    if resume:
-        cfg, log, resume_from = _resume_target(resume, overrides)
+    target: ResumeTarget | None = None
+    if resume:  # the run's own config; an override the checkpoint cannot take is refused here
+        target = resume_target(resume, overrides)
+        cfg = target.config
     else:
         cfg = load_config(cfg, overrides)
     cfg = with_absolute_paths(cfg)
@@ -189,16 +169,17 @@ def run_pretraining(
     check_local_gpus(cfg)  # a local Ray on a machine without GPUs: say so before starting it
     init_ray()
     check_resources(cfg, TRIAL_CPU if parent_run_id else 0.0)  # one clear line, not a run that never starts
-    if log is None:
+    if target is None:
         log = _new_run(cfg, prep, parent_run_id, extra_tags)
         log.log_dataset_inputs(prep.manifest, _dataset_contexts(cfg, prep))
     else:
+        log = target.log
+        record_resume(target)  # every check passed: the run's record now says what runs (changes, config.yaml)
         log.reopen()
+    resume_from = target.checkpoint if target else None
     try:
         spec = _spec(cfg, prep, log, resume_from, hooks, label=cfg.tracking.run_name if parent_run_id else "")
-        epoch_offset = 0
-        if resume_from:
-            epoch_offset = load_state(resume_from).epoch + 1
+        epoch_offset = target.epoch + 1 if target else 0
         result = _fit(_trainer(spec, callbacks, epoch_offset), log)
         return _finish(spec, log, result)
     except KeyboardInterrupt:  # Ctrl-C: KILLED (not FAILED), and how to continue
