@@ -79,30 +79,28 @@ def _is_dynamic_loader(call: ast.Call) -> bool:
     return name in DYNAMIC_LOADERS
 
 
-def _raw_imports(tree: ast.AST, name: str, is_package: bool) -> list[tuple[int, str, bool, ast.AST]]:
-    """(line, dotted target, is_prefix, node) for every import in the module, TYPE_CHECKING blocks left out."""
+# what an import names: a module; the package of a `from PKG import a, b`; every module under a package prefix
+MODULE, FROM_PACKAGE, PREFIX = "module", "from_package", "prefix"
+
+
+def _raw_imports(tree: ast.AST, name: str, is_package: bool) -> list[tuple[int, str, str, ast.AST]]:
+    """(line, dotted target, kind, node) for every import in the module, TYPE_CHECKING blocks left out."""
     skip = _type_checking_nodes(tree)
-    out: list[tuple[int, str, bool, ast.AST]] = []
+    out: list[tuple[int, str, str, ast.AST]] = []
     for node in ast.walk(tree):
         if id(node) in skip:
             continue
         if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name, False, node) for a in node.names]
+            out += [(node.lineno, a.name, MODULE, node) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = _resolve_relative(name, is_package, node.level, node.module) if node.level else node.module
             # each name as a submodule; the package itself too (read_module keeps whichever exists)
-            out += [(node.lineno, f"{base}.{a.name}", False, node) for a in node.names if a.name != "*"]
-            out.append((node.lineno, f"{base}", False, node))
+            out += [(node.lineno, f"{base}.{a.name}", MODULE, node) for a in node.names if a.name != "*"]
+            out.append((node.lineno, f"{base}", FROM_PACKAGE, node))
         elif isinstance(node, ast.Call) and _is_dynamic_loader(node):
             target, is_prefix = _dynamic_target(node)
-            out.append((node.lineno, target or "", is_prefix, node))
+            out.append((node.lineno, target or "", PREFIX if is_prefix else MODULE, node))
     return out
-
-
-def _from_base(node: ast.ImportFrom, name: str, path: Path) -> str:
-    if node.level:
-        return _resolve_relative(name, path.name == "__init__.py", node.level, node.module)
-    return node.module or ""
 
 
 def read_module(root: Path, path: Path, known: set[str]) -> ModuleImports:
@@ -112,7 +110,7 @@ def read_module(root: Path, path: Path, known: set[str]) -> ModuleImports:
     lazy = _function_nodes(tree)
     mod = ModuleImports(name, path)
     pkg = root.name
-    for line, target, is_prefix, node in _raw_imports(tree, name, path.name == "__init__.py"):
+    for line, target, kind, node in _raw_imports(tree, name, path.name == "__init__.py"):
         eager = id(node) not in lazy
         if not target:
             mod.unreadable.append(f"line {line}: {ast.unparse(node)[:80]}")
@@ -123,9 +121,9 @@ def read_module(root: Path, path: Path, known: set[str]) -> ModuleImports:
             if eager:
                 mod.eager_external.add(top)
             continue
-        if is_prefix:
+        if kind == PREFIX:
             hits = {k for k in known if k == target or k.startswith(target + ".")}
-        elif isinstance(node, ast.ImportFrom) and target == _from_base(node, name, path):
+        elif kind == FROM_PACKAGE:
             # `from pkg import a, b`: the package counts only for names that are not its submodules
             names = [f"{target}.{a.name}" for a in node.names]
             hits = {target} if target in known and any(n not in known for n in names) else set()
@@ -156,14 +154,8 @@ class ImportGraph:
         parts = name.split(".")
         return [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in self.modules]
 
-    def edges(self, name: str, *, eager_only: bool = False) -> set[str]:
-        """Modules ``name`` loads directly: what it names (all, or only at import) and its parent packages."""
-        mod = self.modules[name]
-        named = mod.eager_internal if eager_only else set(mod.internal)
-        return (named | {p for t in named for p in self.parents(t)} | set(self.parents(name))) - {name}
-
-    def reach(self, name: str) -> dict[str, list[str]]:
-        """Every module ``name`` can end up running, with one import chain to each.
+    def reach(self, name: str) -> tuple[dict[str, list[str]], set[str]]:
+        """Every module ``name`` can end up running, with one import chain to each, and which of them are named.
 
         A module that is named can have any function called, so its lazy imports count; a parent package reached
         only because a submodule was named runs its module body alone, so only its eager imports count.
@@ -182,13 +174,11 @@ class ImportGraph:
                     if is_full:
                         full.add(nxt)
                     todo.append(nxt)
-        self._full = full
-        return chains
+        return chains, full
 
     def frameworks_reached(self, name: str) -> dict[str, list[str]]:
         """Third-party top-level names ``name`` can load through the package, with the chain to the importer."""
-        chains = self.reach(name)
-        full = self._full
+        chains, full = self.reach(name)
         out: dict[str, list[str]] = {}
         for mod_name, chain in sorted(chains.items(), key=lambda kv: len(kv[1])):
             mod = self.modules[mod_name]
