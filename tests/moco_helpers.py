@@ -204,3 +204,13 @@ def log_like_trainer(uri: str, cfg, backbone, name: str) -> str:
         log.log_trained_encoder(backbone.eval(), cfg.model.arch, cfg.model.small_stem)
     log.finish("FINISHED")
     return log.run_id
+
+
+class FakeClock:
+    """A clock for progress tests: callable like ``time.monotonic``, advanced by setting ``t``."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
+from moco_helpers import FakeClock as Clock
+
 from moco_ray.evaluation.progress import Progress, eta_seconds, format_duration
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def test_format_duration_and_eta():

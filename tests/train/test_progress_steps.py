@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import torch
+from moco_helpers import FakeClock as Clock
 
 from moco_ray.train.progress import StepProgress, TimedIter, log_due
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def test_step_metrics_every_n_global_steps_and_line_whichever_is_rarer():
