@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from s3_server import S3Server, point_aws_at_loopback, start_server, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_MINI = Path(os.environ.get("MOCO_RAY_TEST_DATA", REPO.parent / "shared" / "data" / "cifar10-mini"))
@@ -15,6 +16,10 @@ CIFAR_MINI = Path(os.environ.get("MOCO_RAY_TEST_DATA", REPO.parent / "shared" / 
 # tiny run on 2 CPUs). Set before any Ray instance starts, so the session's Ray, the CLI subprocesses and their
 # workers all inherit it; a missed poll is only counted against Ray's 10-minute worker health timeout.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+# Every s3:// of the session goes to a real S3 API on loopback (moto's server, started by the `s3` fixture), never
+# to AWS; set here, before any Ray or CLI subprocess starts, so they all inherit it.
+point_aws_at_loopback()
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +105,15 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3() -> S3Server:
+    """A real S3 API (moto's server) on loopback for the session; ``s3.bucket(name)`` makes a bucket and returns
+    ``s3://name``. Every process of the session reaches it through ``AWS_ENDPOINT_URL``."""
+    server = start_server()
+    yield server
+    stop_server(server)
 
 
 @pytest.fixture(scope="session")
