@@ -46,8 +46,13 @@ class Needs:
 
     def describe(self) -> str:
         w = ", ".join(f"{v:g} {k}" for k, v in self.worker.items() if v)
-        text = f"{self.num_workers} worker(s) x ({w}) + {self.data_cpus} CPU for the data stream (data.cpus)"
+        text = f"{counted(self.num_workers, 'worker')} x ({w}) + {self.data_cpus} CPU for the data stream (data.cpus)"
         return text + (f" + {self.driver_cpu:g} CPU for the trial" if self.driver_cpu else "")
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 node``, ``2 nodes``: the messages read as sentences."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class ClusterView:
             kinds = "; ".join(f"{t.name} ({res(t.resources)}) x{t.max_count}" for t in self.types if t.max_count)
             return f"the autoscaler's node types ({self.source}): {kinds}"
         shown = "; ".join(res(n) for n in self.nodes[:4]) + (" ..." if len(self.nodes) > 4 else "")
-        return f"the cluster has {len(self.nodes)} node(s): {shown}"
+        return f"the cluster's {counted(len(self.nodes), 'node')} ({shown})"
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -233,7 +238,7 @@ def why_not(needs: Needs, view: ClusterView, what: str = "the run") -> str:
     if needs.strategy in ("STRICT_PACK", "STRICT_SPREAD") and fits(replace(needs, strategy="PACK"), view):
         hints.append("train.placement_strategy to PACK")
     fix = ("; lower " + " or ".join(hints)) if hints else "; use a larger cluster"
-    return f"train.cpus_per_worker: {asked}, which does not fit {where}{fix}"
+    return f"train.cpus_per_worker: {asked}, which does not fit into {where}{fix}"
 
 
 def check_fits(cfg: Config, view: ClusterView, driver_cpu: float = 0.0, what: str = "the run") -> Needs:

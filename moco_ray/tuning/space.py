@@ -180,8 +180,13 @@ def validate_settings(s: SweepSettings, base: Config) -> None:
         _check(base.eval.knn_every > 0, "metric", s.metric, "another metric, or eval.knn_every > 0 (kNN is off)")
     if s.scheduler == "asha":
         max_t, _ = asha_horizon(s, base.train.epochs)
+        if max_t < 1:  # no grace_period can be valid: say what can change instead
+            raise ValueError(
+                f"sweep.scheduler: asha cannot stop a trial of train.epochs = {base.train.epochs} before its last "
+                "epoch; use sweep.scheduler=fifo, or train.epochs >= 2"
+            )
         why = f"ASHA must be able to stop a trial before its last epoch; train.epochs = {base.train.epochs}"
-        _check(s.grace_period <= max_t, "grace_period", s.grace_period, f"<= {max_t} ({why})")
+        _check(s.grace_period <= max_t, "grace_period", s.grace_period, f"<= {max_t} ({why}), or sweep.scheduler=fifo")
     if s.searcher == "optuna":
         try:
             import optuna  # noqa: F401  # lazy: optional; only checked when the sweep asks for it

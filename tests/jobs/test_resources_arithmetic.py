@@ -45,7 +45,7 @@ def test_issue_sweep_on_two_cpus_does_not_fit():
     two = _fixed((2, 0))
     assert not fits(needs_of(cfg, TRIAL_CPU), two)
     line = why_not(needs_of(cfg, TRIAL_CPU), two, "a trial")
-    assert line.startswith("train.cpus_per_worker: a trial needs 1 worker(s) x (1 CPU)")
+    assert line.startswith("train.cpus_per_worker: a trial needs 1 worker x (1 CPU)")
     assert "train.cpus_per_worker to 0.99" in line and "\n" not in line
     # a plain run of the same config fits: 1 + 1 CPU
     assert fits(needs_of(cfg), two)
@@ -81,6 +81,16 @@ def test_worker_bundles_do_not_split_across_nodes():
     spread = needs_of(_cfg(num_workers=2, cpus_per_worker=1, placement_strategy="STRICT_SPREAD"))
     assert not fits(spread, _fixed((3, 0)))
     assert fits(spread, _fixed((1, 0), (2, 0)))
+
+
+def test_refusal_reads_as_a_sentence():
+    """The refusal names the node count in words ("into the cluster's 1 node (...)"). Mutation caught: the old
+    "which does not fit the cluster has 1 node(s): ..." wording back in `ClusterView.describe` / `why_not`."""
+    big = needs_of(_cfg(num_workers=1, cpus_per_worker=3))
+    one = why_not(big, _fixed((2, 0)))
+    assert ", which does not fit into the cluster's 1 node (2 CPU, " in one, one
+    assert "(s)" not in one.split("GPU worker")[0]
+    assert "into the cluster's 2 nodes (2 CPU, " in why_not(big, _fixed((2, 0), (2, 0)))
 
 
 def test_fractional_gpus_share_one_gpu():

@@ -66,9 +66,9 @@ def test_issue_configurations_fail_fast_with_the_reason(small_shards, tmp_path, 
     p, took = _run(["sweep", "-c", str(sweep), "train.num_workers=1", "train.cpus_per_worker=1"])
     assert took < BOUND_S and p.returncode == 2, p.stderr[-3000:]
     line = [x for x in p.stderr.splitlines() if x.startswith("moco-ray: error:")]
-    assert line and "a trial needs 1 worker(s) x (1 CPU) + 1 CPU for the data stream" in line[0], p.stderr[-3000:]
+    assert line and "a trial needs 1 worker x (1 CPU) + 1 CPU for the data stream" in line[0], p.stderr[-3000:]
     assert "train.cpus_per_worker to 0.99" in line[0]
     p, took = _run(["pretrain", "-c", str(base), "train.cpus_per_worker=2"])
     assert took < BOUND_S and p.returncode == 2, p.stderr[-3000:]
-    assert "moco-ray: error: train.cpus_per_worker: the run needs 1 worker(s) x (2 CPU)" in p.stderr
+    assert "moco-ray: error: train.cpus_per_worker: the run needs 1 worker x (2 CPU)" in p.stderr
     assert "train.cpus_per_worker to 1" in p.stderr

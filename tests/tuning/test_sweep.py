@@ -114,8 +114,13 @@ def test_bad_search_values_rejected_before_ray(tmp_path, small_shards):
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="sweep.metric"):
         load_sweep({**base, "search": {}}, ["sweep.metric=top5"])
-    with pytest.raises(ValueError, match="sweep.grace_period"):
+    with pytest.raises(ValueError, match=r"sweep.grace_period.*<= 1 .*or sweep\.scheduler=fifo"):
         load_sweep({**base, "search": {}}, {"sweep.grace_period": 2})  # 2 epochs: the last rung must be < 2
+    # One epoch: no grace period fits; the line names the way out (mutation caught: the `max_t < 1` branch removed
+    # gives "allowed: <= 0", a range no value meets).
+    with pytest.raises(ValueError, match=r"^sweep\.scheduler: asha cannot stop .* = 1 .*sweep\.scheduler=fifo"):
+        load_sweep({**base, "search": {}}, {"train.epochs": 1})
+    assert load_sweep({**base, "search": {}}, {"train.epochs": 1, "sweep.scheduler": "fifo"}).base.train.epochs == 1
     s = load_sweep({**base, "search": {"moco.momentum": {"grid": [0.9]}}}, ["train.epochs=5", "sweep.name=x"])
     assert s.base.train.epochs == 5 and s.settings.name == "x" and s.base.moco.queue_size == 128
     assert ray.is_initialized() == was_up
