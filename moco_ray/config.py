@@ -539,19 +539,20 @@ def _check_stream(d: DataConfig) -> None:
     _check(0.0 <= f <= 1.0, "data.max_corrupt_fraction", f, "0 <= f <= 1 (1 = never fail)")
 
 
-def _check_experiment_name(name: str) -> None:
-    """MLflow's own check (see MLFLOW_MAX_EXPERIMENT_NAME_LENGTH), here so it fails before Ray, in one line."""
+def check_experiment_name(name: str, key: str = "tracking.experiment") -> None:
+    """MLflow's own check (see MLFLOW_MAX_EXPERIMENT_NAME_LENGTH), here so it fails before Ray, in one line;
+    ``key``: what the user set (a config key, or a command's option)."""
     if 1 <= len(name) <= MLFLOW_MAX_EXPERIMENT_NAME_LENGTH:
         return
     shown = repr(name) if len(name) <= 40 else f"{name[:40]!r}... ({len(name)} characters)"
     raise ValueError(
-        f"tracking.experiment: {shown} is out of range; allowed: 1 to {MLFLOW_MAX_EXPERIMENT_NAME_LENGTH} "
+        f"{key}: {shown} is out of range; allowed: 1 to {MLFLOW_MAX_EXPERIMENT_NAME_LENGTH} "
         "characters (MLflow's limit on experiment names)"
     )
 
 
 def _check_tracking(tr: TrackingConfig) -> None:
-    _check_experiment_name(tr.experiment)
+    check_experiment_name(tr.experiment)
     _check(tr.log_every_steps >= 0, "tracking.log_every_steps", tr.log_every_steps, ">= 0 (0 = off)")
     _check(
         tr.system_metrics_interval == 0 or 0.1 <= tr.system_metrics_interval <= 3600,

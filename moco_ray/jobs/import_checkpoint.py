@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from moco_ray.config import TrackingConfig
+from moco_ray.config import TrackingConfig, check_experiment_name
 from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
 from moco_ray.core.defaults import ARCHS
 from moco_ray.core.official_io import OfficialBackbone, from_official
@@ -108,10 +108,11 @@ def import_checkpoint(
     ``arch``: the torchvision architecture (default: the file's ``arch`` field); ``name``: the run name (default:
     the file name without ``.pth.tar``); ``experiment``: default ``tracking.experiment``'s default (moco-ray).
     """
+    exp = experiment or TrackingConfig().experiment
+    check_experiment_name(exp, "--experiment")  # MLflow's refusal would come after the file was read, as a traceback
     backbone, arch, epoch, sha = read_official(path, arch, trust_pickle)
     uri = open_store(tracking_uri)
     src = Path(path).expanduser().resolve()
-    exp = experiment or TrackingConfig().experiment
     run_name = name or src.name.removesuffix(".tar").removesuffix(".pth")
     params = {
         "model.arch": arch,

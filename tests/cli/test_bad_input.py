@@ -207,7 +207,7 @@ def cases(image_root, shards, tmp_path_factory) -> dict[str, Case]:
             expect=r"moco\.queue_size: 16 is out of range; allowed: >= the global batch \(train\.batch_size = 32\)",
         ),
         # MLflow's own limits on experiment names, checked with the config (mutation: without
-        # config._check_experiment_name both fail after Ray started, in a long MLflow traceback)
+        # config.check_experiment_name both fail after Ray started, in a long MLflow traceback)
         "experiment_empty": pretrain(
             "experiment_empty",
             "tracking.experiment=",

@@ -115,6 +115,12 @@ def test_bad_files_are_one_line_errors_and_log_nothing(tmp_path, mlflow_uri, cap
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and expect in err, err
         assert args[0] in err or str(tmp_path) in err, err  # names the file
+    # an experiment name MLflow refuses (mutation caught: no check_experiment_name call in import_checkpoint gives
+    # MLflow's multi-line exception after the file was read)
+    long_name = ["--experiment", "x" * 501]
+    assert main(["import-checkpoint", str(wrong_arch), *long_name, "--tracking-uri", mlflow_uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--experiment: 'xxxx" in err and "(501 characters)" in err, err
     assert not (tmp_path / "mlflow.db").exists() or not _runs(mlflow_uri)
 
     # the explicit opt-in reads it (the extra object is ignored)

@@ -75,7 +75,7 @@ def test_max_corrupt_fraction_range(bad):
     ("name", "shown"), [("", "''"), ("e" * 501, "'" + "e" * 40 + r"'\.\.\. \(501 characters\)")], ids=["empty", "501"]
 )
 def test_experiment_name_mlflow_refuses_is_refused(name, shown):
-    """Mutations: without ``_check_experiment_name`` neither raises; with ``<`` for ``<=`` the 500-character name of
+    """Mutations: without ``check_experiment_name`` neither raises; with ``<`` for ``<=`` the 500-character name of
     the next test is refused."""
     with pytest.raises(ValueError, match=rf"^tracking\.experiment: {shown} is out of range; allowed: 1 to 500 "):
         load_config(None, {"tracking.experiment": name})
