@@ -11,6 +11,8 @@ def lr_at(optim: OptimConfig, base_lr: float, epoch: int, step: int, steps_per_e
     """The learning rate at ``step`` (0-based) of ``epoch`` (0-based).
 
     cosine: linear warmup for ``warmup_epochs``, then half-cosine to 0 over the remaining epochs (MoCo v2);
+    the per-step warm-up is moco-v3's ``lr x t / warmup`` (its first step at lr 0); a per-epoch warm-up (no paper
+    uses one) is ``lr x (epoch + 1) / warmup``, so that its first epoch trains;
     step: x0.1 at each epoch in ``milestones`` (MoCo v1: 120 and 160 of 200); constant: base lr.
     ``schedule_unit``: ``step`` moves the cosine every step (fractional epoch, MoCo v3's per-iteration
     schedule); ``epoch`` holds it for the whole epoch (MoCo v1/v2's ``adjust_learning_rate(epoch)``).
@@ -21,7 +23,7 @@ def lr_at(optim: OptimConfig, base_lr: float, epoch: int, step: int, steps_per_e
     t = epoch + optim.first_epoch + (step * inc if per_step else 0.0)  # (fractional) epoch
     warmup = min(optim.warmup_epochs, max(epochs - 1, 0))  # as config.clip_warmup: a warm-up never fills the run
     if warmup > 0 and t < warmup:
-        return base_lr * (t + inc) / warmup
+        return base_lr * (t if per_step else t + 1.0) / warmup
     if optim.schedule == "cosine":
         span = max(epochs - warmup, 1e-8)
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / span))

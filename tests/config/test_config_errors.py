@@ -60,7 +60,7 @@ def test_schedule_never_lets_the_warmup_fill_the_run():
     from moco_ray.config import OptimConfig
 
     o = OptimConfig(schedule="cosine", warmup_epochs=4)  # built directly, not through load_config
-    assert lr_at(o, 1.0, 0, 0, 10, 3) == pytest.approx(0.1 / 2)  # clipped to 2 warm-up epochs
+    assert lr_at(o, 1.0, 1, 0, 10, 3) == pytest.approx(1 / 2)  # clipped to 2 warm-up epochs
     assert lr_at(o, 1.0, 2, 0, 10, 3) == pytest.approx(1.0)  # cosine starts after them
 
 
