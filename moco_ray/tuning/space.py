@@ -176,6 +176,11 @@ def validate_settings(s: SweepSettings, base: Config) -> None:
     _check(s.max_t >= 0, "max_t", s.max_t, ">= 0 (0 = train.epochs)")
     _check(s.max_concurrent_trials >= 0, "max_concurrent_trials", s.max_concurrent_trials, ">= 0 (0 = no limit)")
     _check(s.verbose in (0, 1, 2, 3), "verbose", s.verbose, "0, 1, 2, 3")
+    if base.train.name:  # every trial would train in (and lock) the same run directory
+        raise ValueError(
+            f"train.name: {base.train.name!r} would give every trial one run directory; leave it empty in a sweep "
+            "(each trial's directory is named after its run id)"
+        )
     if s.metric == "knn_top1":
         _check(base.eval.knn_every > 0, "metric", s.metric, "another metric, or eval.knn_every > 0 (kNN is off)")
     if s.scheduler == "asha":

@@ -121,6 +121,10 @@ def test_bad_search_values_rejected_before_ray(tmp_path, small_shards):
     with pytest.raises(ValueError, match=r"^sweep\.scheduler: asha cannot stop .* = 1 .*sweep\.scheduler=fifo"):
         load_sweep({**base, "search": {}}, {"train.epochs": 1})
     assert load_sweep({**base, "search": {}}, {"train.epochs": 1, "sweep.scheduler": "fifo"}).base.train.epochs == 1
+    # a fixed run directory for every trial: the second would find the first's lock (mutation caught: the
+    # train.name check removed, and the sweep starts)
+    with pytest.raises(ValueError, match=r"^train\.name: 'fixed' would give every trial one run directory"):
+        load_sweep({**base, "search": {}}, {"train.name": "fixed"})
     s = load_sweep({**base, "search": {"moco.momentum": {"grid": [0.9]}}}, ["train.epochs=5", "sweep.name=x"])
     assert s.base.train.epochs == 5 and s.settings.name == "x" and s.base.moco.queue_size == 128
     assert ray.is_initialized() == was_up
