@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from moco_ray.data.decode import to_rgb
 from moco_ray.data.sources import ImageFolderSource
 
 
@@ -37,7 +38,7 @@ def load_imagefolder_arrays(
             continue
         taken[it.label] += 1
         with Image.open(it.file) as img:
-            xs.append(np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR)))
+            xs.append(np.asarray(to_rgb(img).resize((size, size), Image.BILINEAR)))
         ys.append(it.label)
     if not xs:
         raise ValueError(f"{root}: split {split!r} holds no images")

@@ -6,6 +6,13 @@ and the CPU views of `moco_ray.data.views`) replaces each one by another image o
 of `replacement_rows`, and flags it in a per-row ``corrupt`` column that the training loop sums and logs. Keeping
 the row count keeps every worker's step count equal (MoCo all-gathers every step, so an uneven shard would hang
 DDP).
+
+Images of more than 8 bits per sample come out in 0..255 by one rule (`to_rgb`), whichever path decodes them:
+16-bit (PNG, TIFF: PIL mode ``I;16``) scaled by 255/65535, as torchvision's own 16-bit PNG decode; 32-bit float
+(TIFF mode ``F``) within 0..1 times 255, and 32-bit integer (mode ``I``) within 0..255 as it is; any other float or
+integer image has its own min..max (finite values; NaN is 0) stretched to 0..255, so it is never all black or all
+white. Pillow's plain ``convert("RGB")`` clips instead: a 0..1 float image came out all black, a 16-bit one nearly
+all white.
 """
 
 from __future__ import annotations
@@ -98,6 +105,29 @@ def decode_image(data: bytes) -> torch.Tensor:
     return img.contiguous()
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """`im` as 8-bit RGB; 16-bit, integer and float greyscale scaled to 0..255 by the rule in the module docstring."""
+    if im.mode in ("F", "I") or im.mode.startswith("I;16"):
+        im = Image.fromarray(_wide_to_uint8(np.asarray(im), im.mode))
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _wide_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """One band of more than 8 bits -> uint8 (see the module docstring for the rule)."""
+    a = a.astype(np.float64)
+    if mode.startswith("I;16"):
+        scaled = a * (255.0 / 65535.0)
+    else:
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if lo >= 0.0 and hi <= (1.0 if mode == "F" else 255.0):
+            scaled = a * (255.0 if mode == "F" else 1.0)
+        else:
+            scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
 def _pil_decode(data: bytes) -> torch.Tensor:
     try:
         im, _ = load_upright_rgb(open_image(data))
@@ -171,8 +201,7 @@ def load_upright_rgb(im: Image.Image, reduce: int = 1) -> tuple[Image.Image, tup
             im = ImageOps.exif_transpose(im)  # decodes, then rotates / mirrors
         else:
             im.load()
-        if im.mode != "RGB":
-            im = im.convert("RGB")
+        im = to_rgb(im)
     except Exception as e:
         raise CorruptImageError(f"corrupt image ({type(e).__name__}: {e})") from None
     # measured on the upright result, so both scales are in upright coordinates (orientations 5-8 swap the sides)

@@ -15,12 +15,18 @@
   is ingested with one warning (every accuracy on it would be 1.0).
 - Symlinks are followed; dangling ones and loops are skipped and listed like bad files. An OUT inside the source
   tree is refused (its shards would be read as images next time).
+- A write that fails (disk full, read-only mount, a parent that is a file) is one ValueError naming the path and
+  the errno; what this ingest wrote is removed (a previous ingest in OUT stays as it was unless the failure came
+  after its replacement had started: then OUT holds no finished ingest at all, never a half-written one).
+- File names that are not UTF-8 are ingested like any other (see `moco_ray.data.sources`); 16-bit and float
+  images are re-encoded (``reencode``) by the 0..255 rule of `moco_ray.data.decode.to_rgb`.
 - Parallel: files are read and validated by a thread pool (PIL releases the GIL while decoding) in a bounded
   window, so memory stays flat on ImageNet-sized trees.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
@@ -40,7 +46,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
-from moco_ray.data.decode import CorruptImageError, verify_image
+from moco_ray.data.decode import CorruptImageError, to_rgb, verify_image
 from moco_ray.data.manifest import (
     MANIFEST_FILE,
     Manifest,
@@ -89,7 +95,13 @@ def ingest(
     ``split`` ingests only that split (for a flat ``class/image`` tree: the name of its one split).
     Returns the manifest (the existing one when the same ingest was already done).
     """
-    _check_options(out, shard_size_mb, row_group_rows, reencode)
+    uri = next((str(p) for p in (source, out) if "://" in str(p)), None)
+    if uri:  # object storage: the Ray Data ingest (moco_ray.data.ray_ingest), which needs Ray started
+        raise ValueError(
+            f"{uri}: ingest() reads and writes local paths; for object storage use `moco-ray ingest` "
+            "(moco_ray.jobs.ingest_job.run_ingest), which runs the Ray ingest"
+        )
+    _check_options(shard_size_mb, row_group_rows, reencode)
     src = open_source(source, split=split, cache_dir=cache_dir)
     out = Path(out).expanduser().resolve()
     _refuse_out_inside_source(out, src)
@@ -101,9 +113,7 @@ def ingest(
         "row_order": ROW_ORDER,
     }
     fp = hashlib.sha256(f"{src.fingerprint()}|{sorted(options.items())}|{SCHEMA_VERSION}".encode()).hexdigest()
-    existed = out.exists()
-    if existed and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory")
+    existed = _check_out(out)
     try:
         with _exclusive(out):
             if _prepare_out(out, fp, overwrite):
@@ -113,9 +123,26 @@ def ingest(
             m = _write_ingest(src, out, fp, options, strict=strict, workers=workers, progress=progress)
             _warn_one_class(m)
             return m
+    except OSError as e:
+        if e.errno is None:  # e.g. DatasetUnavailableError: a message of its own
+            raise
+        why = f"{os.strerror(e.errno)}, errno {errno.errorcode.get(e.errno, e.errno)}"
+        raise ValueError(
+            f"ingest into {out}: cannot write {e.filename or out} ({why}); nothing of this ingest was kept"
+        ) from None
     finally:
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a failed first ingest leaves nothing behind
+
+
+def _check_out(out: Path) -> bool:
+    """Whether `out` exists; ValueError when it, or the nearest existing directory above it, is a file."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    blocker = next((q for q in out.parents if q.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"{out}: cannot create it ({blocker} is not a directory)")
+    return out.exists()
 
 
 def _warn_one_class(m: Manifest) -> None:
@@ -126,15 +153,13 @@ def _warn_one_class(m: Manifest) -> None:
         )
 
 
-def _check_options(out: str | os.PathLike, shard_size_mb: float, row_group_rows: int, reencode: str | None) -> None:
+def _check_options(shard_size_mb: float, row_group_rows: int, reencode: str | None) -> None:
     if reencode not in REENCODE:
         raise ValueError(f"reencode: {reencode!r} is not one of jpeg, png (or None to keep the bytes)")
     if shard_size_mb <= 0:
         raise ValueError(f"shard_size_mb: {shard_size_mb!r} is out of range; allowed: > 0")
     if row_group_rows < 1:
         raise ValueError(f"row_group_rows: {row_group_rows!r} is out of range; allowed: >= 1")
-    if "://" in str(out):
-        raise ValueError(f"{out}: ingest writes a local directory; copy it to object storage afterwards")
 
 
 def _refuse_out_inside_source(out: Path, src: Source) -> None:
@@ -223,7 +248,12 @@ def _write_ingest(
         schema_version=SCHEMA_VERSION,
         root=str(out),
     )
-    write_manifest(out, manifest)
+    try:
+        write_manifest(out, manifest)
+    except BaseException:  # committed shards without a manifest are no finished ingest: removed too
+        _remove_outputs(out)
+        (out / f"{MANIFEST_FILE}.tmp").unlink(missing_ok=True)
+        raise
     return manifest
 
 
@@ -307,8 +337,11 @@ def _remove_outputs(out: Path) -> None:
         return
     for d in out.iterdir():
         if d.is_dir():
-            for f in d.glob(f"{_PART}*.parquet"):
+            ours = list(d.glob(f"{_PART}*.parquet"))
+            for f in ours:
                 f.unlink()
+            if ours and not any(d.iterdir()):
+                d.rmdir()
 
 
 def _shuffled(items: list[Item]) -> list[Item]:
@@ -335,7 +368,7 @@ def _loader(src: Source, reencode: str | None) -> Callable[[Item], tuple[Item, b
 def _reencode(data: bytes, fmt: str) -> bytes:
     with Image.open(io.BytesIO(data)) as im:
         buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="JPEG" if fmt == "jpeg" else "PNG", quality=95)
+        to_rgb(im).save(buf, format="JPEG" if fmt == "jpeg" else "PNG", quality=95)
     return buf.getvalue()
 
 

@@ -2,6 +2,12 @@
 
 A source lists its rows (`Item`s, in a stable order so ids and shards are reproducible), loads one row's encoded
 bytes, and gives a cheap fingerprint of its content, which makes a second ingest of the same source a no-op.
+
+File names that are not valid UTF-8 (a Latin-1 name copied from an old disk) are rows like any other. Parquet
+strings and ids must be UTF-8, so such a name is kept two ways: byte-exact in the ``path`` column and the manifest's
+``skipped`` list as a ``file://`` URI with its bytes percent-encoded (`path_text`; `path_bytes` gives the bytes
+back), and readable in ids, class and split names with each undecodable byte as ``\\xNN`` (`shown_name`, what
+``ls -b`` prints). Both depend only on the bytes, so the id is the same every ingest.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import io
 import json
 import os
 import urllib.error
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,7 +39,7 @@ class Item:
     split: str
     label: int  # -1 when unlabeled
     id: str  # stable row id
-    path: str  # source file path, or "<scheme>:<name>:<split>:<index>"
+    path: str  # source file path (as `path_text` stores it), or "<scheme>:<name>:<split>:<index>"
     file: str | None = None  # local file to read; None for in-memory datasets (see `index`)
     index: int = -1
 
@@ -50,6 +57,28 @@ class Source(Protocol):
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def shown_name(name: str) -> str:
+    """`name` as UTF-8 text: itself when its bytes are valid UTF-8, else each undecodable byte as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def path_text(path: str | os.PathLike) -> str:
+    """A source path as the shards and the manifest store it: the path itself when valid UTF-8, else a
+    ``file://`` URI of its percent-encoded bytes (RFC 8089). Stored paths are absolute, so the forms never mix."""
+    raw = os.fsencode(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "file://" + urllib.parse.quote(raw, safe="/")
+
+
+def path_bytes(text: str) -> bytes:
+    """The exact bytes of a path stored by `path_text` (to open the file, ``os.fsdecode`` them)."""
+    if text.startswith("file://"):
+        return urllib.parse.unquote_to_bytes(text[len("file://") :])
+    return os.fsencode(text)
 
 
 def _visible(p: os.DirEntry | Path) -> bool:
@@ -97,7 +126,7 @@ class ImageFolderSource:
             raise ValueError(f"{root}: no subdirectories; expected split/class/image or class/image")
         nested = [any(c.is_dir() and _visible(c) and broken_link(c) is None for c in d.iterdir()) for d in top]
         if all(nested):
-            self._split_dirs = {d.name: d for d in top}
+            self._split_dirs = {shown_name(d.name): d for d in top}
             if split is not None:
                 if split not in self._split_dirs:
                     raise ValueError(f"{root}: no split {split!r} (splits: {', '.join(self._split_dirs)})")
@@ -112,7 +141,7 @@ class ImageFolderSource:
                 "expected split/class/image or class/image"
             )
         self._class_dirs = {s: (self._subdirs(d) if d != self.root else top) for s, d in self._split_dirs.items()}
-        self.classes = sorted({c.name for dirs in self._class_dirs.values() for c in dirs})
+        self.classes = sorted({shown_name(c.name) for dirs in self._class_dirs.values() for c in dirs})
         self._files: dict[str, list[tuple[str, int, int]]] | None = None  # split -> [(relpath, size, mtime_ns)]
 
     def _subdirs(self, d: Path) -> list[Path]:
@@ -123,7 +152,7 @@ class ImageFolderSource:
                 continue
             reason = broken_link(p)
             if reason:
-                self._broken.append({"path": str(p), "reason": reason})
+                self._broken.append({"path": path_text(p), "reason": reason})
             elif p.is_dir():
                 dirs.append(p)
         return dirs
@@ -146,14 +175,19 @@ class ImageFolderSource:
         return self._files
 
     def _class_files(self, c: Path) -> list[tuple[str, int, int]]:
-        """The visible files of class folder `c`; broken symlinks among them go to `_broken`."""
+        """The visible files of class folder `c`; broken symlinks among them go to `_broken`, and so does a name that
+        is not UTF-8 when its `shown_name` is another file's name (the two rows would share an id)."""
         rows = []
-        for e in sorted(os.scandir(c), key=lambda e: e.name):
+        entries = sorted(os.scandir(c), key=lambda e: e.name)
+        names = {e.name for e in entries}
+        for e in entries:
             if not _visible(e):
                 continue
             reason = broken_link(Path(e.path)) if e.is_symlink() else None
+            if shown_name(e.name) != e.name and shown_name(e.name) in names:
+                reason = f"name not UTF-8, and its escaped form {shown_name(e.name)} is another file's name"
             if reason:
-                self._broken.append({"path": str(c / e.name), "reason": reason})
+                self._broken.append({"path": path_text(c / e.name), "reason": reason})
             elif e.is_file():
                 st = e.stat()
                 rows.append((f"{c.name}/{e.name}", st.st_size, st.st_mtime_ns))
@@ -183,7 +217,13 @@ class ImageFolderSource:
         base = self._split_dirs[split]
         index = {c: i for i, c in enumerate(self.classes)}
         return [
-            Item(split, index[rel.split("/", 1)[0]], f"{split}/{rel}", str(base / rel), file=str(base / rel))
+            Item(
+                split,
+                index[shown_name(rel.split("/", 1)[0])],
+                f"{split}/{shown_name(rel)}",
+                path_text(base / rel),
+                str(base / rel),
+            )
             for rel, _, _ in self._listing()[split]
         ]
 

@@ -5,17 +5,22 @@ The torchvision state dict is the reference format: its keys are exactly those o
 minus ``fc.*``, so it loads with ``strict=True`` into a plain torchvision model (``fc = Identity``, plus the small
 stem when the encoder was trained with one). Training-time modules do not leak into it: ``SplitBatchNorm`` is a
 ``BatchNorm2d`` subclass with the same parameters and buffers, so its keys and tensors are those of BatchNorm2d.
+
+A file is serialised in memory, then written next to its target and renamed onto it: a failed write (a full disk,
+a read-only mount, a regular file in the way) leaves no temp file, the old file as it was, and is one ValueError
+naming the path and the errno (torch's own zip writer reports a full disk as a RuntimeError without one).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import errno
+import io
 import os
 import pickle
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -81,22 +86,63 @@ def _umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def _atomic_path(out: Path) -> Iterator[Path]:
-    """A temp path next to ``out``, renamed onto it only when the block succeeds.
+def _write_error(out: str | os.PathLike, e: OSError) -> ValueError:
+    why = f"{os.strerror(e.errno)}, errno {errno.errorcode.get(e.errno, e.errno)}" if e.errno else str(e)
+    return ValueError(f"export: cannot write {out} ({why})")
+
+
+def check_export_target(out: str | os.PathLike) -> None:
+    """ValueError naming ``out`` and the errno (or the file in the way) when its directory, or the nearest one
+    above it that exists, cannot take a file: checked with a real probe file before the encoder is downloaded and
+    serialised (``os.access`` says yes to root on a read-only mount). The same check as
+    `moco_ray.tracking.store.check_writable_dir`, which this layer cannot import (it reaches mlflow)."""
+    parent = Path(out).parent
+    probe = parent if parent.exists() else next((q for q in parent.parents if q.exists()), Path("/"))
+    if not probe.is_dir():
+        raise ValueError(f"export: cannot write {out} ({probe} is not a directory)")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise _write_error(out, e) from None
+
+
+def _write_atomic(out: Path, data: bytes) -> None:
+    """``data`` into a temp file next to ``out``, renamed onto it; on any failure the temp file is removed.
 
     The file gets the mode a plain ``open()`` would give it (0666 less the umask), not mkstemp's private 0600.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
-        yield Path(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
+    except OSError as e:
+        raise _write_error(out, e) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _serialise(state: dict, arch: str, small_stem: bool, fmt: str, image_size: int, epoch: int) -> bytes:
+    """The export file's bytes (in memory, so a failed write is a plain OSError with its errno)."""
+    buf = io.BytesIO()
+    if fmt == "torchvision":
+        torch.save(state, buf)
+    elif fmt == "moco":
+        torch.save(to_official(state, arch, epoch), buf)
+    elif fmt == "torchscript":
+        plain = load_torchvision_backbone_from_state(state, arch, small_stem)
+        traced = to_torchscript(plain, torch.zeros(1, 3, image_size, image_size))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(traced, buf)
+    else:
+        pickle.dump(to_detectron2(state), buf)
+    return buf.getvalue()
 
 
 def save_export(
@@ -120,20 +166,8 @@ def save_export(
         raise ValueError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
     if image_size < 8:
         raise ValueError(f"export image_size {image_size} is too small; need >= 8")
-    state = torchvision_state_dict(backbone, arch, small_stem)
     out = Path(out_path)
-    with _atomic_path(out) as tmp:
-        if fmt == "torchvision":
-            torch.save(state, tmp)
-        elif fmt == "moco":
-            torch.save(to_official(state, arch, epoch), tmp)
-        elif fmt == "torchscript":
-            plain = load_torchvision_backbone_from_state(state, arch, small_stem)
-            traced = to_torchscript(plain, torch.zeros(1, 3, image_size, image_size))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                torch.jit.save(traced, str(tmp))
-        else:
-            with open(tmp, "wb") as f:
-                pickle.dump(to_detectron2(state), f)
+    check_export_target(out)
+    state = torchvision_state_dict(backbone, arch, small_stem)
+    _write_atomic(out, _serialise(state, arch, small_stem, fmt, image_size, epoch))
     return out

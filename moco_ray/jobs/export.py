@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
-from moco_ray.evaluation.export import FORMATS, save_export
+from moco_ray.evaluation.export import FORMATS, check_export_target, save_export
 from moco_ray.jobs.evaluate import DEFAULT_IMAGE_SIZE
 from moco_ray.tracking.run_log import ENCODER_MODEL_URI_TAG, RunEncoder, RunLog, open_run
-from moco_ray.tracking.store import open_store
+from moco_ray.tracking.store import check_writable_dir, open_store, write_error
 
 
 @dataclass
@@ -45,20 +45,29 @@ def export_run(
     ``<run id>-<fmt><suffix>`` in it. ``register=NAME``
     also registers the encoder (the run's mlflow.pytorch model, logged now if the run has none) as a new version
     of NAME in the MLflow Model Registry. ``image_size`` only sets TorchScript's example input (default: the
-    run's ``aug.image_size``; the traced module accepts any size).
+    run's ``aug.image_size``; the traced module accepts any size). An unwritable ``out`` (read-only, a file in the
+    way) is refused before the encoder is downloaded; a failed write (disk full) leaves no partial file.
     """
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
     if register is not None and not register.strip():
         raise ValueError("register: the registered model name must not be empty")
+    path = Path(out)
+    is_dir = path.is_dir() or os.fspath(out).endswith(("/", os.sep))  # "OUT_DIR/" is a directory, made if missing
+    if is_dir:
+        check_writable_dir(path, "export")
+    else:
+        check_export_target(path)
     log, run = open_run(open_store(tracking_uri), run_id)
     enc = log.encoder()
     cfg = log.config()
     size = image_size or (cfg.aug.image_size if cfg else DEFAULT_IMAGE_SIZE)
     net = load_torchvision_backbone_from_state(enc.state, enc.arch, enc.small_stem)
-    path = Path(out)
-    if path.is_dir() or os.fspath(out).endswith(("/", os.sep)):  # "OUT_DIR/" is a directory, made if missing
-        path.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error("export", path, e) from None
         path = path / f"{run_id}-{fmt}{_SUFFIX[fmt]}"
     written = save_export(net, enc.arch, enc.small_stem, fmt, path, image_size=size, epoch=_epochs_done(run))
     res = ExportResult(written, fmt)

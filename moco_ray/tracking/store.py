@@ -1,13 +1,21 @@
-"""Where runs are recorded: the tracking URI, resolved and checked once on the driver, and one client per URI."""
+"""Where runs are recorded: the tracking URI, resolved and checked once on the driver, and one client per URI.
+
+Also the local write checks every driver runs before Ray starts (`check_writable_dir`, `check_artifact_location`):
+an unwritable place is one line naming the path and the errno, not an OSError after the run was created.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import logging
 import os
+import sqlite3
+import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +50,63 @@ def check_tracking_uri(uri: str) -> None:
     problem = server_problem(uri)
     if problem is not None:
         raise ValueError(f"tracking.tracking_uri: MLflow server {uri} is unreachable ({problem})")
+
+
+def write_error(what: str, shown: str | os.PathLike, e: OSError) -> ValueError:
+    """The one line for a failed write: ``WHAT: cannot write SHOWN (strerror, errno NAME)``."""
+    why = f"{os.strerror(e.errno)}, errno {errno.errorcode.get(e.errno, e.errno)}" if e.errno else str(e)
+    return ValueError(f"{what}: cannot write {shown} ({why})")
+
+
+def check_writable_dir(path: str | os.PathLike, what: str, shown: str = "") -> None:
+    """Create and delete a probe file in `path`, or in the nearest existing directory above it when it is not there
+    yet; else a ValueError naming `shown` (default: the path) and the errno, or the file in the way. ``os.access``
+    says yes to root even on a read-only mount, and a write under a regular file would only fail after the work."""
+    p = Path(path)
+    probe = p if p.exists() else next((q for q in p.parents if q.exists()), Path("/"))
+    if not probe.is_dir():
+        raise ValueError(f"{what}: cannot write {shown or path} ({probe} is not a directory)")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise write_error(what, shown or path, e) from None
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where runs of `experiment` in the local store `uri` put their artifacts: the experiment's own location when
+    it exists, else MLflow's default for a new one (``./mlruns`` of the driver's cwd for sqlite, the store directory
+    for a file store). None for a tracking server, or a sqlite file that is not an MLflow store (`ensure_store`
+    says why). Read with sqlite3, read-only: the check must not create or migrate the store."""
+    db = sqlite_path(uri)
+    if db is None:
+        return uri if uri.startswith("file:") or "://" not in uri else None
+    if db.is_file():
+        try:
+            with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
+                row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)).fetchone()
+        except sqlite3.Error:
+            return None
+        if row is not None:
+            return row[0]
+    return str(Path.cwd() / "mlruns")  # MLflow's DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH, resolved in this process
+
+
+def check_artifact_location(uri: str, experiment: str) -> None:
+    """Fail before Ray starts when the runs of `experiment` could not write their artifacts locally (a read-only
+    mount, a regular file in the way): otherwise the run would be created, then fail at its config.yaml."""
+    path = local_path(artifact_location(uri, experiment))
+    if path is not None:
+        check_writable_dir(path, f"tracking.experiment {experiment!r}", f"the MLflow artifact location {path}")
+
+
+def local_path(location: str | None) -> str | None:
+    """The local path of an artifact location (a plain path or ``file://`` URI); None for object storage or a
+    server's proxied artifacts (``s3://``, ``mlflow-artifacts:``), which no local check can tell about."""
+    parsed = urllib.parse.urlparse(location or "")
+    if not location or parsed.scheme not in ("", "file"):
+        return None
+    return urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else location
 
 
 def is_server(uri: str) -> bool:

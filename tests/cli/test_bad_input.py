@@ -111,11 +111,22 @@ def shards(image_root, tmp_path_factory) -> Path:
     return out
 
 
+def _store_with_experiment(empty_store: Path, db: Path, name: str, artifact_location: str) -> None:
+    """A sqlite store at `db` (a copy of the migrated empty one) holding experiment `name` at `artifact_location`."""
+    from mlflow.tracking import MlflowClient
+
+    db.parent.mkdir(parents=True)
+    shutil.copyfile(empty_store, db)
+    MlflowClient(f"sqlite:///{db}").create_experiment(name, artifact_location=artifact_location)
+
+
 @pytest.fixture(scope="module")
-def cases(image_root, shards, tmp_path_factory) -> dict[str, Case]:
+def cases(image_root, shards, tmp_path_factory, _empty_store) -> dict[str, Case]:
     t = tmp_path_factory.mktemp("bad_input")
     afile = t / "a_regular_file"
     afile.write_text("x")
+    _store_with_experiment(_empty_store, t / "artifacts_blocked" / "mlflow.db", "blocked", f"{afile}/artifacts")
+    (t / "export_db").mkdir()
     bad_src = _bad_image_tree(image_root, t / "bad_images")
     (t / "empty_images" / "train" / "a").mkdir(parents=True)
     (t / "no_images" / "train" / "a").mkdir(parents=True)
@@ -132,7 +143,7 @@ def cases(image_root, shards, tmp_path_factory) -> dict[str, Case]:
     ) -> Case:
         """A pretrain case with its own MLflow store and storage path, which a failed run must not create."""
         d = t / name
-        d.mkdir()
+        d.mkdir(exist_ok=True)
         paths = {"db": d / "mlflow.db", "runs": d / "runs"}
         where = [f"tracking.tracking_uri=sqlite:///{paths['db']}", f"train.storage_path={paths['runs']}"]
         if resume:
@@ -157,6 +168,26 @@ def cases(image_root, shards, tmp_path_factory) -> dict[str, Case]:
         ),
         "ingest_no_valid_image": Case(
             ["ingest", str(t / "no_images"), str(t / "no_images_out")], "no valid images found", [t / "no_images_out"]
+        ),
+        # #33: an output under a regular file names the file (mutation: without the check in ingest._check_out,
+        # mkdir's "Not a directory" for the output; before #33 a raw NotADirectoryError line)
+        "ingest_out_under_a_file": Case(
+            ["ingest", str(bad_src), f"{afile}/sub/shards"],
+            rf"{re.escape(str(afile))}/sub/shards: cannot create it \({re.escape(str(afile))} is not a directory\)",
+        ),
+        # #33: refused before the store is created or the encoder downloaded (mutation: without the target check in
+        # jobs.export.export_run, the store is created and the line is "MLflow run '0123...' not found")
+        "export_under_a_file": Case(
+            [
+                "export",
+                "--run",
+                "0123456789abcdef0123456789abcdef",
+                "--tracking-uri",
+                f"sqlite:///{t / 'export_db' / 'mlflow.db'}",
+                f"{afile}/enc.pt",
+            ],
+            rf"export: cannot write {re.escape(str(afile))}/enc\.pt \({re.escape(str(afile))} is not a directory\)",
+            [t / "export_db" / "mlflow.db"],
         ),
         "shards_missing": pretrain("shards_missing", data=t / "nowhere", expect=r"no manifest\.json"),
         "shard_truncated": pretrain(
@@ -228,6 +259,16 @@ def cases(image_root, shards, tmp_path_factory) -> dict[str, Case]:
             f"train.storage_path={afile}/sub",
             expect=rf"train\.storage_path: cannot write to {re.escape(str(afile))}/sub \(.* is not a directory\)",
         ),
+        # #33: the experiment's artifact location checked before Ray (tracking.store.check_artifact_location, called
+        # from jobs.resolve.check_targets; mutation: without that call the run is created after Ray started, fails
+        # on its config.yaml and stays RUNNING)
+        "artifact_location_under_a_file": pretrain(
+            "artifacts_blocked",
+            "tracking.experiment=blocked",
+            expect=rf"tracking\.experiment 'blocked': cannot write the MLflow artifact location "
+            rf"{re.escape(str(afile))}/artifacts \({re.escape(str(afile))} is not a directory\)",
+            clean=("runs",),
+        ),
         "sqlite_store_under_a_file": pretrain(
             "sqlite_store_under_a_file",
             f"tracking.tracking_uri=sqlite:///{afile}/mlflow.db",
@@ -261,6 +302,8 @@ CASE_NAMES = [
     "ingest_bad_images_strict",
     "ingest_empty_folder",
     "ingest_no_valid_image",
+    "ingest_out_under_a_file",
+    "export_under_a_file",
     "shards_missing",
     "shard_truncated",
     "shard_missing_columns",
@@ -280,6 +323,7 @@ CASE_NAMES = [
     "experiment_too_long",
     "mlflow_unreachable",
     "storage_under_a_file",
+    "artifact_location_under_a_file",
     "sqlite_store_under_a_file",
     "resume_unknown_run",
     "gpu_without_gpus",
@@ -315,6 +359,16 @@ def test_gpu_request_leaves_no_running_mlflow_run(cases, results):
     exps = [e.experiment_id for e in c.search_experiments()]
     runs = c.search_runs(exps) if exps else []
     assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+
+
+def test_unwritable_artifact_location_creates_no_run(cases, results):
+    """Refused before the run exists: the experiment holds no run at all (before #33 one stayed RUNNING)."""
+    from mlflow.tracking import MlflowClient
+
+    assert results["artifact_location_under_a_file"]["rc"] == 2
+    uri = next(a.split("=", 1)[1] for a in cases["artifact_location_under_a_file"].argv if "tracking_uri=" in a)
+    c = MlflowClient(uri)
+    assert c.search_runs([c.get_experiment_by_name("blocked").experiment_id]) == []
 
 
 def test_version_through_the_console_script():

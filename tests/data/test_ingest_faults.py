@@ -1,19 +1,26 @@
-"""Ingest faults (issue #18): symlink loops and dangling links, an output inside the source tree, a manifest with
-wrongly typed fields, the --overwrite hint, empty class folders (refused) and a one-class source (one warning).
-Real files, real Parquet; the CLI's line through the real CLI."""
+"""Ingest faults (issues #18, #33): symlink loops and dangling links, an output inside the source tree, a manifest
+with wrongly typed fields, the --overwrite hint, empty class folders (refused), a one-class source (one warning),
+file names that are not UTF-8, and an output that cannot be written (a file in the way, a read-only or full file
+system: real tmpfs mounts). Real files, real Parquet; the CLI's line through the real CLI."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 from pathlib import Path
+from urllib.parse import quote
 
+import pyarrow.parquet as pq
 import pytest
-from ingest_trees import cli_ingest, files_state, image_tree, one_error_line
+from ingest_trees import cli_ingest, files_state, image_tree, one_error_line, remount_read_only, tmpfs
 
+from moco_ray.data import ingest as ingest_module
 from moco_ray.data.ingest import ingest
 from moco_ray.data.manifest import read_manifest
 from moco_ray.data.schema import validate_shards
+from moco_ray.data.sources import path_bytes, path_text
 
 # ---- symlinks ----
 
@@ -157,6 +164,155 @@ def test_one_class_is_ingested_with_one_warning(tmp_path):
     assert read_manifest(tmp_path / "out").counts == {"train": 3}
     p = cli_ingest(image_tree(tmp_path / "two"), tmp_path / "out2")
     assert (p.returncode, p.stderr) == (0, "")
+
+
+# ---- file names that are not UTF-8 ----
+
+LATIN1 = b"caf\xe9"  # "café" as Latin-1 wrote it: not valid UTF-8
+
+
+def _rename_bytes(path: Path, name: bytes) -> bytes:
+    """Rename `path` to the raw file name `name` in the same directory; returns the new path's bytes."""
+    new = os.fsencode(path.parent) + b"/" + name
+    os.rename(os.fsencode(path), new)
+    return new
+
+
+def _all_rows(out: Path) -> list[dict]:
+    return [r for s in read_manifest(out).shards for r in pq.read_table(out / s.path).to_pylist()]
+
+
+def test_non_utf8_names_are_ingested_byte_exact_with_stable_ids(tmp_path):
+    """A Latin-1 file name and a Latin-1 class folder: rows like any other, the path column gives the exact bytes
+    back, the id is the same every ingest. Mutation: `Item.path` as plain ``str(base / rel)`` again (no
+    `path_text`) fails the whole ingest with "'utf-8' codec can't encode character '\\udce9' ... surrogates not
+    allowed" (as did ids and class names without `shown_name`)."""
+    root = image_tree(tmp_path / "src")
+    latin_file = _rename_bytes(root / "train" / "c00" / "000.png", LATIN1 + b".png")
+    latin_class = _rename_bytes(root / "train" / "c01", LATIN1)
+    out = tmp_path / "out"
+    p = cli_ingest(root, out)
+    assert (p.returncode, p.stderr) == (0, ""), p.stderr
+    m = read_manifest(out)
+    assert m.classes == ["c00", "caf\\xe9"] and m.counts == {"train": 6} and m.skipped == []
+    rows = _all_rows(out)
+    for r in rows:  # every stored path gives back the file's exact bytes, and the file holds the stored image
+        with open(path_bytes(r["path"]), "rb") as f:
+            assert f.read() == r["image"]
+    by_id = {r["id"]: r for r in rows}
+    assert path_bytes(by_id["train/c00/caf\\xe9.png"]["path"]) == latin_file
+    assert by_id["train/c00/caf\\xe9.png"]["path"] == "file://" + quote(str(root)) + "/train/c00/caf%E9.png"
+    assert {r["label"] for r in rows if r["id"].startswith("train/caf\\xe9/")} == {1}
+    assert sorted(i for i in by_id if i.startswith("train/caf")) == [f"train/caf\\xe9/{i:03d}.png" for i in range(3)]
+    assert all(path_bytes(r["path"]).startswith(latin_class) for r in rows if r["label"] == 1)
+    assert validate_shards(out, checksums=True).counts == {"train": 6}
+    before = files_state(out)
+    rerun = ingest(root, out, shard_size_mb=64.0, progress=False)  # as the CLI passes it (64 and 64.0 differ)
+    assert rerun.fingerprint == m.fingerprint and files_state(out) == before  # the re-run is a no-op
+    ingest(root, tmp_path / "again", progress=False)
+    assert {r["id"] for r in _all_rows(tmp_path / "again")} == set(by_id)  # another ingest: the same ids
+
+
+def test_path_text_round_trips_and_leaves_utf8_paths_alone():
+    assert path_text("/data/train/c00/café.png") == "/data/train/c00/café.png"  # valid UTF-8: as it was
+    raw = b"/data/a b/%41/caf\xe9.png"
+    text = path_text(os.fsdecode(raw))
+    assert text == "file:///data/a%20b/%2541/caf%E9.png" and path_bytes(text) == raw
+
+
+def test_non_utf8_name_whose_escaped_form_is_taken_is_skipped_and_listed(tmp_path):
+    """b"caf\\xe9.png" beside a file really named ``caf\\xe9.png`` (a backslash in it): both would get the id
+    train/c00/caf\\xe9.png, so the undecodable one is skipped and listed. Mutation: without that check in
+    ``ImageFolderSource._class_files`` both are rows under one id."""
+    root = image_tree(tmp_path / "src")
+    c00 = root / "train" / "c00"
+    (c00 / "caf\\xe9.png").write_bytes((c00 / "002.png").read_bytes())
+    latin = _rename_bytes(c00 / "001.png", LATIN1 + b".png")
+    m = ingest(root, tmp_path / "out", progress=False)
+    assert m.skipped == [
+        {
+            "path": path_text(os.fsdecode(latin)),
+            "reason": "name not UTF-8, and its escaped form caf\\xe9.png is another file's name",
+        }
+    ]
+    ids = [r["id"] for r in _all_rows(tmp_path / "out")]
+    assert len(ids) == len(set(ids)) == 6 and "train/c00/caf\\xe9.png" in ids
+
+
+# ---- an output that cannot be written ----
+
+
+def _source(tmp_path: Path, per_class: int = 8) -> Path:
+    """Random 48 px PNGs, about 7 KB each: `per_class` = 8 is ~110 KB, more than the 64 KB disks below."""
+    return image_tree(tmp_path / "src", per_class=per_class, size=48)
+
+
+def test_output_under_a_regular_file_is_one_line_naming_it(tmp_path):
+    """Mutation: without the blocker check in ``ingest._check_out`` the line is mkdir's bare "Not a directory" for
+    the output, not naming the file in the way."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = afile / "sub" / "shards"
+    line = one_error_line(cli_ingest(_source(tmp_path, 2), out))
+    assert line.endswith(f"{out}: cannot create it ({afile} is not a directory)"), line
+
+
+def test_read_only_output_is_one_line_and_nothing_written(tmp_path):
+    """A real read-only tmpfs (EROFS even for root). Mutation: without ``except OSError`` in ``ingest`` this is a
+    20-line OSError traceback, exit 1."""
+    with tmpfs(tmp_path / "ro", "64k") as ro:
+        remount_read_only(ro)
+        out = ro / "shards"
+        line = one_error_line(cli_ingest(_source(tmp_path, 2), out))
+        expect = f"ingest into {out}: cannot write {out} (Read-only file system, errno EROFS); nothing of this"
+        assert line.endswith(f"{expect} ingest was kept"), line
+        assert list(ro.iterdir()) == []
+
+
+def test_disk_full_is_one_line_and_removes_the_temp_shards(tmp_path):
+    """A real 64 KB tmpfs that fills up mid-shard (ENOSPC from pyarrow's writer). Mutations: without ``except
+    OSError`` in ``ingest``, a traceback and exit 1; without ``writer.abort()`` in ``_write_ingest``, the
+    ``train/part-00000.parquet.tmp`` stays."""
+    with tmpfs(tmp_path / "disk", "64k") as disk:
+        out = disk / "shards"
+        line = one_error_line(cli_ingest(_source(tmp_path), out))
+        assert re.search(
+            rf"ingest into {re.escape(str(out))}: cannot write .*\(No space left on device, errno ENOSPC\)", line
+        )
+        assert line.endswith("; nothing of this ingest was kept"), line
+        assert list(disk.rglob("*")) == []
+
+
+def test_disk_full_on_overwrite_keeps_the_previous_ingest(tmp_path):
+    """The previous ingest is only replaced once the new shards are complete: a full disk leaves it intact and
+    valid. Mutation: ``_remove_outputs`` before the rows are written (not after) leaves no ingest at all."""
+    small = image_tree(tmp_path / "small", per_class=1, size=16)
+    with tmpfs(tmp_path / "disk", "64k") as disk:
+        out = disk / "shards"
+        ingest(small, out, progress=False)
+        before = files_state(out)
+        line = one_error_line(cli_ingest(_source(tmp_path), out, "--overwrite"))
+        assert "(No space left on device, errno ENOSPC)" in line
+        assert files_state(out) == before
+        assert validate_shards(out, checksums=True).counts == {"train": 2}
+
+
+def test_manifest_write_failing_removes_the_committed_shards(tmp_path, monkeypatch):
+    """ENOSPC injected at the manifest write (the one write after the shards are renamed into place; too small to
+    fill a disk on cue): shards without a manifest would be a half-written ingest, so they go too. Mutation:
+    without the ``try`` around ``write_manifest`` in ``_write_ingest``, train/part-00000.parquet is left."""
+
+    def full(root, manifest):
+        (Path(root) / "manifest.json.tmp").write_text("{")  # what a write cut short leaves
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(root) / "manifest.json.tmp"))
+
+    monkeypatch.setattr(ingest_module, "write_manifest", full)
+    out = tmp_path / "out"
+    with pytest.raises(
+        ValueError, match=r"cannot write .*manifest\.json\.tmp \(No space left on device, errno ENOSPC\)"
+    ):
+        ingest(_source(tmp_path, 2), out, progress=False)
+    assert not out.exists()
 
 
 # ---- a manifest with wrongly typed fields ----

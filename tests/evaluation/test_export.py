@@ -1,10 +1,15 @@
-"""Export formats: torchvision state dict, TorchScript, detectron2 pickle (resnet18 small stem, 16-24 px)."""
+"""Export formats: torchvision state dict, TorchScript, detectron2 pickle (resnet18 small stem, 16-24 px); a target
+that cannot be written (#33: a regular file in the way, a real read-only or full tmpfs) is one ValueError naming the
+path and the errno, leaving no temp file and the old file as it was."""
 
 from __future__ import annotations
 
 import pickle
+import subprocess
 import warnings
+from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +164,56 @@ def test_mismatched_state_dict_and_bad_input_give_clear_errors(split_bn_backbone
     with pytest.raises(ValueError, match="weights-only"):
         load_torchvision_backbone(bad, "resnet18")
     assert not (tmp_path / "x.onnx").exists()
+
+
+# ---- a target that cannot be written ----
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A real 1 MB tmpfs holding an old ``enc.pt`` (a resnet18 export is ~45 MB: it cannot fit)."""
+    path = tmp_path / "disk"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here; needs root with CAP_SYS_ADMIN (chmod does not stop root)")
+    (path / "enc.pt").write_bytes(b"the old export")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_export_under_a_regular_file_names_it(split_bn_backbone, tmp_path):
+    """Mutation: without `check_export_target` in `save_export`, mkdir's "(File exists, errno EEXIST)" for the
+    parent, after the state dict was built, not naming the file in the way."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError) as e:
+        save_export(split_bn_backbone, "resnet18", True, "torchvision", afile / "enc.pt")
+    assert str(e.value) == f"export: cannot write {afile}/enc.pt ({afile} is not a directory)"
+
+
+@pytest.mark.parametrize("fmt", ["torchvision", "torchscript", "detectron2"])
+def test_export_to_a_full_disk_keeps_the_old_file(split_bn_backbone, small_disk, fmt):
+    """ENOSPC for real. Mutations: writing with ``torch.save(state, tmp)`` straight to the file (not serialised in
+    memory first) raises torch's "RuntimeError: [enforce fail at inline_container.cc] unexpected pos" with no
+    errno (a traceback); without ``except OSError`` in ``_write_atomic``, a bare OSError; both fail here."""
+    with pytest.raises(ValueError) as e:
+        save_export(split_bn_backbone, "resnet18", True, fmt, small_disk / "enc.pt", image_size=16)
+    assert str(e.value) == f"export: cannot write {small_disk}/enc.pt (No space left on device, errno ENOSPC)"
+    assert [p.name for p in small_disk.iterdir()] == ["enc.pt"]  # no temp file left
+    assert (small_disk / "enc.pt").read_bytes() == b"the old export"
+
+
+def test_export_to_a_read_only_mount_is_refused_before_serialising(split_bn_backbone, small_disk, monkeypatch):
+    """EROFS, found by `check_export_target`'s probe before the state dict is built (mutation: without it, the
+    failure comes from mkstemp after serialising: the same line, but `torchvision_state_dict` ran)."""
+    import moco_ray.evaluation.export as export_module
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    built = []
+    monkeypatch.setattr(export_module, "torchvision_state_dict", lambda *a: built.append(a) or {})
+    with pytest.raises(ValueError) as e:
+        save_export(split_bn_backbone, "resnet18", True, "torchvision", small_disk / "enc.pt")
+    assert str(e.value) == f"export: cannot write {small_disk}/enc.pt (Read-only file system, errno EROFS)"
+    assert built == [] and (small_disk / "enc.pt").read_bytes() == b"the old export"
