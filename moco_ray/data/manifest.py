@@ -3,7 +3,8 @@
 The manifest is written last and atomically, so a directory without one is not a finished ingest. Shard paths
 are relative to the root, so a shard directory can be copied to object storage and read from there (any
 pyarrow / fsspec URI). The row arithmetic of a run lives here too: which rows ``data.limit`` keeps
-(`usable_rows`, `split_files`) and how many steps an epoch has (`steps_per_epoch`).
+(`usable_rows`, `split_files`) and how many steps an epoch has (`steps_per_epoch`). A remote location is checked
+within a deadline before a run uses it (`probe_remote`, ``MOCO_RAY_REMOTE_TIMEOUT_S``).
 """
 
 from __future__ import annotations
@@ -11,14 +12,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 MANIFEST_FILE = "manifest.json"
+# Seconds a remote location (s3://, gs://, ...) gets to answer a driver-side check before the run is refused: a
+# missing bucket or a dead endpoint is one line in seconds, not pyarrow's retries (GCS: 15 minutes) in silence.
+REMOTE_TIMEOUT_ENV = "MOCO_RAY_REMOTE_TIMEOUT_S"
+DEFAULT_REMOTE_TIMEOUT_S = 20.0
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -135,20 +148,165 @@ def check_fields(d: Any) -> None:
             _require(s[name], kind, f"shards[{i}].{name}")
 
 
-def resolve_fs(root: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a pyarrow / fsspec URI (s3://, gs://, hdfs://, ...)."""
+def resolve_fs(root: str | os.PathLike, *, timeout_s: float | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a pyarrow / fsspec URI (s3://, gs://, hdfs://, ...).
+
+    ``timeout_s``: for a driver-side check, S3 / GCS clients whose own timeouts and retries end within about that
+    long, so an unreachable endpoint gives its own error; training keeps pyarrow's patient defaults.
+    """
     root = str(root)
     if "://" not in root:
         return pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
     try:
-        return pafs.FileSystem.from_uri(root)
+        fs, path = pafs.FileSystem.from_uri(root)
     except (ValueError, NotImplementedError) as e:  # a scheme pyarrow lacks (ArrowInvalid is a ValueError): fsspec
         try:
             import fsspec  # lazy: optional dependency, only for schemes pyarrow lacks
-        except ImportError:
-            raise ValueError(f"{root}: pyarrow cannot open this URI ({e}) and fsspec is not installed") from None
-        fs, path = fsspec.core.url_to_fs(root)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+            fss, path = fsspec.core.url_to_fs(root)
+        except (ImportError, ValueError) as ie:  # no fsspec, an unknown scheme, or its package missing (adlfs)
+            raise ValueError(f"{root}: pyarrow cannot open this URI ({e}) and fsspec cannot either ({ie})") from None
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fss)), path
+    return (fs if timeout_s is None else _bounded(fs, timeout_s)), path
+
+
+def _bounded(fs: pafs.FileSystem, timeout_s: float) -> pafs.FileSystem:
+    """``fs`` rebuilt from its own options (what pickling uses: region, endpoint, credentials as resolved) with
+    per-request timeouts and retries that end within ~``timeout_s``: a check left behind by its deadline then ends
+    soon too (pyarrow's S3 finalisation at exit waits for requests in flight). ``fs`` itself when that fails."""
+    step = max(1.0, timeout_s / 4)
+    try:
+        kwargs = dict(fs.__reduce__()[1][0])
+        if isinstance(fs, pafs.S3FileSystem):
+            kwargs.update(connect_timeout=step, request_timeout=step)
+            return pafs.S3FileSystem(**kwargs, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
+        if type(fs).__name__ == "GcsFileSystem":  # pyarrow built without GCS has no class to isinstance against
+            return type(fs)(**{**kwargs, "retry_time_limit": timedelta(seconds=step)})
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        pass
+    return fs
+
+
+def remote_timeout_s() -> float:
+    """Seconds a remote location gets to answer a check: ``MOCO_RAY_REMOTE_TIMEOUT_S``, default 20."""
+    raw = os.environ.get(REMOTE_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_REMOTE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:  # NaN too
+        raise ValueError(f"{REMOTE_TIMEOUT_ENV}: {raw!r} is not a number of seconds > 0")
+    return value
+
+
+def no_answer(what: str, timeout_s: float) -> ValueError:
+    """The one-line refusal of a remote location that did not answer in time."""
+    return ValueError(
+        f"{what} did not answer within {timeout_s:g} s (check the endpoint, the network and the credentials; "
+        f"{REMOTE_TIMEOUT_ENV}=SECONDS waits longer)"
+    )
+
+
+def within_deadline(fn: Callable[[], _T], what: str, timeout_s: float) -> _T:
+    """``fn()`` in a daemon thread, waited for in 0.1 s slices; ValueError "``what`` did not answer within N s".
+
+    A C++ filesystem call blocked on the network holds the main thread until it returns, Ctrl-C included (seen:
+    a gs:// check answered a Ctrl-C after 1000 s); joined in slices, the KeyboardInterrupt lands at once. The
+    thread is left behind on a timeout and ends with its own (bounded, see `resolve_fs`) timeouts or the process.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="moco-ray-remote-check", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while thread.is_alive():
+        if time.monotonic() >= deadline:
+            raise no_answer(what, timeout_s)
+        thread.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's first line, cut to ``limit`` characters (GCS errors run to kilobytes)."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# What `probe_remote`'s child process runs: the check, and its one-line refusal (if any) as the last line.
+_PROBE_CHILD = """
+import sys
+from moco_ray.data.manifest import _probe
+try:
+    _probe(sys.argv[1], sys.argv[2], sys.argv[3] == "write", float(sys.argv[4]))
+except ValueError as e:
+    print(e)
+    sys.exit(1)
+"""
+
+
+def probe_remote(root: str, key: str, *, write: bool = False) -> None:
+    """Check that remote location ``root`` (config key ``key``) answers, within `remote_timeout_s`: its bucket
+    exists (S3, GCS) and, with ``write``, an object can be written under it and deleted. One-line ValueError
+    otherwise: a missing bucket, an endpoint that refuses or never answers, missing credentials.
+
+    The check runs in a child process, killed at the deadline or on Ctrl-C: a pyarrow call blocked on the network
+    holds its thread (and Ctrl-C) until it returns, and left running in this process it would hold the exit too:
+    pyarrow's S3 shutdown waits for requests in flight (measured: 100 s on an endpoint that never answers), and
+    the bucket-region lookup of ``s3://`` and the GCS client (15 minutes) retry with their own, long defaults.
+    """
+    timeout = remote_timeout_s()
+    pkg_root = str(Path(__file__).resolve().parents[2])  # this moco_ray, even when it is not installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))}
+    argv = [sys.executable, "-c", _PROBE_CHILD, root, key, "write" if write else "read", str(timeout)]
+    pipes = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    child = subprocess.Popen(argv, **pipes, text=True, env=env)
+    try:
+        child.wait(timeout=timeout)  # Ctrl-C lands at once: wait() polls in short sleeps
+    except subprocess.TimeoutExpired:
+        raise no_answer(f"{key}: {root}", timeout) from None
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        out = child.stdout.read() if child.stdout else ""
+        if child.stdout:
+            child.stdout.close()
+    if child.returncode != 0:
+        last = (out.strip().splitlines() or [f"exit code {child.returncode}"])[-1]
+        raise ValueError(last if last.startswith(f"{key}: ") else f"{key}: checking {root} failed ({last})")
+
+
+def _probe(root: str, key: str, write: bool, timeout_s: float) -> None:
+    """`probe_remote`'s check itself (in its child process)."""
+    try:
+        fs, path = resolve_fs(root, timeout_s=timeout_s)  # s3:// without an endpoint looks the bucket's region up
+        bucket = path.split("/", 1)[0] if fs.type_name in ("s3", "gcs") else ""
+        infos = fs.get_file_info([bucket, path] if bucket else [path])
+    except ValueError as e:  # not a URI pyarrow or fsspec can open
+        raise ValueError(f"{key}: {e}") from None
+    except OSError as e:  # refused, timed out, no credentials, access denied
+        raise ValueError(f"{key}: cannot reach {root} ({first_line(e)})") from None
+    if bucket and infos[0].type == pafs.FileType.NotFound:
+        raise ValueError(f"{key}: {root}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
+    if not write:
+        return
+    probe = join(path, f".moco-ray-write-check-{uuid.uuid4().hex}")
+    try:
+        with fs.open_output_stream(probe) as f:
+            f.write(b"moco-ray write check\n")
+        fs.delete_file(probe)
+    except OSError as e:
+        raise ValueError(f"{key}: cannot write to {root} ({first_line(e)})") from None
 
 
 def join(base: str, rel: str) -> str:

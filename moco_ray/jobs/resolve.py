@@ -14,14 +14,25 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 import torch
 
 from moco_ray.config import Config, absolute
-from moco_ray.data.ingest import ingest
-from moco_ray.data.manifest import Manifest, check_enough_rows, manifest_exists
+from moco_ray.data.manifest import (
+    Manifest,
+    check_enough_rows,
+    first_line,
+    join,
+    manifest_exists,
+    probe_remote,
+    remote_timeout_s,
+    resolve_fs,
+    within_deadline,
+)
 from moco_ray.data.schema import validate_shards
 from moco_ray.jobs.resources import Needs, check_fits, current_view
-from moco_ray.tracking.store import check_tracking_uri, ensure_store, resolve_tracking_uri
+from moco_ray.tracking.store import check_artifact_location, check_tracking_uri, ensure_store, resolve_tracking_uri
 from moco_ray.train.checkpoint import STATE_FILE, is_complete
 
 
@@ -62,10 +73,13 @@ def storage_path(cfg: Config) -> str:
 def check_writable(path: str) -> None:
     """Create-and-delete a probe file in the nearest existing directory: ``os.access`` says yes to root for any
     path, even one under a regular file or on a read-only mount, and the run would only fail at its first
-    checkpoint."""
-    if "://" in path:
+    checkpoint. Object storage (s3://, gs://, ...): a small object written and deleted under ``path``, within
+    `remote_timeout_s` (a missing bucket or a dead endpoint would otherwise fail the run at its first checkpoint,
+    after Ray started)."""
+    if "://" in path and not path.startswith("file:"):
+        probe_remote(path, "train.storage_path", write=True)
         return
-    p = Path(path)
+    p = Path(resolve_fs(path)[1] if "://" in path else path)  # file:///x -> /x
     probe = p if p.exists() else next((q for q in p.parents if q.exists()), Path("/"))
     if not probe.is_dir():
         raise ValueError(f"train.storage_path: cannot write to {path} ({probe} is not a directory)")
@@ -81,10 +95,13 @@ def check_targets(cfg: Config) -> tuple[str, str]:
     before anything is written."""
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_tracking_uri(uri)
+    check_artifact_location(uri, cfg.tracking.experiment)
     store = storage_path(cfg)
     check_writable(store)
     if not cfg.data.shards:
         raise ValueError("data.shards: no dataset given; ingest one with `moco-ray ingest SOURCE OUT`")
+    if "://" in cfg.data.shards:  # before anything reads it: a dead endpoint answers in seconds, not minutes
+        probe_remote(cfg.data.shards, "data.shards")
     return uri, store
 
 
@@ -103,7 +120,9 @@ def ingest_missing_shards(cfg: Config, known: Prepared | None = None) -> Manifes
     if manifest_exists(d.shards):
         return None
     print(f"moco-ray: ingesting {d.source} into {d.shards} (first run; later runs reuse the shards)", flush=True)
-    return ingest(d.source, d.shards)
+    from moco_ray.jobs.ingest_job import run_ingest  # lazy: it imports Ray (moco_ray.api stays Ray-free)
+
+    return run_ingest(d.source, d.shards).manifest  # a URI source or shards: the Ray Data ingest
 
 
 def prepare(cfg: Config, known: Prepared | None = None) -> Prepared:
@@ -186,13 +205,41 @@ def knn_available(cfg: Config, manifest: Manifest) -> bool:
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest ``checkpoint_*`` directory holding a complete state file (local storage). A newer one cut short
-    (the run was stopped while Ray copied it into storage) is skipped, and said so."""
-    if "://" in run_dir or not Path(run_dir).is_dir():
+    """The newest ``checkpoint_*`` directory of ``run_dir`` (a local path or a URI: s3://, gs://, file://, ...)
+    holding a complete state file, as a path or URI. A newer one cut short (the run was stopped while Ray copied it
+    into storage) is skipped, and said so. Object storage answers within `remote_timeout_s` or the resume is
+    refused in one line."""
+    if not run_dir:
         return None
-    cands = [p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file()]
-    for p in sorted(cands, key=lambda p: (p.stat().st_mtime, p.name), reverse=True):
-        if is_complete(p / STATE_FILE):
-            return str(p)
-        print(f"moco-ray: skipping {p.name}: its {STATE_FILE} is incomplete (the run stopped while it was written)")
+    if "://" not in run_dir:
+        return _latest_in(run_dir, None)
+    if not run_dir.startswith("file:"):  # a dead endpoint: refused in seconds, and Ctrl-C works
+        probe_remote(run_dir, "train.storage_path")
+    timeout = remote_timeout_s()
+    try:
+        return within_deadline(lambda: _latest_in(run_dir, timeout), f"train.storage_path: {run_dir}", timeout)
+    except OSError as e:
+        raise ValueError(f"train.storage_path: cannot read the checkpoints in {run_dir} ({first_line(e)})") from None
+
+
+def _latest_in(run_dir: str, timeout_s: float | None) -> str | None:
+    fs, base = resolve_fs(run_dir, timeout_s=timeout_s)
+    entries = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    dirs = [e for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")]
+    states = fs.get_file_info([join(d.path, STATE_FILE) for d in dirs])
+    cands = [(s.mtime_ns or 0, d.base_name, s.path) for d, s in zip(dirs, states) if s.type == pafs.FileType.File]
+    for _, name, state in sorted(cands, reverse=True):
+        if _whole(fs, state):
+            return f"{run_dir.rstrip('/')}/{name}" if "://" in run_dir else str(Path(run_dir) / name)
+        print(f"moco-ray: skipping {name}: its {STATE_FILE} is incomplete (the run stopped while it was written)")
     return None
+
+
+def _whole(fs: pafs.FileSystem, path: str) -> bool:
+    """`is_complete` read through ``fs`` (only the zip's end is read, not the whole state). A file cut short can
+    send zipfile's seek before the start: pyarrow's ArrowInvalid, where a local file gives BadZipFile."""
+    with fs.open_input_file(path) as f:
+        try:
+            return is_complete(f)
+        except pa.ArrowInvalid:
+            return False
