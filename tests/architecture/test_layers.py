@@ -100,6 +100,18 @@ def test_every_dynamic_import_is_readable():
     assert not bad, bad
 
 
+def test_the_api_and_the_cli_import_without_ray():
+    """`import moco_ray.api` (notebooks, scripts) and the CLI's module (every `moco-ray --help`) load no Ray:
+    half a second of import, and the Ray-free entry points stay so. Run in a fresh interpreter, as a user's is.
+    Mutation caught: `jobs/resolve.py` importing `jobs.ingest_job` (which imports Ray) at its top."""
+    import subprocess
+    import sys
+
+    code = "import sys, moco_ray.api, moco_ray.cli.main, moco_ray.jobs.resolve; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr[-2000:]
+
+
 def test_no_import_cycles():
     assert GRAPH.cycles() == []
 
