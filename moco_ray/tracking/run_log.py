@@ -30,7 +30,7 @@ from moco_ray.core.defaults import IMAGENET_MEAN, IMAGENET_STD, feature_dim
 from moco_ray.envvars import scoped_env
 from moco_ray.tracking.datasets import log_split_inputs
 from moco_ray.tracking.history import EpochMetrics
-from moco_ray.tracking.store import client
+from moco_ray.tracking.store import client, write_error
 from moco_ray.version import __version__
 
 if TYPE_CHECKING:
@@ -46,6 +46,8 @@ ENCODER_MODEL_URI_TAG = "moco_ray.encoder_model_uri"  # run tag: the mlflow.pyto
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_EXPERIMENT_KIND = "custom_model_development"
 URI_ENV = "MLFLOW_TRACKING_URI"
+# run tag: one line per restore that discarded logged epochs (their points stay in MLflow's history)
+DISCARDED_EPOCHS_TAG = "moco_ray.discarded_epochs"
 
 
 @dataclass
@@ -184,22 +186,42 @@ class RunLog:
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / name
             p.write_text(text)
-            self.client.log_artifact(self.run_id, str(p), artifact_path)
+            self.log_artifact(p, artifact_path)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        try:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        except OSError as e:  # a full disk, a read-only or blocked artifact location: one line naming where
+            raise write_error(f"run {self.run_id}", f"its artifacts at {self.get().info.artifact_uri}", e) from None
 
-    def log_epochs(self, history: Sequence[EpochMetrics]) -> int:
-        """Log each epoch's metrics (step = epoch, names as in ``EpochMetrics.as_dict``) not logged yet; returns how
-        many epochs were written.
+    def log_epochs(self, history: Sequence[EpochMetrics], after: int | None = None) -> int:
+        """Log each epoch's metrics (step = epoch, names as in ``EpochMetrics.as_dict``) not logged yet, and every
+        epoch past ``after`` even if logged; returns how many epochs were written.
 
-        Idempotent by design: after a worker restart the same epochs come again from the checkpoint's history and
-        are skipped, so per-epoch metrics are neither lost nor duplicated.
+        Idempotent up to ``after``: after a worker restart the same epochs come again from the checkpoint's history
+        and are skipped, so per-epoch metrics are neither lost nor duplicated. Past ``after`` (the restored
+        checkpoint's epoch) they are this model's: a point MLflow already holds there came from a branch that was
+        discarded (:meth:`mark_discarded`), and MLflow cannot delete it, so the new point goes at the same step with
+        a later timestamp, which MLflow shows as the latest value.
         """
         done = self.logged_steps("epoch")
-        new = [h for h in history if h.epoch not in done]
+        new = [h for h in history if h.epoch not in done or (after is not None and h.epoch > after)]
         self.log_metric_points((k, v, h.epoch) for h in new for k, v in h.as_dict().items())
         return len(new)
+
+    def mark_discarded(self, after: int, why: str) -> list[int]:
+        """The logged epochs past ``after`` (0-based; -1: none kept), which a restore from epoch ``after``'s
+        checkpoint discards: one line appended to the ``DISCARDED_EPOCHS_TAG`` tag ("epochs 4-5 discarded by resume
+        after epoch 3", 1-based as the console counts), so the run says which points are not its model's until they
+        are logged again. Returns those epochs (0-based); nothing logged past ``after``: nothing written."""
+        stale = sorted(e for e in self.logged_steps("epoch") if e > after)
+        if not stale:
+            return []
+        since = f"after epoch {after + 1}" if after >= 0 else "before the first checkpoint"
+        line = f"{_epoch_ranges(stale)} discarded by {why} {since}"
+        lines = [*self.get().data.tags.get(DISCARDED_EPOCHS_TAG, "").splitlines(), line]
+        self.set_tags({DISCARDED_EPOCHS_TAG: "\n".join(lines)})
+        return stale
 
     def log_step_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Metrics at MLflow step ``step`` (in training the global step, comparable across runs; a summary: 0)."""
@@ -325,6 +347,18 @@ class RunLog:
         return encoder_uri
 
 
+def _epoch_ranges(epochs: list[int]) -> str:
+    """0-based sorted epochs as 1-based ranges: [3] -> "epoch 4"; [3, 4, 6] -> "epochs 4-5, 7"."""
+    runs: list[list[int]] = []
+    for e in epochs:
+        if runs and e == runs[-1][-1] + 1:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    text = ", ".join(f"{r[0] + 1}" if len(r) == 1 else f"{r[0] + 1}-{r[-1] + 1}" for r in runs)
+    return f"epoch {text}" if len(epochs) == 1 else f"epochs {text}"
+
+
 def _no_artifact_bar() -> contextlib.AbstractContextManager[None]:
     """No "Downloading artifacts" progress bar: moco-ray's downloads are a config, an encoder or a model's
     metadata, and the bar (one per call, several per run) would sit between the epoch and result lines."""
@@ -422,10 +456,14 @@ def _new_run(
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client(uri).create_run(exp_id, tags=all_tags, run_name=run_name or None)
     log = RunLog(uri, run.info.run_id)
-    log.log_params(params)
-    log.set_tags(all_tags)
-    if config_yaml is not None:
-        log.log_text(config_yaml, CONFIG_FILE)
+    try:
+        log.log_params(params)
+        log.set_tags(all_tags)
+        if config_yaml is not None:
+            log.log_text(config_yaml, CONFIG_FILE)
+    except BaseException:  # e.g. an artifact location that became unwritable after the pre-Ray check: not RUNNING
+        log.finish("FAILED")
+        raise
     return log
 
 

@@ -8,15 +8,18 @@ are the one place that knows its keys.
 
 from __future__ import annotations
 
+import io
+import pickle
 import random
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
+from moco_ray.data.manifest import join, resolve_fs
 from moco_ray.tracking.history import EpochMetrics
 
 STATE_FILE = "state.pt"
@@ -125,19 +128,58 @@ def is_complete(path: str | Path) -> bool:
         return False
 
 
+class NotACheckpoint(ValueError):
+    """A checkpoint whose state file moco-ray did not write or cannot read back (tampered with, damaged): one line
+    naming it, nothing in it run. A ValueError, so the CLI prints it as ``moco-ray: error: ...`` (exit 2)."""
+
+    def __init__(self, directory: str | Path, why: str) -> None:
+        super().__init__(f"checkpoint {directory} is not a moco-ray checkpoint: {why}")
+
+
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> TrainState:
     """The state as saved, on the CPU by default: ``load_state_dict`` copies weights onto the model's device.
 
+    ``directory`` is a local path or a URI (``s3://``, ``file://``: read through pyarrow, as Ray Train writes it).
     With another ``map_location`` everything but the RNG states moves there; those stay CPU ByteTensors whatever
     the location (``torch.set_rng_state`` accepts nothing else, and a ``meta`` tensor has no data to restore).
+    A file that is not a whole moco-ray state (a pickle of other objects, a damaged archive, other keys) raises
+    :class:`NotACheckpoint`; ``weights_only`` loading means nothing in it runs.
     """
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"not a moco-ray checkpoint (no {STATE_FILE}): {directory}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _read_state(directory)
     if torch.device(map_location).type != "cpu":
         state = {k: v if k == "rng" else _to_location(v, torch.device(map_location)) for k, v in state.items()}
-    return TrainState.from_dict(state)
+    try:
+        return TrainState.from_dict(state)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise NotACheckpoint(directory, f"its {STATE_FILE} lacks moco-ray's training state ({e!r})") from None
+
+
+def _read_state(directory: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` of the directory's state file, errors as one line each."""
+    try:
+        with _open_state(str(directory)) as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text suggests weights_only=False: the one thing not to do here
+        why = f"its {STATE_FILE} holds Python objects other than tensors and plain values (refused, nothing run)"
+        raise NotACheckpoint(directory, why) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise NotACheckpoint(directory, f"its {STATE_FILE} cannot be read ({first})") from None
+
+
+def _open_state(directory: str) -> BinaryIO:
+    """The state file of a local directory or of a URI (Ray Train's storage on S3 and the like)."""
+    if "://" not in directory:
+        path = Path(directory) / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"not a moco-ray checkpoint (no {STATE_FILE}): {directory}")
+        return path.open("rb")
+    fs, path = resolve_fs(directory)
+    try:
+        with fs.open_input_file(join(path, STATE_FILE)) as f:
+            return io.BytesIO(f.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"not a moco-ray checkpoint (no {STATE_FILE}): {directory}") from None
 
 
 def _to_location(obj: Any, device: torch.device) -> Any:

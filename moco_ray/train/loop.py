@@ -112,7 +112,10 @@ class Worker:
         self.start_epoch, self.global_step = 0, 0
         self.history: list[EpochMetrics] = []
         self.reporter = Reporter(spec, self.rank, self.world)
-        self._restore()
+        state, why = self._restore()
+        if state is not None:
+            self._load(state)
+        self.reporter.start(self.model, state, why)
         if self.world > 1:
             broadcast_state(self.model)
             # only what takes gradients is wrapped; the key encoder and queue are kept equal by the method itself
@@ -127,14 +130,21 @@ class Worker:
         self.shard = ray.train.get_dataset_shard("train")
         self.watchdog = StallWatchdog(cfg.data.stall_timeout_s, self.rank)  # fails a stream that stalls
 
-    def _restore(self) -> None:
-        """Continue from Ray Train's checkpoint after a worker failure, else from ``spec.resume_from``."""
+    def _restore(self) -> tuple[TrainState | None, str]:
+        """The state to continue from, and why: Ray Train's checkpoint after a worker failure in this fit, else the
+        driver's one choice (``spec.resume_from``, read whole on the driver), else none (the first epoch).
+
+        ``get_checkpoint()`` names only checkpoints this fit reported: before a resumed fit the driver removes Ray
+        Train's record of the earlier fits (``jobs.resume.forget_ray_record``), which named another checkpoint than
+        the driver's (older, or cut short) after a killed driver.
+        """
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                self._load(load_state(d))
-        elif self.spec.resume_from:
-            self._load(load_state(self.spec.resume_from))
+                return load_state(d), "a worker restart"
+        if self.spec.resume_from:
+            return load_state(self.spec.resume_from), "resume"
+        return None, "a worker restart"
 
     def _load(self, state: TrainState) -> None:
         # state is on the CPU (load_state's map_location): load_state_dict copies onto the model's device, and the
@@ -144,8 +154,6 @@ class Worker:
         self.start_epoch, self.global_step = state.epoch + 1, state.global_step
         self.history = list(state.history)
         set_rng_state(state.rng_of(self.rank))
-        if self.rank == 0:
-            self.reporter.note_restore(self.model, state)
 
     def _gpu_augment(self) -> GpuViewAugment | None:
         if self.cfg.aug.device != "gpu":

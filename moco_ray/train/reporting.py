@@ -26,12 +26,16 @@ class Reporter:
     """What a rank sends out: every rank reports each epoch; rank 0 also checkpoints and writes the MLflow run.
 
     MLflow metrics are written only after the checkpoint that holds them is persisted (and from the checkpoint's
-    history on restore), so a worker restart neither loses nor duplicates an epoch.
+    history on restore), so a worker restart neither loses nor duplicates an epoch. An epoch logged past the
+    restored checkpoint (persisted and logged, then lost to Ray's record: the driver killed before Ray registered
+    it, a worker killed likewise) belonged to a discarded branch: :meth:`start` marks it and the epochs of this
+    model are logged again over it.
     """
 
     def __init__(self, spec: RunSpec, rank: int, world: int) -> None:
         self.spec, self.rank, self.world = spec, rank, world
         self.run = RunLog(spec.tracking_uri, spec.run_id) if rank == 0 else None
+        self.logged_through = -1  # the last epoch whose metrics this worker group's model has in MLflow
 
     def record_worker_nodes(self) -> None:
         """Tag the run with the Ray node of every worker, so a multi-node run shows which nodes took part."""
@@ -42,6 +46,17 @@ class Reporter:
             dist.all_gather_object(nodes, node)
         if self.run is not None:
             self.run.set_tags({"moco_ray.worker_nodes": ",".join(nodes)})
+
+    def start(self, model: ContrastiveMethod, state: TrainState | None, why: str) -> None:
+        """Rank 0, once the model is built and restored (``state``: the checkpoint, None when training from the
+        start): the run's epochs logged past it are marked discarded (``why``: "resume", "a worker restart") and
+        will be logged again from this model; tags name what a restore continued from."""
+        if self.run is None:
+            return
+        self.logged_through = state.epoch if state is not None else -1
+        self.run.mark_discarded(self.logged_through, why)
+        if state is not None:
+            self.note_restore(model, state)
 
     def note_restore(self, model: ContrastiveMethod, state: TrainState) -> None:
         """Tags that show what a restart continued from (the queue's digest proves it came back bit-exact)."""
@@ -97,4 +112,5 @@ class Reporter:
             save_state(d, state)
             ray.train.report(history[-1].as_dict(), checkpoint=ray.train.Checkpoint.from_directory(d))
         assert self.run is not None
-        self.run.log_epochs(history)
+        self.run.log_epochs(history, after=self.logged_through)
+        self.logged_through = epoch
