@@ -1,17 +1,23 @@
 """The ``moco-ray`` console script.
 
 Errors a user can fix (bad config values, missing paths, wrong shard schema, unknown runs) print one line,
-``moco-ray: error: ...``, and exit 2, instead of a traceback. Ctrl-C exits 130, a run or sweep stopped early with
-nothing lost (``--resume`` continues it) exits 3; both print the command that continues.
+``moco-ray: error: ...``, and exit 2, instead of a traceback. Ctrl-C exits 130; SIGTERM (``kill``, ``ray job stop``,
+Slurm, Kubernetes) and SIGHUP (the terminal closed) take the same path and exit 143 / 129. A run or sweep stopped
+early with nothing lost (``--resume`` continues it) exits 3. Each prints one line, with the command that continues
+when there is something to continue.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 
 from moco_ray.cli import evaluate
+from moco_ray.config import TrackingConfig
+from moco_ray.jobs.local_ray import interruption, stop_signal, stop_signals_as_ctrl_c
 from moco_ray.version import __version__
 
 QUICKSTART = "experiments/quickstart.yaml"
@@ -29,7 +35,11 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
-    from moco_ray.jobs.pretrain import RunInterrupted, run_pretraining  # lazy: --help stays fast (torch/Ray/mlflow)
+    from moco_ray.jobs.pretrain import (  # lazy: --help stays fast (torch/Ray/mlflow)
+        RunInterrupted,
+        RunKilled,
+        run_pretraining,
+    )
 
     config = a.config if a.config else (None if a.resume else _default_config())
     try:
@@ -37,6 +47,13 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     except RunInterrupted as e:
         print(f"moco-ray: {e}", file=sys.stderr)
         return 3
+    except RunKilled:
+        raise
+    except KeyboardInterrupt:  # before the MLflow run was created (or reopened): nothing of it started
+        if not a.resume:
+            raise KeyboardInterrupt(f"{interruption()} before the run started: nothing to resume") from None
+        again = shlex.join(["moco-ray", "pretrain", "--resume", a.resume, *a.overrides])
+        raise KeyboardInterrupt(f"{interruption()} before run {a.resume} restarted; continue with: {again}") from None
     print(f"\nrun id: {res.run_id}")
     print("final: " + "  ".join(f"{k} {v:.4g}" for k, v in res.metrics.items() if k != "epoch"))
     print(f"encoder: {res.encoder_uri}\ncheckpoint: {res.checkpoint_path}")
@@ -54,21 +71,31 @@ def _where_to_look(uri: str, run_id: str) -> str:
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
-    from moco_ray.data.ingest import ingest  # lazy: --help stays fast (torch/Ray/mlflow)
+    from moco_ray.jobs.ingest_job import run_ingest  # lazy: --help stays fast (torch/Ray/mlflow)
 
-    m = ingest(
-        a.source,
-        a.out,
-        split=a.split,
-        shard_size_mb=a.shard_size_mb,
-        strict=a.strict,
-        overwrite=a.overwrite,
-        num_workers=a.workers,
-        reencode=a.reencode,
-    )
-    counts = getattr(m, "counts", None)
-    skipped = getattr(m, "skipped", [])
-    print(f"ingested {a.source} -> {a.out}: {counts}; skipped {len(skipped)} bad file(s)")
+    try:
+        r = run_ingest(
+            a.source,
+            a.out,
+            split=a.split,
+            shard_size_mb=a.shard_size_mb,
+            strict=a.strict,
+            overwrite=a.overwrite,
+            workers=a.workers,
+            reencode=a.reencode,
+            ray=a.ray,
+        )
+    except KeyboardInterrupt:  # shards are committed only once all are written (moco_ray.data.ingest)
+        raise KeyboardInterrupt(f"ingest {interruption()}; nothing half-written in {a.out}: run it again") from None
+    print(r.summary(a.source, a.out))
+    return 0
+
+
+def cmd_runs(a: argparse.Namespace) -> int:
+    from moco_ray.jobs.runs import experiment_runs, format_table, sort_rows  # lazy: --help stays fast (mlflow)
+
+    rows = sort_rows(experiment_runs(a.experiment, a.tracking_uri), a.sort, a.reverse)
+    print(format_table(rows))
     return 0
 
 
@@ -84,7 +111,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     print(res.table.to_string(index=False))
     print(f"\nparent run: {res.parent_run_id}\nbest trial: {res.best}")
     if not res.complete:  # Tune's SIGINT handler ends the sweep normally, with trials left unfinished
-        raise KeyboardInterrupt(f"sweep interrupted; continue with: {resume_command(a.config)}")
+        raise KeyboardInterrupt(f"sweep {interruption()}; continue with: {resume_command(a.config)}")
     return 0
 
 
@@ -118,15 +145,34 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
     ing = sub.add_parser("ingest", help="turn an image tree or dataset into Parquet shards + manifest")
-    ing.add_argument("source", help="ImageFolder dir, torchvision:cifar10|cifar100|stl10, or digits (offline)")
-    ing.add_argument("out", help="output directory (or URI) for the shards")
+    ing.add_argument(
+        "source",
+        help="ImageFolder dir or URI (s3://bucket/prefix, gs://...), torchvision:cifar10|cifar100|stl10, or digits",
+    )
+    ing.add_argument("out", help="output directory or URI (s3://bucket/prefix, gs://...) for the shards")
     ing.add_argument("--split", help="only this split")
-    ing.add_argument("--shard-size-mb", type=float, default=64.0)
+    ing.add_argument("--shard-size-mb", type=float, default=None, help="default 64; with Ray 128 (less for small data)")
+    ing.add_argument(
+        "--ray",
+        action="store_true",
+        help="run as a Ray Data job (the cluster in RAY_ADDRESS or running here, else a local Ray); a URI SOURCE or "
+        "OUT always does",
+    )
     ing.add_argument("--strict", action="store_true", help="fail on any bad image instead of skipping it")
     ing.add_argument("--overwrite", action="store_true", help="replace an existing, different output")
-    ing.add_argument("--workers", type=int, default=None, help="parallel readers (default: CPU count)")
+    ing.add_argument("--workers", type=int, default=None, help="parallel readers (default: CPU count; Ray: per task)")
     ing.add_argument("--reencode", choices=["jpeg", "png"], default=None, help="re-encode images (default: keep)")
     ing.set_defaults(func=cmd_ingest)
+
+
+def _add_runs(sub: argparse._SubParsersAction) -> None:
+    rn = sub.add_parser("runs", help="an experiment's runs as a table (name, state, method, K, m, T, metrics)")
+    rn.add_argument("experiment", nargs="?", default=TrackingConfig().experiment, help="default: %(default)s")
+    sorts = ["start", "name", "state", "method", "K", "m", "T", "epochs", "loss", "knn_top1", "eval_linear_top1"]
+    rn.add_argument("--sort", default="start", choices=sorts, help="column (metrics best first, start newest first)")
+    rn.add_argument("--reverse", action="store_true", help="the other order")
+    rn.add_argument("--tracking-uri", default="")
+    rn.set_defaults(func=cmd_runs)
 
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
@@ -196,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"moco-ray {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_pretrain, _add_ingest, _add_sweep, _add_eval, _add_export, _add_import_checkpoint):
+    for add in (_add_pretrain, _add_ingest, _add_sweep, _add_eval, _add_export, _add_import_checkpoint, _add_runs):
         add(sub)
     return p
 
@@ -208,14 +254,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return a.func(a)
+        with stop_signals_as_ctrl_c():  # SIGTERM / SIGHUP: Ctrl-C's path (a run KILLED, the hint, Ray shut down)
+            return a.func(a)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"moco-ray: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # RunKilled / a sweep's interrupt carry the exact command that continues
-        hint = str(e) or "interrupted; a pretraining continues with `moco-ray pretrain --resume RUN_ID`"
-        print(f"moco-ray: {hint}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # RunKilled / a sweep's interrupt say what there is to continue, and how
+        _say(f"moco-ray: {str(e) or interruption()}")
+        return 128 + stop_signal()  # 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr, if it can still be shown: after SIGHUP the terminal may be gone (writes fail with EIO),
+    and Python's own flush at exit would then fail too (exit 120 instead of 129)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
 
 
 if __name__ == "__main__":

@@ -77,6 +77,21 @@ def quiet_worker_logs() -> None:
         logging.getLogger(name).setLevel(level)
     logging.getLogger(TRAIN_ERROR_LOGGER).addFilter(_DropReportedErrors())
     exit_on_swallowed_sigterm()
+    pin_ray_address()
+
+
+def pin_ray_address() -> None:
+    """Point this worker's Ray look-ups (``RAY_ADDRESS``) at the instance it belongs to.
+
+    Ray Train V2's PlacementGroupCleaner asks the State API for the controller every second; with no address that
+    finds *every* GCS process on the machine, and when another Ray instance runs there (a second user, a
+    ``ray start``) it raises "Found multiple active Ray instances": a 30-line traceback on the driver's console
+    from each run, and a cleaner that has stopped watching. Runs in each worker of a local instance (its hook).
+    """
+    with contextlib.suppress(Exception):
+        import ray  # lazy: standard library only at import (this module runs in every worker's start-up)
+
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 RESEND_SIGTERM_AFTER_S = 0.05
@@ -207,6 +222,8 @@ def mute_worker_logs() -> None:
     who asked for the stop and would bury the one line that says how to continue. Uses Ray's private log
     dispatcher; on a Ray without it, the output just keeps showing.
     """
+    if "ray._private.worker" not in sys.modules:  # no Ray in this process (yet): nothing to mute, nothing to import
+        return
     with contextlib.suppress(Exception):
         from ray._private.worker import global_worker_stdstream_dispatcher  # lazy: private Ray API, optional
 
@@ -244,6 +261,98 @@ def muted_on_sigint() -> Iterator[None]:
         real(signal.SIGINT, previous)
 
 
+# The signals a scheduler or a closing terminal sends to end a command: `kill`, `ray job stop`, Slurm and Kubernetes
+# send SIGTERM, a closed terminal SIGHUP. The CLI gives them Ctrl-C's path (stop_signals_as_ctrl_c).
+_routing = {"on": False, "hangup": False}  # within stop_signals_as_ctrl_c; SIGHUP routed (not nohup's)
+_received: list[int] = []  # the stop signals routed so far, first first
+
+
+def stop_signal() -> int:
+    """The signal that is ending this process: the first SIGTERM / SIGHUP routed as Ctrl-C, else SIGINT."""
+    return _received[0] if _received else signal.SIGINT
+
+
+def interruption() -> str:
+    """How to say what stopped the command: "interrupted" (Ctrl-C) or "stopped by SIGTERM" / "... SIGHUP"."""
+    sig = stop_signal()
+    return "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
+
+
+def _as_ctrl_c(signum: int, frame: Any) -> None:
+    """SIGHUP: whatever handles SIGINT now handles it (Python's KeyboardInterrupt, Ray Train's or Tune's graceful
+    stop). SIGTERM: KeyboardInterrupt at once, past Ray's graceful stops.
+
+    A SIGTERM's sender allows little time before SIGKILL (``ray job stop`` 3 s, Slurm and Kubernetes 30 s), and a
+    Slurm job's end (or ``timeout``) signals every process of the job: the local Ray's GCS and raylet shut down with
+    the driver, and the graceful stops waited a minute for them until Ray ended the driver, exit 1, runs RUNNING.
+    Without them the run is recorded KILLED within a second; the local Ray stops at exit, and on a cluster the
+    run's actors end with the driver that owns them. The SIGINT handler is called, not SIGINT raised: a command
+    started in the background by a script (``cmd &``) has SIGINT ignored, and Python then installs no handler.
+    """
+    if signum == signal.SIGHUP and signum in _received:  # the shell's and the kernel's of one closed terminal
+        return
+    _received.append(signum)
+    handler = signal.getsignal(signal.SIGINT)
+    if signum == signal.SIGTERM or not callable(handler):
+        mute_worker_logs()  # the teardown's tracebacks would bury the one line that says what to do
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
+@contextlib.contextmanager
+def stop_signals_as_ctrl_c() -> Iterator[None]:
+    """Within: SIGTERM and SIGHUP end the command the way Ctrl-C does (a run ends KILLED with the command that
+    continues it, Ray shuts down at exit); the handlers before are put back after. The CLI's choice for each command
+    (main thread only), not the library's.
+
+    Without it, SIGTERM hit the C++ failure handler Ray installs in the driver (a ``*** SIGTERM received ... PC:``
+    dump, exit 134, the run FAILED) and SIGHUP ended the driver at once (exit 129, the run left RUNNING). A SIGHUP
+    already ignored (``nohup``) stays ignored. ``init_ray`` installs the handlers again after Ray's own.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    _received.clear()  # a new command: an earlier one's signal (in the same process) is not this one's
+    _routing.update(on=True, hangup=previous[signal.SIGHUP] != signal.SIG_IGN)
+    _install_stop_handlers()
+    try:
+        yield
+    finally:
+        _routing.update(on=False, hangup=False)
+        if signal.SIGHUP in _received:  # the terminal is gone: a late SIGHUP must not cut Ray's shutdown at exit
+            previous[signal.SIGHUP] = signal.SIG_IGN
+        for sig, handler in previous.items():  # None: one installed outside Python (Ray's), not restorable
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _install_stop_handlers() -> None:
+    if not _routing["on"] or threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _as_ctrl_c)
+    if _routing["hangup"]:
+        signal.signal(signal.SIGHUP, _as_ctrl_c)
+
+
+@contextlib.contextmanager
+def _daemons_keep_sighup_for_the_driver() -> Iterator[None]:
+    """While Ray starts its processes: SIGHUP blocked, a mask they inherit (and the driver's Ray threads too).
+
+    A shell sends a closed terminal's SIGHUP to the whole job, and a local Ray's GCS, raylet and agents are in the
+    driver's process group: they died at once, under a driver that still had to stop the run and record it (Ray
+    keeps SIGINT from them the same way). Blocked, not ignored: a SIGHUP that comes meanwhile reaches the driver
+    once Ray has started.
+    """
+    if not (_routing["on"] and _routing["hangup"]) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+
 def init_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`), else to a running local one, else start one
     (``RAY_ADDRESS=local`` starts one).
@@ -261,10 +370,18 @@ def init_ray() -> None:
     if address and address != "local":  # "local": a new local instance, as with no address at all
         steer_log_dedup(local=False)
         ray.init(address=address, **common)
-        return
-    steer_log_dedup(local=True)
+    else:
+        steer_log_dedup(local=True)
+        _start_or_join_local(address, common)
+    _install_stop_handlers()  # the driver's core worker has just put its C++ SIGTERM handler in place of ours
+
+
+def _start_or_join_local(address: str | None, common: dict[str, Any]) -> None:
+    import ray  # lazy: as in init_ray
+
     try:
-        ray.init(address=address, **common, **local_init_kwargs())
+        with _daemons_keep_sighup_for_the_driver():
+            ray.init(address=address, **common, **local_init_kwargs())
     except ValueError as e:
         if "existing cluster" not in str(e):
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import tempfile
 import threading
@@ -14,24 +15,34 @@ from moco_ray.core.backbone_io import backbone_of
 from moco_ray.data.decode import TooManyCorruptImages
 from moco_ray.data.manifest import steps_per_epoch
 from moco_ray.data.stream import pair_dataset, quiet_progress
-from moco_ray.jobs.local_ray import init_ray, mute_worker_logs
+from moco_ray.jobs.local_ray import init_ray, interruption, mute_worker_logs
 from moco_ray.jobs.resolve import (
     Prepared,
     check_local_gpus,
     check_resources,
     ingest_missing_shards,
     knn_available,
+    latest_checkpoint,
     prepare,
     with_absolute_paths,
 )
 from moco_ray.jobs.resources import TRIAL_CPU, data_execution_options, worker_resources
-from moco_ray.jobs.resume import RUN_DIR_TAG, ResumeTarget, record_resume, resume_target
+from moco_ray.jobs.resume import (
+    RUN_DIR_TAG,
+    ResumeTarget,
+    forget_ray_record,
+    lock_run,
+    prune_checkpoints,
+    record_resume,
+    release_run,
+    resume_target,
+)
 from moco_ray.tracking.datasets import EVALUATION, TRAINING
 from moco_ray.tracking.history import EpochMetrics
 from moco_ray.tracking.plots import plot_training_curves
 from moco_ray.tracking.run_log import RunLog, create_run, version_tags
 from moco_ray.tracking.store import resolve_tracking_uri
-from moco_ray.train.checkpoint import load_state
+from moco_ray.train.checkpoint import TrainState, load_state
 from moco_ray.train.hooks import FaultHooks
 from moco_ray.train.model import build_method
 from moco_ray.train.spec import RunSpec
@@ -69,11 +80,25 @@ class RunInterrupted(RuntimeError):
 
 
 class RunKilled(KeyboardInterrupt):
-    """Ctrl-C during a run: its MLflow run is KILLED and ``moco-ray pretrain --resume RUN_ID`` continues it."""
+    """Ctrl-C (or SIGTERM / SIGHUP, routed as one) during a run: its MLflow run is KILLED, and when it has a
+    checkpoint ``moco-ray pretrain --resume RUN_ID`` continues it; before its first one there is nothing to resume
+    (a ``--resume`` would be refused), and the message says so instead."""
 
-    def __init__(self, run_id: str, uri: str = "") -> None:
-        super().__init__(f"run {run_id} interrupted (KILLED); continue with: {resume_command(run_id, uri)}")
-        self.run_id = run_id
+    def __init__(self, run_id: str, uri: str = "", *, resumable: bool = True) -> None:
+        what = f"run {run_id} {interruption()} (KILLED)"
+        if resumable:
+            super().__init__(f"{what}; continue with: {resume_command(run_id, uri)}")
+        else:
+            super().__init__(f"{what} before its first checkpoint: nothing to resume; start it again")
+        self.run_id, self.resumable = run_id, resumable
+
+
+def _resumable(log: RunLog, target: ResumeTarget | None) -> bool:
+    """Whether ``--resume`` would find a checkpoint: a resumed run has one, a new run once it wrote its first."""
+    if target is not None:
+        return True
+    run_dir = log.get().data.tags.get(RUN_DIR_TAG, "")  # set once training starts (_spec)
+    return bool(run_dir) and latest_checkpoint(run_dir) is not None
 
 
 def _new_run(cfg: Config, prep: Prepared, parent_run_id: str | None, extra_tags: dict[str, str] | None) -> RunLog:
@@ -158,12 +183,34 @@ def run_pretraining(
     ``prepared``: what a sweep already checked (reused when it serves this config); ``hooks``: test-only faults.
     """
     target: ResumeTarget | None = None
-    if resume:  # the run's own config; an override the checkpoint cannot take is refused here
-        target = resume_target(resume, overrides)
-        cfg = target.config
-    else:
-        cfg = load_config(cfg, overrides)
-    cfg = with_absolute_paths(cfg)
+    if resume:  # the run's own config; an override the checkpoint cannot take, or a second driver, refused here
+        target = resume_target(resume, overrides)  # holds the run dir's lock from here (released by _finish)
+    try:
+        cfg, prep, log = _open(target or load_config(cfg, overrides), prepared, parent_run_id, extra_tags)
+    except BaseException:  # refused or stopped before training: the run is free for the next resume
+        if target is not None:
+            release_run(target.log.run_id)
+        raise
+    resume_from = target.checkpoint if target else None
+    try:
+        spec = _spec(cfg, prep, log, resume_from, hooks, label=cfg.tracking.run_name if parent_run_id else "")
+        epoch_offset = target.epoch + 1 if target else 0
+        result = _fit(_trainer(spec, callbacks, epoch_offset), log)
+        return _finish(spec, log, result)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: KILLED (not FAILED), and how to continue if it can
+        log.finish("KILLED")
+        raise RunKilled(log.run_id, log.uri, resumable=_resumable(log, target)) from None
+    finally:  # a crash or a stop frees the run dir too (an API or notebook process lives on after it)
+        release_run(log.run_id)
+
+
+def _open(
+    run: Config | ResumeTarget, prepared: Prepared | None, parent_run_id: str | None, extra_tags: dict[str, str] | None
+) -> tuple[Config, Prepared, RunLog]:
+    """Everything before training, in order: the checks, Ray, then the MLflow run (``run``: a new run's config,
+    or the resumed run, reopened with its record saying what runs and Ray's record of its last fit removed)."""
+    target = run if isinstance(run, ResumeTarget) else None
+    cfg = with_absolute_paths(target.config if target else run)
     ingest_missing_shards(cfg, prepared)  # the quickstart's first run: data.source -> data.shards, announced
     prep = prepare(cfg, prepared)  # checks only; may raise a clear error: nothing started yet
     check_local_gpus(cfg)  # a local Ray on a machine without GPUs: say so before starting it
@@ -171,20 +218,27 @@ def run_pretraining(
     check_resources(cfg, TRIAL_CPU if parent_run_id else 0.0)  # one clear line, not a run that never starts
     if target is None:
         log = _new_run(cfg, prep, parent_run_id, extra_tags)
-        log.log_dataset_inputs(prep.manifest, _dataset_contexts(cfg, prep))
-    else:
-        log = target.log
-        record_resume(target)  # every check passed: the run's record now says what runs (changes, config.yaml)
-        log.reopen()
-    resume_from = target.checkpoint if target else None
+        with _ended_on_error(log):
+            log.log_dataset_inputs(prep.manifest, _dataset_contexts(cfg, prep))
+        return cfg, prep, log
+    record_resume(target)  # every check passed: the run's record now says what runs (changes, config.yaml)
+    target.log.reopen()
+    with _ended_on_error(target.log):
+        forget_ray_record(target.run_dir)  # every rank restores target.checkpoint, not Ray's record of the last fit
+    return cfg, prep, target.log
+
+
+@contextlib.contextmanager
+def _ended_on_error(log: RunLog):
+    """A run opened (RUNNING) but not yet training: a stop here ends it KILLED, an error FAILED, never RUNNING."""
     try:
-        spec = _spec(cfg, prep, log, resume_from, hooks, label=cfg.tracking.run_name if parent_run_id else "")
-        epoch_offset = target.epoch + 1 if target else 0
-        result = _fit(_trainer(spec, callbacks, epoch_offset), log)
-        return _finish(spec, log, result)
-    except KeyboardInterrupt:  # Ctrl-C: KILLED (not FAILED), and how to continue
+        yield
+    except KeyboardInterrupt:
         log.finish("KILLED")
-        raise RunKilled(log.run_id, log.uri) from None
+        raise
+    except BaseException:
+        log.finish("FAILED")
+        raise
 
 
 def _spec(
@@ -193,6 +247,11 @@ def _spec(
     d = cfg.data
     name = cfg.train.name or f"moco-{log.run_id}"
     run_dir = f"{prep.storage_path.rstrip('/')}/{name}"
+    try:  # a resume took it already; a first run takes it here, so a resume while it trains is refused
+        lock_run(run_dir, log.run_id, "resumed" if resume_from else "trained")
+    except ValueError as e:  # another live run trains in this folder (the same train.name)
+        log.finish("FAILED")
+        raise ValueError(f"train.name {name}: {run_dir} is in use: {e}") from None
     log.set_tags({RUN_DIR_TAG: run_dir, STORAGE_TAG: prep.storage_path, NAME_TAG: name})
     hooks = hooks or FaultHooks()
     if hooks.marker_dir is None and "://" not in prep.storage_path:
@@ -214,7 +273,8 @@ def _spec(
 
 
 class _SigintWatch:
-    """Records a SIGINT that reaches the driver while ``trainer.fit()`` runs, whoever's handler takes it.
+    """Records a SIGINT that reaches the driver while ``trainer.fit()`` runs, whoever's handler takes it (a SIGHUP
+    too: the CLI routes it to the SIGINT handler, moco_ray.jobs.local_ray.stop_signals_as_ctrl_c).
 
     Ray Train V2's ``fit()`` installs its own SIGINT handler (``_register_sigint_handler``, main thread only): it
     aborts the controller and then calls ``sys.exit(0)``, so the driver sees ``SystemExit`` (or, racing it, the
@@ -286,21 +346,40 @@ def _user_error(e: BaseException) -> TooManyCorruptImages | None:
 
 
 def _finish(spec: RunSpec, log: RunLog, result) -> PretrainResult:
-    """Load the final checkpoint on the driver and log the encoder, plots and the checkpoint location."""
+    """Load the final checkpoint on the driver and log the encoder, plots and the checkpoint location; then the run
+    dir's checkpoints beyond ``train.keep_checkpoints`` go and its lock is released."""
+    try:
+        return _log_final(spec, log, result)
+    finally:
+        release_run(spec.run_id)
+
+
+def _final_state(spec: RunSpec, log: RunLog, result) -> tuple[str, TrainState]:
+    """This fit's last checkpoint, or the one it resumed from when it reported none (no epoch was left to train:
+    Ray's result then names no checkpoint, since the driver removed Ray's record of the earlier fits)."""
+    if result.checkpoint is not None:
+        path = result.checkpoint.path
+        if "://" in spec.run_dir:  # Ray's path is inside its filesystem ("bucket/runs/..."): keep a loadable URI
+            path = f"{spec.run_dir}/{Path(path).name}"
+        with result.checkpoint.as_directory() as d:
+            return path, load_state(d)
+    if spec.resume_from:
+        return spec.resume_from, load_state(spec.resume_from)
+    log.finish("FAILED")
+    raise RuntimeError(f"run {log.run_id}: training reported no checkpoint")
+
+
+def _log_final(spec: RunSpec, log: RunLog, result) -> PretrainResult:
     cfg = spec.config
-    if result.checkpoint is None:
-        log.finish("FAILED")
-        raise RuntimeError(f"run {log.run_id}: training reported no checkpoint")
-    ckpt_path = result.checkpoint.path
-    with result.checkpoint.as_directory() as d:
-        state = load_state(d)
+    ckpt_path, state = _final_state(spec, log, result)
     history = state.history
     log.log_epochs(history)  # idempotent: fills anything the workers could not write
     last_epoch = state.epoch
     log.set_tags({"moco_ray.checkpoint": ckpt_path, "moco_ray.last_epoch": last_epoch})
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d:  # drawn from the checkpoint's history: the kept model's curves
         title = cfg.tracking.run_name or log.run_id
         log.log_artifact(plot_training_curves(history, Path(d) / "training_curves.png", title=title), "plots")
+    _prune(spec, ckpt_path)
     if last_epoch + 1 < cfg.train.epochs:
         log.finish("KILLED")
         raise RunInterrupted(log.run_id, last_epoch, log.uri)
@@ -310,6 +389,15 @@ def _finish(spec: RunSpec, log: RunLog, result) -> PretrainResult:
     log.finish("FINISHED")
     metrics = {k: float(v) for k, v in history[-1].as_dict().items()}
     return PretrainResult(log.run_id, spec.tracking_uri, metrics, history, encoder_uri, ckpt_path)
+
+
+def _prune(spec: RunSpec, final: str) -> None:
+    """The checkpoints of the fits before a resume beyond ``train.keep_checkpoints`` (Ray prunes only its fit's);
+    a storage that refuses the deletion costs disk, not the run."""
+    try:
+        prune_checkpoints(spec.run_dir, spec.config.train.keep_checkpoints, final)
+    except OSError as e:
+        print(f"moco-ray: warning: old checkpoints in {spec.run_dir} not removed ({e})", flush=True)
 
 
 __all__ = ["PretrainResult", "RunInterrupted", "RunKilled", "run_pretraining"]

@@ -14,10 +14,11 @@ run again, unfinished ones start over, and the same parent run is reused (its id
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 from moco_ray.config import absolute
-from moco_ray.jobs.local_ray import init_ray, muted_on_sigint
+from moco_ray.jobs.local_ray import init_ray, interruption, muted_on_sigint, stop_signal
 from moco_ray.jobs.resolve import check_resources, ingest_missing_shards, prepare, with_absolute_paths
 from moco_ray.jobs.resources import TRIAL_CPU, trial_concurrency
 from moco_ray.train.hooks import FaultHooks
@@ -120,14 +121,15 @@ def run_sweep(
     try:
         with outage_is_not_a_ctrl_c(watch), tune_env(s.verbose), muted_on_sigint():
             tuner.fit()  # failed trials are in the results, not raised
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGHUP past Tune's own handling, or the CLI's SIGTERM (straight here)
         interrupted = True
-    remove_orphaned_placement_groups()  # the trials Tune stopped last
+    if not (interrupted and stop_signal() == signal.SIGTERM):  # SIGTERM: the process ends now, Ray with it
+        remove_orphaned_placement_groups()  # the trials Tune stopped last
     if watch.down:  # nothing can be recorded now: the resume reconciles the parent and the children
         raise TrackingOutage(watch.message(resume_command(spec.source)))
     result = finalize(sw)
     if interrupted:
-        raise KeyboardInterrupt(f"sweep interrupted; continue with: {resume_command(spec.source)}")
+        raise KeyboardInterrupt(f"sweep {interruption()}; continue with: {resume_command(spec.source)}")
     return result
 
 

@@ -1,10 +1,15 @@
 """A real ``moco-ray sweep`` through the console script: a failing trial, Ctrl-C (SIGINT to the whole process
-group, as a terminal sends it) while a later trial trains, then ``--resume`` as the printed hint says.
+group, as a terminal sends it) while a later trial trains, then ``--resume`` as the printed hint says, stopped in
+turn by a SIGTERM to its driver (``kill``, ``ray job stop``, Kubernetes), then ``--resume`` again to the end.
 
 What must hold: exit 130 and one line naming ``moco-ray sweep -c FILE --resume``, no driver traceback; the parent
-run KILLED, the failed trial's child FAILED with its error, the cut trial's child KILLED (``interrupted``); the
-resume runs only the cut trial (in a new child run) and ends the same parent FINISHED. kNN every 2 epochs of 2:
-the first report has no knn_top1, which Tune must not treat as an error.
+run KILLED, the failed trial's child FAILED with its error, the cut trial's child KILLED (``interrupted``). The
+SIGTERM: exit 143, the same line ("stopped by SIGTERM"), no run left RUNNING. The last resume runs only the cut
+trial (in a new child run) and ends the same parent FINISHED. kNN every 2 epochs of 2: the first report has no
+knn_top1, which Tune must not treat as an error.
+
+Mutation (failed here): the sweep's SIGTERM left to the C-level handler Ray installs in the driver
+(``stop_signals_as_ctrl_c`` a no-op: killed by SIGABRT after its "*** SIGTERM received ... PC:" dump).
 """
 
 from __future__ import annotations
@@ -37,6 +42,26 @@ def _sweep_file(small_shards: Path, tmp_path: Path, uri: str) -> Path:
 def _children(c, parent_id: str) -> list:
     exp = c.get_run(parent_id).info.experiment_id
     return c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def _sigterm_the_resume(cmd: list[str], uri: str, c, parent_id: str, path: Path) -> None:
+    """``cmd`` (the printed resume) stopped by SIGTERM to its driver once the cut trial runs again."""
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        wait_for_run(uri, EXPERIMENT, proc, "params.`data.train_split` = 'test' and attributes.status = 'RUNNING'")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    assert not any(ln.startswith("Traceback") for ln in err.splitlines()), err[-3000:]
+    hint = [ln for ln in err.splitlines() if "--resume" in ln]
+    assert hint == [f"moco-ray: sweep stopped by SIGTERM; continue with: moco-ray sweep -c {path} --resume"], err
+    assert c.get_run(parent_id).info.status == "KILLED"
+    assert [r.info.run_id for r in _children(c, parent_id) if r.info.status == "RUNNING"] == []
 
 
 def test_ctrl_c_of_a_sweep_then_resume_finishes_the_rest(small_shards, tmp_path, mlflow_uri):
@@ -75,6 +100,8 @@ def test_ctrl_c_of_a_sweep_then_resume_finishes_the_rest(small_shards, tmp_path,
     assert first["missing"].data.tags["moco_ray.error"].startswith("ValueError: split 'missing' is not in the shards")
     assert first["test"].info.status == "KILLED" and first["test"].data.tags["moco_ray.trial_state"] == "interrupted"
 
+    _sigterm_the_resume([*cmd, "--resume"], mlflow_uri, c, parent.info.run_id, path)
+
     again = subprocess.run([*cmd, "--resume"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     # a trial's progress lines name it (Ray's log dedup would merge look-alike lines of trials running at once:
@@ -90,5 +117,5 @@ def test_ctrl_c_of_a_sweep_then_resume_finishes_the_rest(small_shards, tmp_path,
     # the finished and the failed trial were not run again; the interrupted one ran anew in a new child run
     assert [r.info.run_id for r in by_split["train"]] == [first["train"].info.run_id]
     assert [r.info.run_id for r in by_split["missing"]] == [first["missing"].info.run_id]
-    assert len(by_split["test"]) == 2
-    assert sorted(r.info.status for r in by_split["test"]) == ["FINISHED", "KILLED"]
+    assert len(by_split["test"]) == 3
+    assert sorted(r.info.status for r in by_split["test"]) == ["FINISHED", "KILLED", "KILLED"]
