@@ -43,6 +43,9 @@ class ModelConfig:
     pred_hidden_dim: int = 4096  # MoCo v3 prediction head hidden width
     proj_layers: int = 2  # MoCo v3 projector depth (official ResNet code: 2; the paper's text: 3)
     zero_init_residual: bool = False  # last BN of each residual block starts at 0 (MoCo v3's ResNet recipe)
+    # every BatchNorm over the global batch (torch's SyncBatchNorm on GPUs, moco_ray.core.sync_bn on CPU workers),
+    # converted before DDP: MoCo v3's main_moco.py; SimCLR's global BN. Not with v1/v2's shuffle-BN.
+    sync_bn: bool = False
 
 
 @dataclass
@@ -268,6 +271,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "pred_hidden_dim": 4096,
             "proj_layers": 2,
             "zero_init_residual": True,
+            "sync_bn": True,  # torch.nn.SyncBatchNorm.convert_sync_batchnorm(model), before DDP
         },
         # --moco-t 1.0, --moco-m 0.99 with --moco-m-cos (to 1), loss ctr(q1,k2) + ctr(q2,k1)
         "moco": {"temperature": 1.0, "momentum": 0.99, "momentum_schedule": "cosine", "symmetric": True},
@@ -581,6 +585,8 @@ def _check_batch_layout(cfg: Config) -> None:
         )
     if cfg.bn_mode == "ddp":
         _check(t.num_workers > 1, "moco.shuffle_bn", mo.shuffle_bn, "'ddp' needs train.num_workers > 1")
+    if cfg.model.sync_bn and cfg.uses_queue:  # shuffle-BN keeps key and query statistics apart; SyncBN would mix
+        _check(False, "model.sync_bn", True, f"false with {mo.method} (its shuffle-BN); true for moco_v3 and simclr")
 
 
 def validate(cfg: Config) -> None:

@@ -31,7 +31,7 @@ from moco_ray.tracking.history import EpochMetrics
 from moco_ray.tracking.system_metrics import start_system_metrics, stop_system_metrics
 from moco_ray.train.checkpoint import TrainState, load_state, set_rng_state
 from moco_ray.train.knn_monitor import KnnMonitor
-from moco_ray.train.model import build_method
+from moco_ray.train.model import build_method, sync_batchnorm
 from moco_ray.train.progress import StepProgress, TimedIter
 from moco_ray.train.reporting import Reporter
 from moco_ray.train.schedule import lr_at, momentum_at
@@ -105,7 +105,7 @@ class Worker:
         self.channels_last = cfg.train.channels_last and on_gpu
         self.autocast = torch.bfloat16 if (cfg.train.precision == "bf16" and on_gpu) else None
         seed_everything(cfg.train.seed, self.rank)
-        model = build_method(cfg).to(self.device)
+        model = sync_batchnorm(build_method(cfg).to(self.device), cfg, self.device.type, self.world)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model, self.opt = model, build_optimizer(cfg, model)

@@ -16,6 +16,7 @@ from moco_ray.core.moco import MoCo
 from moco_ray.core.moco_v3 import MoCoV3, build_query_encoder
 from moco_ray.core.shuffle_bn import split_bn_factory
 from moco_ray.core.simclr import SimCLR
+from moco_ray.core.sync_bn import convert_sync_bn
 
 
 def _moco(cfg: Config) -> MoCo:
@@ -87,4 +88,12 @@ def build_method(cfg: Config) -> ContrastiveMethod:
     return builder(cfg)
 
 
-__all__ = ["METHODS", "build_method"]
+def sync_batchnorm(model: ContrastiveMethod, cfg: Config, device_type: str, world: int) -> ContrastiveMethod:
+    """With ``model.sync_bn`` and more than one rank: every BatchNorm of the method (query and momentum encoders,
+    heads) normalised over the global batch, converted before DDP wraps it (as moco-v3's main_moco.py does)."""
+    if not cfg.model.sync_bn or world <= 1:
+        return model
+    return convert_sync_bn(model, device_type)
+
+
+__all__ = ["METHODS", "build_method", "sync_batchnorm"]

@@ -103,6 +103,7 @@ MOCO_V3 = {
     "model.pred_hidden_dim": 4096,
     "model.proj_layers": 2,
     "model.zero_init_residual": True,
+    "model.sync_bn": True,  # torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) before DDP
     "aug.preset": "v3",
     "optim.optimizer": "lars",
     "optim.lr": 0.6,
