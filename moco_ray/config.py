@@ -85,7 +85,13 @@ class DataConfig:
     # Labelled splits for the kNN monitor: memory bank from `knn_train_split`, queries from `knn_test_split`.
     knn_train_split: str = "train"
     knn_test_split: str = "test"
-    shuffle_buffer: int = 1024  # local shuffle buffer (rows) in iter_torch_batches
+    # Each epoch's row order. "full": a new random permutation of the whole split every epoch, as the official
+    # loaders (Ray Data random_shuffle of the encoded rows: each epoch reads its split's bytes into the object store
+    # before the first batch). "files": only the file order changes, plus the local buffer below; it streams (for a
+    # split far larger than the object store) but consecutive epochs share batch-mates: 4-12x a random order's
+    # co-batch fraction on CIFAR-10. Measured: benchmarks/bench_shuffle.py, RESULTS.md.
+    shuffle: Literal["full", "files"] = "full"
+    shuffle_buffer: int = 1024  # local shuffle buffer (rows) in iter_torch_batches; used with shuffle "files"
     prefetch_batches: int = 2
     map_batch_size: int = 128  # rows per map_batches call (decode + augment)
     limit: int = 0  # use at most this many training rows (0 = all); for quick runs and tests

@@ -141,6 +141,7 @@ def _trainer(spec: RunSpec, callbacks: list | None, epoch_offset: int):
     train = pair_dataset(
         cfg.data.shards, cfg.data.train_split, cfg.aug, seed=t.seed, epoch_offset=epoch_offset,
         limit=cfg.data.limit, map_batch_size=cfg.data.map_batch_size, manifest=spec.manifest,
+        shuffle=cfg.data.shuffle,
     )  # fmt: skip
     return TorchTrainer(
         train_loop_per_worker,

@@ -149,3 +149,36 @@ def test_bench_methods_tiny_cpu(small_image_root, tmp_path):
     # the same seed gives the same initial encoder, so the same kNN at init for every trial of a method
     assert res["rows"][0]["knn_top1_init"] == res["rows"][1]["knn_top1_init"]
     assert json.loads(out.read_text())["results_line"].startswith("| ")
+
+
+@pytest.mark.ray
+def test_bench_shuffle_tiny_cpu(ray_local, small_image_root, tmp_path):
+    """Both orders on the many-shard layout, one repeat: co-batch figures, stage CPU and ratios to the first scheme."""
+    import bench_shuffle
+
+    out = tmp_path / "shuffle.json"
+    args = ["--root", str(small_image_root), "--rows", "192", "--size", "8", "--batch", "32", "--repeats", "1"]
+    args += ["--layouts", "many", "--rows-per-shard", "64", "--schemes", "files:32,full:0"]
+    res = bench_shuffle.main(args + ["--workdir", str(tmp_path), "--out", str(out)])
+    assert res["rows"] == {"many": 192} and res["shards"]["many"] >= 2
+    assert [r["scheme"] for r in res["runs"]] == ["files:32", "full:0"]
+    for r in res["runs"]:
+        assert 0 <= r["co_batch"] <= 1 and r["pairs_per_s"] > 0 and r["first_batch_s"] > 0
+        assert r["views_cpu_s"] > 0 and (r["shuffle_cpu_s"] > 0) == (r["scheme"] == "full:0")  # read from ds.stats()
+    assert res["summary"]["many files:32"]["speed_vs_baseline"]["mean"] == 1.0  # the baseline against itself
+    assert json.loads(out.read_text())["results_line"].startswith("| ")
+    with pytest.raises(ValueError, match="SHUFFLE:BUFFER"):
+        bench_shuffle.Scheme.parse("random:10")
+
+
+@pytest.mark.ray
+def test_bench_ingest_ray_tiny_cpu(ray_local, small_image_root, tmp_path):
+    """Both ingests on the same small tree, one round each: image count, both rates and their ratio."""
+    import bench_ingest_ray
+
+    out = tmp_path / "ingest.json"
+    res = bench_ingest_ray.main(["--data", str(small_image_root), "--repeats", "1", "--out", str(out)])
+    assert res["images"] == sum(1 for _ in (small_image_root / "train").glob("*/*"))
+    assert set(res["img_per_s"]) == {"local", "ray"} and all(v > 0 for v in res["img_per_s"].values())
+    assert res["ratio_ray_to_local"] == pytest.approx(res["img_per_s"]["ray"] / res["img_per_s"]["local"])
+    assert json.loads(out.read_text())["results_line"].startswith("| ")

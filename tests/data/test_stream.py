@@ -24,7 +24,7 @@ S = 16  # output side: tiny keeps the augmentations cheap
 
 @pytest.fixture(scope="module")
 def shards(small_image_root, tmp_path_factory) -> Path:
-    """small_image_root ingested into about 40-row shards, so the file shuffle has several files to permute."""
+    """small_image_root ingested into about 40-row shards, so the "files" order has several files to permute."""
     files = [p for p in (small_image_root / "train").rglob("*") if p.is_file()]
     mean = sum(p.stat().st_size for p in files) / len(files)
     out = tmp_path_factory.mktemp("stream") / "shards"
@@ -69,7 +69,7 @@ def test_driver_side_checks(shards):
 def test_pairs_are_seeded_per_epoch_and_shuffled(ray_local, shards):
     aug = AugConfig(preset="v2", image_size=S, strength=1.0)
     ds = pair_dataset(str(shards), "train", aug, seed=7, limit=300, map_batch_size=32, keep_id=True)
-    ds.context.execution_options.preserve_order = True  # output order == shuffled file order, for the check
+    ds.context.execution_options.preserve_order = True  # output order == the execution's shuffled order
     order0, e0 = _collect(ds)
     order1, e1 = _collect(ds)
     source = {r["id"]: r for r in _rows_in_order(shards, "train")[:300]}
@@ -80,7 +80,7 @@ def test_pairs_are_seeded_per_epoch_and_shuffled(ray_local, shards):
     assert 0 < np.mean([r["q"].mean() for r in e0.values()]) < 255
     assert np.mean([not np.array_equal(r["q"], r["k"]) for r in e0.values()]) > 0.9  # two independent views
     assert np.mean([not np.array_equal(e0[i]["q"], e1[i]["q"]) for i in e0]) > 0.9  # new views each epoch
-    assert order0 != order1  # files reshuffled per execution
+    assert order0 != order1  # rows reshuffled per execution
     # A fresh dataset resumed at epoch 1 draws exactly epoch 1's views: views = f(seed, epoch, id).
     resumed = pair_dataset(str(shards), "train", aug, seed=7, epoch_offset=1, limit=300, keep_id=True)
     _, r1 = _collect(resumed)
@@ -159,7 +159,7 @@ def test_iter_pairs_streaming_split_equal_steps(ray_local, shards):
     def work(rank: int) -> None:
         try:
             for _epoch in range(2):
-                batches = list(iter_pairs(its[rank], global_batch // workers, steps, DataConfig(shuffle_buffer=32)))
+                batches = list(iter_pairs(its[rank], global_batch // workers, steps, DataConfig()))
                 got[rank].append(tuple((b["q"].shape, b["q"].dtype, int(b["corrupt"].sum())) for b in batches))
         except BaseException as e:  # surfaced below: a thread's assert would be lost
             errors.append(e)
