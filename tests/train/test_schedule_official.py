@@ -29,8 +29,8 @@ def test_momentum_cosine_schedule_values():
 def test_v3_lr_warmup_then_cosine_per_step():
     cfg = load_config({"moco": {"method": "moco_v3"}})
     base = cfg.lr
-    # warm-up: linear in the fractional epoch (moco-ray reaches each step's value one step early, see lr_at)
-    assert lr_at(cfg.optim, base, 4, 5, 10, 100) == pytest.approx(base * 4.6 / 10)
+    # warm-up: linear in the fractional epoch, lr x t / warmup as moco-v3's adjust_learning_rate
+    assert lr_at(cfg.optim, base, 4, 5, 10, 100) == pytest.approx(base * 4.5 / 10)
     t = 55.5  # cosine over the 90 epochs after warm-up, per step
     want = base * 0.5 * (1 + math.cos(math.pi * (t - 10) / 90))
     assert lr_at(cfg.optim, base, 55, 5, 10, 100) == pytest.approx(want)
