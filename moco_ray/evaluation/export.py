@@ -14,7 +14,6 @@ naming the path and the errno (torch's own zip writer reports a full disk as a R
 from __future__ import annotations
 
 import copy
-import errno
 import io
 import os
 import pickle
@@ -29,6 +28,7 @@ import torch.nn as nn
 
 from moco_ray.core.backbone_io import load_torchvision_backbone_from_state, torchvision_state_dict
 from moco_ray.core.official_io import to_official
+from moco_ray.data.writable import check_writable_dir, write_error
 
 FORMATS = ("torchvision", "torchscript", "detectron2", "moco")
 
@@ -86,25 +86,11 @@ def _umask() -> int:
     return mask
 
 
-def _write_error(out: str | os.PathLike, e: OSError) -> ValueError:
-    why = f"{os.strerror(e.errno)}, errno {errno.errorcode.get(e.errno, e.errno)}" if e.errno else str(e)
-    return ValueError(f"export: cannot write {out} ({why})")
-
-
 def check_export_target(out: str | os.PathLike) -> None:
     """ValueError naming ``out`` and the errno (or the file in the way) when its directory, or the nearest one
     above it that exists, cannot take a file: checked with a real probe file before the encoder is downloaded and
-    serialised (``os.access`` says yes to root on a read-only mount). The same check as
-    `moco_ray.tracking.store.check_writable_dir`, which this layer cannot import (it reaches mlflow)."""
-    parent = Path(out).parent
-    probe = parent if parent.exists() else next((q for q in parent.parents if q.exists()), Path("/"))
-    if not probe.is_dir():
-        raise ValueError(f"export: cannot write {out} ({probe} is not a directory)")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise _write_error(out, e) from None
+    serialised (``os.access`` says yes to root on a read-only mount)."""
+    check_writable_dir(Path(out).parent, "export", out)
 
 
 def _write_atomic(out: Path, data: bytes) -> None:
@@ -121,7 +107,7 @@ def _write_atomic(out: Path, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
     except OSError as e:
-        raise _write_error(out, e) from None
+        raise write_error("export", out, e) from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
+from moco_ray.data.writable import check_writable_dir, write_error
 from moco_ray.evaluation.export import FORMATS, check_export_target, save_export
 from moco_ray.jobs.evaluate import DEFAULT_IMAGE_SIZE
 from moco_ray.tracking.run_log import ENCODER_MODEL_URI_TAG, RunEncoder, RunLog, open_run
-from moco_ray.tracking.store import check_writable_dir, open_store, write_error
+from moco_ray.tracking.store import open_store
 
 
 @dataclass

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from moco_ray.config import Config, load_config
 from moco_ray.core.defaults import IMAGENET_MEAN, IMAGENET_STD, feature_dim
+from moco_ray.data.writable import write_error
 from moco_ray.envvars import scoped_env
 from moco_ray.tracking.datasets import log_split_inputs
 from moco_ray.tracking.history import EpochMetrics
-from moco_ray.tracking.store import client, write_error
+from moco_ray.tracking.store import client
 from moco_ray.version import __version__
 
 if TYPE_CHECKING:

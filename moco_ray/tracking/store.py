@@ -7,18 +7,18 @@ an unwritable place is one line naming the path and the errno, not an OSError af
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import functools
 import logging
 import os
 import sqlite3
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from moco_ray.data.writable import check_writable_dir
 
 # With a tracking server, MLflow prints "View run NAME at: URL" and "View experiment at: URL" to stdout for every
 # run that ends (runs, eval children, each model logged): a sweep's console got several such lines per trial. Set
@@ -50,27 +50,6 @@ def check_tracking_uri(uri: str) -> None:
     problem = server_problem(uri)
     if problem is not None:
         raise ValueError(f"tracking.tracking_uri: MLflow server {uri} is unreachable ({problem})")
-
-
-def write_error(what: str, shown: str | os.PathLike, e: OSError) -> ValueError:
-    """The one line for a failed write: ``WHAT: cannot write SHOWN (strerror, errno NAME)``."""
-    why = f"{os.strerror(e.errno)}, errno {errno.errorcode.get(e.errno, e.errno)}" if e.errno else str(e)
-    return ValueError(f"{what}: cannot write {shown} ({why})")
-
-
-def check_writable_dir(path: str | os.PathLike, what: str, shown: str = "") -> None:
-    """Create and delete a probe file in `path`, or in the nearest existing directory above it when it is not there
-    yet; else a ValueError naming `shown` (default: the path) and the errno, or the file in the way. ``os.access``
-    says yes to root even on a read-only mount, and a write under a regular file would only fail after the work."""
-    p = Path(path)
-    probe = p if p.exists() else next((q for q in p.parents if q.exists()), Path("/"))
-    if not probe.is_dir():
-        raise ValueError(f"{what}: cannot write {shown or path} ({probe} is not a directory)")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise write_error(what, shown or path, e) from None
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
