@@ -8,10 +8,12 @@ starved).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -335,22 +337,53 @@ def _install_stop_handlers() -> None:
 
 
 @contextlib.contextmanager
-def _daemons_keep_sighup_for_the_driver() -> Iterator[None]:
-    """While Ray starts its processes: SIGHUP blocked, a mask they inherit (and the driver's Ray threads too).
+def _daemons_keep_stop_signals_for_the_driver() -> Iterator[None]:
+    """While Ray starts its processes: SIGTERM and SIGHUP blocked, a mask they inherit (and the driver's Ray threads
+    too). The driver stops them when it is done (:func:`_stop_daemons_without_grace`).
 
-    A shell sends a closed terminal's SIGHUP to the whole job, and a local Ray's GCS, raylet and agents are in the
-    driver's process group: they died at once, under a driver that still had to stop the run and record it (Ray
-    keeps SIGINT from them the same way). Blocked, not ignored: a SIGHUP that comes meanwhile reaches the driver
-    once Ray has started.
+    A local Ray's GCS, raylet and agents are in the driver's process group and its job: a shell sends a closed
+    terminal's SIGHUP to the whole group, ``timeout`` its SIGTERM, and Slurm (``scancel``, the time limit) signals
+    every process of the job. They died at once, under a driver that still had to stop the run and record it: the
+    driver's core worker, seeing its raylet gone, ended the driver (exit 1, the run RUNNING), and a sweep waited
+    ~60 s in Tune's exit for the dead GCS. Ray keeps SIGINT from them the same way. Blocked, not ignored: a signal
+    that comes meanwhile reaches the driver once Ray has started.
     """
-    if not (_routing["on"] and _routing["hangup"]) or threading.current_thread() is not threading.main_thread():
+    if not _routing["on"] or threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    kept = {signal.SIGTERM, signal.SIGHUP} if _routing["hangup"] else {signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, kept)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, kept)
+    _stop_daemons_without_grace()
+
+
+def _stop_daemons_without_grace() -> None:
+    """Ray's shutdown asks each of its processes to stop with SIGTERM and waits a second before SIGKILL; with SIGTERM
+    blocked in them that is a second per process at every exit, and the raylet's agents (its children, with its
+    mask) outlived it. So each one's stop is SIGKILL at once, for it and what it started (what Ray does after that
+    second anyway); the workers would also exit on their own, seeing their raylet gone."""
+    import ray  # lazy: as in init_ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    for infos in (getattr(node, "all_processes", None) or {}).values():
+        for info in infos:
+            info.process.terminate = functools.partial(_kill_with_children, info.process)  # type: ignore[method-assign]
+
+
+def _kill_with_children(process: subprocess.Popen) -> None:
+    import psutil  # lazy: only at a local Ray's shutdown
+
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    process.kill()
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def init_ray() -> None:
@@ -380,7 +413,7 @@ def _start_or_join_local(address: str | None, common: dict[str, Any]) -> None:
     import ray  # lazy: as in init_ray
 
     try:
-        with _daemons_keep_sighup_for_the_driver():
+        with _daemons_keep_stop_signals_for_the_driver():
             ray.init(address=address, **common, **local_init_kwargs())
     except ValueError as e:
         if "existing cluster" not in str(e):

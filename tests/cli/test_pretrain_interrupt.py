@@ -150,7 +150,7 @@ def test_ctrl_c_sigterm_and_a_closed_terminal_kill_the_run_and_resume_finishes_i
 
     Mutations (each failed here): no handlers for SIGTERM / SIGHUP (``stop_signals_as_ctrl_c`` a no-op: the SIGTERM
     ended in Ray's "*** SIGTERM received ... PC:" dump); the SIGHUP not kept from the local Ray's processes while
-    they start (``_daemons_keep_sighup_for_the_driver`` a no-op: they die with the terminal, exit 1, and by hand:
+    they start (``_daemons_keep_stop_signals_for_the_driver`` a no-op: they die with the terminal, exit 1, and by hand:
     the run RUNNING); the line printed without ``_say``'s guard (exit 1 on the hung-up terminal); the workers
     without ``pin_ray_address`` (the PlacementGroupCleaner's "Found multiple active Ray instances" traceback).
     """
