@@ -21,9 +21,12 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from moco_ray.core import defaults as D
-from moco_ray.core.defaults import ARCHS
+from moco_ray.core.backbone_spec import BackboneSpec
+from moco_ray.core.defaults import ARCHS, VIT_ARCHS
 
 METHODS = ("moco_v1", "moco_v2", "moco_v3", "simclr")
+# train.keep_best: the epoch metrics a best checkpoint can be chosen by, and which way is better
+BEST_METRICS: dict[str, Literal["max", "min"]] = {"knn_top1": "max", "acc1": "max", "loss": "min"}
 # MLflow's rule for experiment names (mlflow/utils/validation.py: _validate_experiment_name, MAX_EXPERIMENT_NAME_LENGTH
 # in MLflow 3.x): not empty, at most 500 characters. Replicated because this layer may not import mlflow, and MLflow
 # only refuses a name when the run is created, after Ray has started. tests/config/test_config_errors.py compares.
@@ -46,6 +49,13 @@ class ModelConfig:
     # every BatchNorm over the global batch (torch's SyncBatchNorm on GPUs, moco_ray.core.sync_bn on CPU workers),
     # converted before DDP: MoCo v3's main_moco.py; SimCLR's global BN. Not with v1/v2's shuffle-BN.
     sync_bn: bool = False
+    # Vision Transformers (model.arch vit_small | vit_base, moco-v3 vits.py): image size = aug.image_size; 0 = the
+    # arch's own value (patch 16; width 384 / 768, depth 12, 12 heads). Small values make CPU tests cheap.
+    patch_size: int = 0
+    vit_width: int = 0
+    vit_depth: int = 0
+    vit_heads: int = 0
+    stop_grad_conv1: bool = False  # moco-v3 --stop-grad-conv1: the ViT's patch projection stays at its init
 
 
 @dataclass
@@ -72,6 +82,9 @@ class AugConfig:
     preset: Literal["v1", "v2", "v3", "cifar"] = "v2"
     image_size: int = 224
     strength: float = 1.0  # 1.0 = the preset; 0 = no distortion; scales jitter, crop lower bound, blur prob.
+    # crop-scale lower bound in place of the preset's (0 = the preset's: 0.2 for v1/v2/v3, 0.08 for cifar); MoCo
+    # v3's --crop-min: 0.2 in its ResNet recipe, 0.08 in its ViT recipes
+    crop_min: float = 0.0
     device: Literal["cpu", "gpu"] = "cpu"  # where crop/jitter/blur run (gpu: batched on the training device)
 
 
@@ -120,8 +133,9 @@ class OptimConfig:
     first_epoch: int = 0  # the epoch number the schedule gives the first epoch (the CIFAR demo counts from 1)
     warmup_epochs: int = 0
     milestones: list[int] = field(default_factory=lambda: [120, 160])  # step schedule: x0.1 at each
-    # sgd; lars: MoCo v3's LARS (no adaptation / weight decay for biases and BN parameters, train/lars.py)
-    optimizer: Literal["sgd", "lars"] = "sgd"
+    # sgd; lars: MoCo v3's LARS (no adaptation / weight decay for biases and BN parameters, train/lars.py);
+    # adamw: torch.optim.AdamW with optim.weight_decay on every parameter (MoCo v3's ViT recipe)
+    optimizer: Literal["sgd", "lars", "adamw"] = "sgd"
 
 
 @dataclass
@@ -133,12 +147,16 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # with use_gpu; a fraction (e.g. 0.25) lets small runs share one GPU
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast applies on GPU only
+    # mixed precision applies on GPU only (CPU workers train fp32); fp16 adds a GradScaler (moco-v3's AMP)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     channels_last: bool = True  # on GPU only
     compile: bool = False
     seed: int | None = 0
     checkpoint_every: int = 1  # epochs
     keep_checkpoints: int = 2
+    # "" (off) or a BEST_METRICS name: the best checkpoint by it is kept besides the latest keep_checkpoints, and
+    # the run's encoder artifact is logged from it
+    keep_best: str = ""
     max_failures: int = 2  # worker-failure restarts from the last checkpoint
     max_steps_per_epoch: int = 0  # 0 = full epoch; a cap for quick runs and tests
     storage_path: str = ""  # Ray Train checkpoints; "" -> $MOCO_RAY_STORAGE_PATH, else ./moco-ray-runs (the cwd)
@@ -162,8 +180,11 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)
     experiment: str = "moco-ray"  # MLflow experiment name: 1 to 500 characters (MLflow's limit)
     run_name: str = ""
-    # step-level MLflow metrics (step = global step) every N steps, and rank 0's progress line; 0 = off
-    log_every_steps: int = 50
+    # step-level MLflow metrics (step = global step) every N global steps; 0 = auto (about 12 points per epoch,
+    # so short epochs still draw curves); -1 = off
+    log_every_steps: int = 0
+    # seconds between rank 0's progress lines inside an epoch (by wall clock, not by logging step); 0 = off
+    progress_every_s: float = 30.0
     # seconds between samples of MLflow's system metrics (system/* : CPU, memory, GPU) on rank 0; 0 = off
     system_metrics_interval: float = 10.0
 
@@ -193,6 +214,15 @@ class Config:
     def lr(self) -> float:
         """Effective learning rate: base lr scaled linearly by global batch / reference batch."""
         return self.optim.lr * self.train.batch_size / self.optim.lr_reference_batch
+
+    @property
+    def backbone(self) -> BackboneSpec:
+        """How to build the backbone (the one place config fields become a BackboneSpec)."""
+        m = self.model
+        return BackboneSpec.resolve(
+            m.arch, m.small_stem, self.aug.image_size, m.patch_size, m.vit_width, m.vit_depth, m.vit_heads,
+            m.stop_grad_conv1,
+        )  # fmt: skip
 
     @property
     def per_worker_batch(self) -> int:
@@ -229,8 +259,8 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 # Method presets: the paper settings that distinguish the methods; a YAML or override wins over them. Sources:
 # facebookresearch/moco main_moco.py (v1: defaults; v2: --mlp --moco-t 0.2 --aug-plus --cos) and
 # facebookresearch/moco-v3 main_moco.py + CONFIG.md (ResNet-50). Deliberate deviations are one key away:
-# bf16 (train.precision), the per-step cosine (optim.schedule_unit); the v1/v2 presets use the official fp32 and
-# per-epoch schedule. model.arch is not part of a preset (experiment files set resnet50).
+# bf16 (train.precision), the per-step cosine (optim.schedule_unit); the presets use the official precision (v1/v2
+# fp32, v3 fp16 AMP) and lr schedule unit. model.arch is not part of a preset (experiment files set resnet50).
 _V1_V2_COMMON: dict[str, Any] = {
     # main_moco.py: --lr 0.03 -b 256 --wd 1e-4 --momentum 0.9 --epochs 200 --moco-k 65536 --moco-m 0.999
     "moco": {"queue_size": 65536, "momentum": 0.999, "momentum_schedule": "constant", "symmetric": False},
@@ -293,8 +323,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "schedule_unit": "step",  # adjust_learning_rate(optimizer, epoch + i / iters_per_epoch, args)
             "first_epoch": 0,
         },
-        # -b 4096, --epochs 100; the official run uses fp16 AMP (GradScaler): bf16 is our mixed precision
-        "train": {"epochs": 100, "batch_size": 4096, "precision": "bf16"},
+        # -b 4096, --epochs 100; fp16: main_moco.py's torch.cuda.amp.autocast + torch.cuda.amp.GradScaler (bf16,
+        # no scaler, is one setting away)
+        "train": {"epochs": 100, "batch_size": 4096, "precision": "fp16"},
     },
     "simclr": {
         "model": {"head": "mlp"},
@@ -487,6 +518,20 @@ def _check_model(m: ModelConfig) -> None:
     _check(m.dim > 0, "model.dim", m.dim, "> 0")
     _check(m.hidden_dim >= 0, "model.hidden_dim", m.hidden_dim, ">= 0 (0 = backbone width)")
     _check(m.proj_layers >= 1, "model.proj_layers", m.proj_layers, ">= 1")
+    for name in ("patch_size", "vit_width", "vit_depth", "vit_heads"):
+        _check(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), ">= 0 (0 = the arch's value)")
+    if m.arch in VIT_ARCHS:
+        _check(not m.small_stem, "model.small_stem", m.small_stem, f"false with {m.arch} (a ResNet stem)")
+        width, heads = m.vit_width or VIT_ARCHS[m.arch]["embed_dim"], m.vit_heads or VIT_ARCHS[m.arch]["num_heads"]
+        _check(width % 4 == 0, "model.vit_width", width, "a multiple of 4 (2-D sin-cos position embedding)")
+        _check(width % heads == 0, "model.vit_heads", heads, f"a divisor of the ViT width ({width})")
+
+
+def _check_vit_image(cfg: Config) -> None:
+    """The ViT's patch grid is fixed at build time: the training crops must tile it."""
+    if cfg.model.arch in VIT_ARCHS:
+        patch, size = cfg.backbone.patch_size, cfg.aug.image_size
+        _check(size % patch == 0, "aug.image_size", size, f"a multiple of the ViT patch size ({patch})")
 
 
 def _check_moco(mo: MoCoConfig) -> None:
@@ -499,6 +544,7 @@ def _check_moco(mo: MoCoConfig) -> None:
 def _check_aug(a: AugConfig) -> None:
     _check(a.image_size >= 8, "aug.image_size", a.image_size, ">= 8")
     _check(0.0 <= a.strength <= 2.0, "aug.strength", a.strength, "0 <= strength <= 2")
+    _check(0.0 <= a.crop_min <= 1.0, "aug.crop_min", a.crop_min, "0 < crop_min <= 1, or 0 (the preset's)")
     _check(not (a.device == "gpu" and a.preset == "v3"), "aug.device", a.device, "cpu with aug.preset v3")
 
 
@@ -527,6 +573,8 @@ def _check_train(t: TrainConfig, o: OptimConfig) -> None:
         _check(t.gpus_per_worker == 1, "train.gpus_per_worker", t.gpus_per_worker, "1 (no GPUs: train.use_gpu=false)")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, ">= 1")
+    best = ", ".join(f"{k} ({v})" for k, v in BEST_METRICS.items())
+    _check(t.keep_best in ("", *BEST_METRICS), "train.keep_best", t.keep_best, f"'' (off), {best}")
     _check(t.max_failures >= 0, "train.max_failures", t.max_failures, ">= 0")
     _check(re.fullmatch(r"[\w.-]*", t.name) is not None, "train.name", t.name, "letters, digits, '.', '_', '-'")
     _check(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", t.max_steps_per_epoch, ">= 0")
@@ -563,7 +611,8 @@ def check_experiment_name(name: str, key: str = "tracking.experiment") -> None:
 
 def _check_tracking(tr: TrackingConfig) -> None:
     check_experiment_name(tr.experiment)
-    _check(tr.log_every_steps >= 0, "tracking.log_every_steps", tr.log_every_steps, ">= 0 (0 = off)")
+    _check(tr.log_every_steps >= -1, "tracking.log_every_steps", tr.log_every_steps, ">= -1 (0 = auto, -1 = off)")
+    _check(tr.progress_every_s >= 0, "tracking.progress_every_s", tr.progress_every_s, ">= 0 (0 = off)")
     _check(
         tr.system_metrics_interval == 0 or 0.1 <= tr.system_metrics_interval <= 3600,
         "tracking.system_metrics_interval",
@@ -595,6 +644,12 @@ def _check_batch_layout(cfg: Config) -> None:
         _check(False, "model.sync_bn", True, f"false with {mo.method} (its shuffle-BN); true for moco_v3 and simclr")
 
 
+def _check_keep_best(cfg: Config) -> None:
+    """A best checkpoint by kNN needs the kNN monitor: with it off no epoch would ever compete."""
+    if cfg.train.keep_best == "knn_top1" and cfg.eval.knn_every == 0:
+        raise ValueError("train.keep_best: 'knn_top1' needs the kNN monitor, but eval.knn_every is 0 (off)")
+
+
 def validate(cfg: Config) -> None:
     """Raise ValueError naming the first bad field and its allowed range (sections in this order)."""
     _check_model(cfg.model)
@@ -607,6 +662,8 @@ def validate(cfg: Config) -> None:
     _check_stream(cfg.data)
     _check_tracking(cfg.tracking)
     _check_batch_layout(cfg)
+    _check_vit_image(cfg)
+    _check_keep_best(cfg)
 
 
 def absolute(path: str) -> str:

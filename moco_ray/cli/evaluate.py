@@ -39,6 +39,9 @@ def run(a: argparse.Namespace) -> int:
             f"{r['test_rows']} test rows at {r['image_size']} px of {r['data']})"
         )
     print(f"eval run: {r['eval_run_id']} (child of {r['run_id']})")
+    from moco_ray.tracking.store import resolve_tracking_uri, where_to_look  # lazy: --help stays fast (mlflow)
+
+    print("\n".join(where_to_look(resolve_tracking_uri(uri), r["eval_run_id"])))
     return 0
 
 
@@ -53,7 +56,7 @@ def export(a: argparse.Namespace) -> int:
         register=getattr(a, "register", None),
         tracking_uri=getattr(a, "tracking_uri", "") or "",
     )
-    print(f"exported {r.format}: {r.path}")
+    print(f"exported {r.format}: {r.path} ({r.weights.name}, encoder.json, README.md)")
     if r.version is not None:
         print(f"registered model {r.registered_name} version {r.version} (models:/{r.registered_name}/{r.version})")
     return 0

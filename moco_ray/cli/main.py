@@ -13,21 +13,12 @@ import argparse
 import os
 import shlex
 import sys
-from pathlib import Path
 
 from moco_ray.cli import evaluate
 from moco_ray.config import TrackingConfig
+from moco_ray.config_files import KINDS, QUICKSTART, experiment_file, kind_of, shipped_dir, shipped_files
 from moco_ray.jobs.local_ray import interruption, stop_signal, stop_signals_as_ctrl_c
 from moco_ray.version import __version__
-
-QUICKSTART = "experiments/quickstart.yaml"
-
-
-def _default_config() -> str:
-    """experiments/quickstart.yaml, looked up from the cwd (run the quickstart from the repository root)."""
-    if Path(QUICKSTART).is_file():
-        return QUICKSTART
-    raise FileNotFoundError(f"no -c CONFIG given and {QUICKSTART} is not in {Path.cwd()}; run from the repo root")
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -35,13 +26,18 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
+    config = None if a.resume else experiment_file(a.config or QUICKSTART)  # a resume continues the run's config
+    _announce(config, a.overrides, a.resume)  # before torch/Ray/mlflow load: seconds on a busy machine
     from moco_ray.jobs.pretrain import (  # lazy: --help stays fast (torch/Ray/mlflow)
         RunInterrupted,
         RunKilled,
         run_pretraining,
     )
 
-    config = a.config if a.config else (None if a.resume else _default_config())
+    if a.resume:  # `last`: the config names the experiment (the quickstart's without -c); one line when none
+        from moco_ray.jobs.runs import resolve_resume  # lazy: --help stays fast (mlflow)
+
+        a.resume, a.overrides = resolve_resume(a.resume, a.config or QUICKSTART, a.overrides)
     try:
         res = run_pretraining(config, a.overrides, resume=a.resume)
     except RunInterrupted as e:
@@ -57,17 +53,36 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     print(f"\nrun id: {res.run_id}")
     print("final: " + "  ".join(f"{k} {v:.4g}" for k, v in res.metrics.items() if k != "epoch"))
     print(f"encoder: {res.encoder_uri}\ncheckpoint: {res.checkpoint_path}")
-    print(f"see it: {_where_to_look(res.tracking_uri, res.run_id)}")
+    _print_where_to_look(res.tracking_uri, res.run_id)
     return 0
 
 
-def _where_to_look(uri: str, run_id: str) -> str:
-    """The run's page on a tracking server; for a local store, the command that serves one."""
-    from moco_ray.tracking.store import client, is_server  # lazy: --help stays fast (mlflow)
+def _announce(config: str | None, overrides: list[str], resume: str | None) -> None:
+    """The command's first line, printed within a second of its start: what runs, and what comes next (the
+    imports, checks and Ray's start take tens of seconds on 2 CPUs). A bad config prints nothing here: the run's
+    own loading says what is wrong, in one line."""
+    from moco_ray.config import load_config  # lazy: yaml + dataclasses only, well under a second
 
-    if is_server(uri):
-        return f"{uri.rstrip('/')}/#/experiments/{client(uri).get_run(run_id).info.experiment_id}/runs/{run_id}"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    if resume:
+        which = "the latest unfinished run" if resume == "last" else f"run {resume}"
+        print(f"moco-ray: resuming {which}: loading, then checks and Ray ...", flush=True)
+        return
+    try:
+        cfg = load_config(config, overrides)
+    except Exception:
+        return
+    print(
+        f"moco-ray: pretraining {config} ({cfg.moco.method}, {cfg.train.epochs} epochs) into experiment "
+        f"{cfg.tracking.experiment}: loading, then checks and Ray ...",
+        flush=True,
+    )
+
+
+def _print_where_to_look(uri: str, run_id: str) -> None:
+    """The run's experiment and page (MLflow UI's training view); for a local store, the command that serves it."""
+    from moco_ray.tracking.store import where_to_look  # lazy: --help stays fast (mlflow)
+
+    print("\n".join(where_to_look(uri, run_id)), flush=True)
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
@@ -104,14 +119,30 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     from moco_ray.tuning.sweep import resume_command, run_sweep  # lazy: --help stays fast (torch/Ray/mlflow)
 
     try:
-        res = run_sweep(a.config, overrides=a.overrides, resume=a.resume)
+        res = run_sweep(experiment_file(a.config, "sweep"), overrides=a.overrides, resume=a.resume)
     except TrackingOutage as e:  # stopped, nothing lost: exit 3 as for a pretraining stopped early
         print(f"moco-ray: {e}", file=sys.stderr)
         return 3
     print(res.table.to_string(index=False))
     print(f"\nparent run: {res.parent_run_id}\nbest trial: {res.best}")
+    if res.tracking_uri:
+        _print_where_to_look(res.tracking_uri, res.parent_run_id)
     if not res.complete:  # Tune's SIGINT handler ends the sweep normally, with trials left unfinished
         raise KeyboardInterrupt(f"sweep {interruption()}; continue with: {resume_command(a.config)}")
+    return 0
+
+
+def cmd_experiments(a: argparse.Namespace) -> int:
+    """The shipped files with their descriptions; with a name, that file's text (to copy and edit)."""
+    if a.name:
+        print(experiment_file(a.name, kind_of(os.path.basename(a.name))).read_text(), end="")
+        return 0
+    files = shipped_files()
+    width = max(len(f.name) for f in files)
+    for kind, command in KINDS.items():
+        print(f"{kind} files ({command}):")
+        print("\n".join(f"  {f.name:<{width}}  {f.description}" for f in files if f.kind == kind))
+    print(f"\nin {shipped_dir()}; relative paths in them (data.shards, storage, sqlite store) are the current dir's")
     return 0
 
 
@@ -131,14 +162,22 @@ def cmd_import_checkpoint(a: argparse.Namespace) -> int:
     )
     print(f"imported {r.method} {r.arch} (epoch {r.epoch}, sha256 {r.sha256[:12]}) into experiment {r.experiment}")
     print(f"run id: {r.run_id}\nencoder: {r.encoder_uri}")
+    _print_where_to_look(r.tracking_uri, r.run_id)
     print(f"next: moco-ray eval knn --run {r.run_id} --data SHARDS; moco-ray export --run {r.run_id} --format moco OUT")
     return 0
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     pt = sub.add_parser("pretrain", help="pretrain an encoder (no arguments: the offline quickstart)")
-    pt.add_argument("-c", "--config", help=f"experiment YAML (default: {QUICKSTART})")
-    pt.add_argument("--resume", metavar="RUN_ID", help="continue a stopped run from its last checkpoint")
+    pt.add_argument(
+        "-c", "--config", help=f"experiment YAML, or a shipped one's name (moco-ray experiments; default: {QUICKSTART})"
+    )
+    pt.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue a stopped run from its last checkpoint; last: the newest unfinished run (with a checkpoint) "
+        "of the experiment the config names",
+    )
     _add_overrides(pt)
     pt.set_defaults(func=cmd_pretrain)
 
@@ -177,10 +216,16 @@ def _add_runs(sub: argparse._SubParsersAction) -> None:
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     sw = sub.add_parser("sweep", help="Ray Tune sweep over config keys (K, m, T, augmentation strength, ...)")
-    sw.add_argument("-c", "--config", required=True, help="sweep YAML, e.g. experiments/sweep_queue_momentum.yaml")
+    sw.add_argument("-c", "--config", required=True, help="sweep YAML, or a shipped one's name: sweep_queue_momentum")
     sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     _add_overrides(sw)
     sw.set_defaults(func=cmd_sweep)
+
+
+def _add_experiments(sub: argparse._SubParsersAction) -> None:
+    ex = sub.add_parser("experiments", help="the shipped experiment and sweep files (names for -c), one line each")
+    ex.add_argument("name", nargs="?", help="print this file (e.g. to copy and edit it)")
+    ex.set_defaults(func=cmd_experiments)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -211,24 +256,27 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    ex = sub.add_parser("export", help="export a run's encoder (torchvision, torchscript, detectron2, moco)")
+    ex = sub.add_parser("export", help="export a run's encoder as a directory (weights, encoder.json, README.md)")
     ex.add_argument("--run", required=True, metavar="RUN_ID", help="MLflow run id of the run whose encoder to export")
     ex.add_argument(
         "--format",
-        choices=["torchvision", "torchscript", "detectron2", "moco"],
+        choices=["torchvision", "torchscript", "detectron2", "moco", "deit"],
         default="torchvision",
-        help="moco: the official checkpoint layout (module.encoder_q.*), as main_lincls.py reads it",
+        help="moco: the official checkpoint of the run's method (v1/v2 module.encoder_q.*, v3 module.base_encoder.*), "
+        "as main_lincls.py reads it; deit: a ViT as moco-v3's convert_to_deit.py writes it",
     )
     ex.add_argument("--register", metavar="NAME", help="also register it in the MLflow Model Registry")
     ex.add_argument("--tracking-uri", default="")
-    ex.add_argument("out")
+    ex.add_argument("out", help="the export directory: new, empty, or an earlier export of the same run (replaced)")
     ex.set_defaults(func=cmd_export)
 
 
 def _add_import_checkpoint(sub: argparse._SubParsersAction) -> None:
     im = sub.add_parser("import-checkpoint", help="register an official MoCo v1/v2/v3 checkpoint as an MLflow run")
     im.add_argument("file", help="e.g. moco_v2_800ep_pretrain.pth.tar")
-    im.add_argument("--arch", help="torchvision architecture (default: the file's arch field)")
+    im.add_argument(
+        "--arch", help="torchvision architecture, or vit_small / vit_base (moco-v3) (default: the file's arch field)"
+    )
     im.add_argument("--name", default="", help="run name (default: the file name)")
     im.add_argument("--experiment", default="", help="MLflow experiment (default: moco-ray)")
     im.add_argument("--tracking-uri", default="")
@@ -244,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_pretrain, _add_ingest, _add_sweep, _add_eval, _add_export, _add_import_checkpoint, _add_runs):
         add(sub)
+    _add_experiments(sub)
     return p
 
 

@@ -3,8 +3,10 @@
 The torchvision state dict is the reference format: its keys are exactly those of ``torchvision.models.<arch>()``
 minus ``fc.*``, so it loads with ``strict=True`` into a plain torchvision model (``fc = Identity``, plus the small
 stem when the encoder was trained with one). ``SplitBatchNorm`` is a ``BatchNorm2d`` subclass with the same
-parameters and buffers, so training-time modules do not leak into it. Wrapper prefixes (DDP's ``module.``,
-torch.compile's ``_orig_mod.``) are stripped here and nowhere else.
+parameters and buffers, so training-time modules do not leak into it. A ViT's state dict is the same idea in timm's
+layout: it loads strictly into a plain ``timm`` ``VisionTransformer(**spec.timm_kwargs())``. Each function takes
+a :class:`BackboneSpec` (or the older ``arch, small_stem`` pair, which names every ResNet). Wrapper prefixes
+(DDP's ``module.``, torch.compile's ``_orig_mod.``) are stripped here and nowhere else.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from moco_ray.core.encoders import torchvision_backbone
+from moco_ray.core.backbone_spec import BackboneSpec, as_spec
+from moco_ray.core.encoders import plain_backbone
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 
@@ -35,7 +38,7 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def torchvision_state_dict(
-    backbone: nn.Module, arch: str | None = None, small_stem: bool = False
+    backbone: nn.Module, arch: str | BackboneSpec | None = None, small_stem: bool = False
 ) -> dict[str, torch.Tensor]:
     """The backbone's weights in torchvision layout: wrapper prefixes stripped, ``fc.*`` dropped, CPU, contiguous.
 
@@ -52,9 +55,11 @@ def torchvision_state_dict(
     return out
 
 
-def check_state_dict(state: Mapping[str, torch.Tensor], arch: str, small_stem: bool = False) -> None:
-    """Raise a one-line ValueError when ``state`` does not load strictly into the torchvision ``arch`` backbone."""
-    ref = torchvision_backbone(arch, small_stem).state_dict()
+def check_state_dict(state: Mapping[str, torch.Tensor], arch: str | BackboneSpec, small_stem: bool = False) -> None:
+    """Raise a one-line ValueError when ``state`` does not load strictly into the plain ``arch`` backbone."""
+    spec = as_spec(arch, small_stem)
+    with torch.device("meta"):  # shapes only
+        ref = plain_backbone(spec).state_dict()
     missing = [k for k in ref if k not in state]
     unexpected = [k for k in state if k not in ref]
     shapes = [
@@ -70,21 +75,28 @@ def check_state_dict(state: Mapping[str, torch.Tensor], arch: str, small_stem: b
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
-        raise ValueError(f"state dict does not match {arch} (small_stem={small_stem}): {'; '.join(parts)}")
+        raise ValueError(f"state dict does not match {_describe(spec)}: {'; '.join(parts)}")
+
+
+def _describe(spec: BackboneSpec) -> str:
+    if spec.is_vit:
+        return f"{spec.arch} ({', '.join(f'{k}={v}' for k, v in spec.timm_kwargs().items() if k != 'num_classes')})"
+    return f"{spec.arch} (small_stem={spec.small_stem})"
 
 
 def load_torchvision_backbone_from_state(
-    state: Mapping[str, torch.Tensor], arch: str, small_stem: bool = False
+    state: Mapping[str, torch.Tensor], arch: str | BackboneSpec, small_stem: bool = False
 ) -> nn.Module:
-    """A plain torchvision ``arch`` backbone (fc = Identity) holding ``state``, loaded strictly, in eval mode."""
+    """A plain backbone (torchvision with fc = Identity, or timm's ViT) holding ``state``, loaded strictly, in eval
+    mode."""
     state = {unwrap_key(k): v for k, v in state.items()}
     check_state_dict(state, arch, small_stem)
-    net = torchvision_backbone(arch, small_stem)
+    net = plain_backbone(arch, small_stem)
     net.load_state_dict(state, strict=True)
     return net.eval()
 
 
-def load_torchvision_backbone(path: str | os.PathLike, arch: str, small_stem: bool = False) -> nn.Module:
+def load_torchvision_backbone(path: str | os.PathLike, arch: str | BackboneSpec, small_stem: bool = False) -> nn.Module:
     """Load an exported torchvision state dict (``torch.load(weights_only=True)``) into a plain backbone."""
     path = Path(path)
     if not path.is_file():

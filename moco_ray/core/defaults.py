@@ -14,8 +14,16 @@ FEATURE_DIMS: dict[str, int] = {
     "resnet101": 2048,
     "resnet152": 2048,
     "wide_resnet50_2": 2048,
+    "vit_small": 384,
+    "vit_base": 768,
 }
 ARCHS: tuple[str, ...] = tuple(FEATURE_DIMS)
+# Vision Transformers as facebookresearch/moco-v3 vits.py builds them (all: mlp_ratio 4, qkv_bias True, LayerNorm
+# eps 1e-6, 224 px). vit_small has 12 heads there (timm's own vit_small_patch16_224 has 6).
+VIT_ARCHS: dict[str, dict[str, int]] = {
+    "vit_small": {"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 12},  # vits.vit_small
+    "vit_base": {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12},  # vits.vit_base
+}
 
 # MoCo v1/v2 on ImageNet (facebookresearch/moco main_moco.py: --moco-k 65536, --moco-m 0.999, --moco-t 0.07;
 # the v2 recipe passes --moco-t 0.2, which the moco_v2 preset sets). The CIFAR demo's K 4096 / m 0.99 / T 0.1 are

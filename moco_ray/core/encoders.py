@@ -1,4 +1,5 @@
-"""Backbones from torchvision by name, and the projection / prediction heads."""
+"""Backbones by :class:`BackboneSpec` (torchvision ResNets, moco-v3 ViTs on timm), and the projection / prediction
+heads."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from collections.abc import Callable
 import torch.nn as nn
 import torchvision
 
+from moco_ray.core.backbone_spec import BackboneSpec, as_spec
 from moco_ray.core.defaults import feature_dim
+from moco_ray.core.vits import build_vit, plain_vit
 
 
 def torchvision_backbone(
@@ -22,7 +25,8 @@ def torchvision_backbone(
     torchvision's, minus ``fc.*``. ``zero_init_residual``: the last BN of each residual block starts at 0
     (torchvision's option; MoCo v3's ResNet recipe turns it on).
     """
-    feature_dim(arch)  # a clear error for an unknown name
+    if feature_dim(arch) and as_spec(arch).is_vit:  # feature_dim: a clear error for an unknown name
+        raise ValueError(f"{arch} is a Vision Transformer, not a torchvision ResNet: use build_backbone")
     kwargs: dict = {"weights": None}
     if zero_init_residual:
         kwargs["zero_init_residual"] = True
@@ -37,14 +41,28 @@ def torchvision_backbone(
     return net
 
 
+def plain_backbone(arch: str | BackboneSpec, small_stem: bool = False) -> nn.Module:
+    """The module a user outside moco-ray builds to load an exported encoder strictly: torchvision's ResNet
+    (fc = Identity) or timm's plain ``VisionTransformer(**spec.timm_kwargs())``."""
+    spec = as_spec(arch, small_stem)
+    return plain_vit(spec) if spec.is_vit else torchvision_backbone(spec.arch, spec.small_stem)
+
+
 def build_backbone(
-    arch: str,
+    arch: str | BackboneSpec,
     small_stem: bool = False,
     norm_layer: Callable[..., nn.Module] | None = None,
     zero_init_residual: bool = False,
 ) -> tuple[nn.Module, int]:
-    """(backbone, feature width). The backbone maps [B,3,H,W] images to [B,feature width] pooled features."""
-    return torchvision_backbone(arch, small_stem, norm_layer, zero_init_residual), feature_dim(arch)
+    """(backbone, feature width). The backbone maps [B,3,H,W] images to [B,feature width] pooled features.
+
+    A ViT is moco-v3's (its initialisation, ``stop_grad_conv1``); ``norm_layer`` and ``zero_init_residual`` are
+    ResNet options (a ViT has no BatchNorm and no residual BN).
+    """
+    spec = as_spec(arch, small_stem)
+    if spec.is_vit:
+        return build_vit(spec), spec.feature_dim
+    return torchvision_backbone(spec.arch, spec.small_stem, norm_layer, zero_init_residual), spec.feature_dim
 
 
 def build_mlp_head(
@@ -90,7 +108,7 @@ class Encoder(nn.Module):
 
 
 def build_encoder(
-    arch: str,
+    arch: str | BackboneSpec,
     small_stem: bool,
     head: str,
     dim: int,

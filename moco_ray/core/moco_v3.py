@@ -1,4 +1,4 @@
-"""MoCo v3 (Chen, Xie, He 2021), ResNet variant: predictor on the query side, in-batch keys, no queue."""
+"""MoCo v3 (Chen, Xie, He 2021), ResNet and ViT: predictor on the query side, in-batch keys, no queue."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moco_ray.core.backbone_spec import BackboneSpec, as_spec
 from moco_ray.core.distributed import all_gather_nograd, rank
 from moco_ray.core.encoders import Encoder, build_backbone, build_mlp_head
 from moco_ray.core.loss import contrastive_accuracy
@@ -35,7 +36,7 @@ class QueryEncoder(Encoder):
 
 
 def build_query_encoder(
-    arch: str,
+    arch: str | BackboneSpec,
     small_stem: bool,
     dim: int = 256,
     hidden_dim: int = 4096,
@@ -44,16 +45,20 @@ def build_query_encoder(
     norm_layer=None,
     zero_init_residual: bool = True,
 ) -> QueryEncoder:
-    """The official ResNet heads (facebookresearch/moco-v3 ``MoCo_ResNet._build_projector_and_predictor_mlps``).
+    """The official heads (facebookresearch/moco-v3 ``moco/builder.py``, ``_build_projector_and_predictor_mlps``).
 
-    Projector: ``proj_layers``-layer MLP (official: 2), hidden width ``hidden_dim`` (``--moco-mlp-dim`` 4096),
-    BN after every hidden Linear, ending in BN without affine. Predictor: 2 layers, hidden ``pred_hidden_dim``
-    (4096), no BN after its last Linear. No Linear has a bias. ``zero_init_residual`` as the official ResNet
-    (``torchvision_models.__dict__[arch](zero_init_residual=True)``). ``hidden_dim=0`` = backbone feature width.
+    ResNet (``MoCo_ResNet``): projector ``proj_layers``-layer MLP (official: 2), hidden width ``hidden_dim``
+    (``--moco-mlp-dim`` 4096), BN after every hidden Linear, ending in BN without affine; predictor 2 layers,
+    hidden ``pred_hidden_dim`` (4096), no BN after its last Linear. ``zero_init_residual`` as the official ResNet
+    (``torchvision_models.__dict__[arch](zero_init_residual=True)``).
+    ViT (``MoCo_ViT``): the projector reads the class token (official: 3 layers, set by ``proj_layers``) and the
+    predictor ends in BN without affine too (``_build_mlp(2, dim, mlp_dim, dim)``, last_bn defaulting to True).
+    No Linear has a bias. ``hidden_dim=0`` = backbone feature width.
     """
-    backbone, feat = build_backbone(arch, small_stem, norm_layer, zero_init_residual)
+    spec = as_spec(arch, small_stem)
+    backbone, feat = build_backbone(spec, norm_layer=norm_layer, zero_init_residual=zero_init_residual)
     projector = build_mlp_head(feat, hidden_dim or feat, dim, num_layers=proj_layers, last_bn=True)
-    predictor = build_mlp_head(dim, pred_hidden_dim, dim, num_layers=2, last_bn=False, hidden_bn=True)
+    predictor = build_mlp_head(dim, pred_hidden_dim, dim, num_layers=2, last_bn=spec.is_vit, hidden_bn=True)
     return QueryEncoder(backbone, projector, predictor)
 
 

@@ -96,15 +96,21 @@ _PRESET_TABLE: dict[str, dict] = {
 }
 
 
-def aug_params(preset: str, image_size: int, strength: float = 1.0) -> AugParams:
-    """Distribution parameters for ``preset`` (see :data:`PRESETS`) at ``image_size`` and ``strength`` (0..2)."""
+def aug_params(preset: str, image_size: int, strength: float = 1.0, crop_min: float = 0.0) -> AugParams:
+    """Distribution parameters for ``preset`` (see :data:`PRESETS`) at ``image_size`` and ``strength`` (0..2).
+
+    ``crop_min`` (``aug.crop_min``, MoCo v3's ``--crop-min``): the crop-scale lower bound at strength 1 in place of
+    the preset's (0 keeps it): the v3 views are the same for ResNets (0.2) and ViTs (0.08), only this differs."""
     if preset not in PRESETS:
         raise ValueError(f"aug.preset: {preset!r} is not one of {', '.join(PRESETS)}")
     if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"aug.image_size: {image_size!r} is out of range; allowed: an integer >= 8")
     if not (0.0 <= float(strength) <= 2.0):
         raise ValueError(f"aug.strength: {strength!r} is out of range; allowed: 0 <= strength <= 2")
+    if not (0.0 <= float(crop_min) <= 1.0):
+        raise ValueError(f"aug.crop_min: {crop_min!r} is out of range; allowed: 0 < crop_min <= 1, or 0 (the preset's)")
     s, row = float(strength), _PRESET_TABLE[preset]
+    lower = float(crop_min) or row["crop_min"]
     jitter = row["jitter"]
     b, c, sat = (j * s for j in jitter[:3])
     hue = min(jitter[3] * s, 0.5)
@@ -116,7 +122,7 @@ def aug_params(preset: str, image_size: int, strength: float = 1.0) -> AugParams
         preset=preset,
         image_size=image_size,
         strength=s,
-        scale=(min(max(1.0 - s * (1.0 - row["crop_min"]), 0.02), 1.0), 1.0),
+        scale=(min(max(1.0 - s * (1.0 - lower), 0.02), 1.0), 1.0),
         ratio=(math.exp(-half_log_ratio), math.exp(half_log_ratio)),
         flip_p=0.5 if s > 0 else 0.0,
         jitter_p=row["jitter_p"] if s > 0 else 0.0,
@@ -272,12 +278,12 @@ class ViewAugment:
     (rounding, Pillow's HSV quantisation, its box-approximated Gaussian), by about a grey level on average.
     """
 
-    def __init__(self, preset: str, image_size: int, strength: float = 1.0) -> None:
-        self.params = aug_params(preset, image_size, strength)
+    def __init__(self, preset: str, image_size: int, strength: float = 1.0, crop_min: float = 0.0) -> None:
+        self.params = aug_params(preset, image_size, strength, crop_min)
 
     @classmethod
     def from_config(cls, aug) -> ViewAugment:  # aug: moco_ray.config.AugConfig
-        return cls(aug.preset, aug.image_size, aug.strength)
+        return cls(aug.preset, aug.image_size, aug.strength, aug.crop_min)
 
     @property
     def image_size(self) -> int:
@@ -418,8 +424,8 @@ def apply_color_jitter(x: torch.Tensor, r: dict) -> torch.Tensor:
     return x
 
 
-def build_view_augment(preset: str, image_size: int, strength: float = 1.0) -> ViewAugment:
-    return ViewAugment(preset, image_size, strength)
+def build_view_augment(preset: str, image_size: int, strength: float = 1.0, crop_min: float = 0.0) -> ViewAugment:
+    return ViewAugment(preset, image_size, strength, crop_min)
 
 
 def source_size(image_size: int) -> int:

@@ -114,14 +114,19 @@ class GpuViewAugment:
     """
 
     def __init__(
-        self, preset: str, image_size: int, strength: float = 1.0, out_dtype: torch.dtype = torch.uint8
+        self,
+        preset: str,
+        image_size: int,
+        strength: float = 1.0,
+        out_dtype: torch.dtype = torch.uint8,
+        crop_min: float = 0.0,
     ) -> None:
-        self.params: AugParams = aug_params(preset, image_size, strength)
+        self.params: AugParams = aug_params(preset, image_size, strength, crop_min)
         self.out_dtype = out_dtype
 
     @classmethod
     def from_config(cls, aug, out_dtype: torch.dtype = torch.uint8) -> GpuViewAugment:  # aug: AugConfig
-        return cls(aug.preset, aug.image_size, aug.strength, out_dtype)
+        return cls(aug.preset, aug.image_size, aug.strength, out_dtype, aug.crop_min)
 
     @property
     def image_size(self) -> int:

@@ -159,6 +159,7 @@ def pair_dataset(
         preset=aug.preset,
         image_size=aug.image_size,
         strength=aug.strength,
+        crop_min=aug.crop_min,
         device=aug.device,
         seed=seed,
         epoch_offset=epoch_offset,

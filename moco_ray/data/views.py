@@ -58,9 +58,9 @@ def current_epoch(epoch_offset: int) -> int:
 
 
 @functools.cache
-def _view_augment(preset: str, image_size: int, strength: float) -> ViewAugment:
-    """One augmenter per (preset, size, strength) per worker process: built once, reused by every batch."""
-    return build_view_augment(preset, image_size, strength)
+def _view_augment(preset: str, image_size: int, strength: float, crop_min: float) -> ViewAugment:
+    """One augmenter per (preset, size, strength, crop_min) per worker process: built once, reused by every batch."""
+    return build_view_augment(preset, image_size, strength, crop_min)
 
 
 def _generators(seed: int | None, epoch_offset: int, ids: list[str]) -> list[torch.Generator]:
@@ -193,6 +193,7 @@ def make_pairs(
     strength: float,
     device: str,
     seed: int | None,
+    crop_min: float = 0.0,
     epoch_offset: int,
     drop_ids: frozenset[str] = frozenset(),
     keep_id: bool = False,
@@ -207,7 +208,7 @@ def make_pairs(
         out["jpeg"] = np.asarray(batch["image"], dtype=object)
         corrupt = None
     else:
-        aug = _view_augment(preset, image_size, strength)
+        aug = _view_augment(preset, image_size, strength, crop_min)
         gens = _generators(seed, epoch_offset, ids)
         out["q"], out["k"], corrupt = _train_pairs(aug, list(batch["image"]), gens)
     out["label"] = np.asarray(batch["label"], dtype=np.int64)

@@ -269,13 +269,37 @@ class LinclsProtocol:
     batch_size: int = 256
     milestones: tuple[int, ...] = (60, 80)
     image_size: int = 224  # RandomResizedCrop(224) for training; Resize(256) + CenterCrop(224) for validation
+    schedule: Literal["cosine", "step"] = "step"
+
+    @classmethod
+    def vit(cls, image_size: int = 224) -> LinclsProtocol:
+        """facebookresearch/moco-v3 main_lincls.py for a ViT (CONFIG.md ``-a vit_small|vit_base --lr=3``): lr 3
+        (x batch / 256), ``-b`` 1024, ``--epochs`` 90, ``--wd`` 0, ``--momentum`` 0.9, cosine decay
+        (``adjust_learning_rate``: once per epoch there, per step here). The head is the ViT's ``head``."""
+        return cls(
+            epochs=90,  # main_lincls.py --epochs default 90
+            lr=3.0,  # CONFIG.md: --lr=3 for vit_small and vit_base
+            momentum=0.9,  # --momentum default 0.9
+            weight_decay=0.0,  # --wd default 0
+            batch_size=1024,  # -b default 1024
+            milestones=(),
+            image_size=image_size,
+            schedule="cosine",  # init_lr * 0.5 * (1 + cos(pi * epoch / epochs))
+        )
+
+    @classmethod
+    def for_arch(cls, arch: str, image_size: int = 224) -> LinclsProtocol:
+        """The official linear protocol of ``arch``: moco-v3's ViT settings for ``vit_*``, else main_lincls.py's
+        ResNet defaults (facebookresearch/moco)."""
+        return cls.vit(image_size) if arch.startswith("vit_") else cls(image_size=image_size)
 
     def probe(self) -> LinearProtocol:
-        """The trainer's settings: lr x batch / 256, x0.1 at each milestone, raw features (no standardisation)."""
+        """The trainer's settings: lr x batch / 256, x0.1 at each milestone (or cosine), raw features (no
+        standardisation)."""
         return LinearProtocol(
             epochs=self.epochs, lr=self.lr * self.batch_size / 256, momentum=self.momentum,
-            weight_decay=self.weight_decay, batch_size=self.batch_size, schedule="step", milestones=self.milestones,
-            standardize=False,
+            weight_decay=self.weight_decay, batch_size=self.batch_size, schedule=self.schedule,
+            milestones=self.milestones, standardize=False,
         )  # fmt: skip
 
 

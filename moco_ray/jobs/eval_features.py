@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
+from moco_ray.core.backbone_spec import BackboneSpec
 from moco_ray.data.manifest import Manifest, usable_rows
 from moco_ray.data.stream import eval_dataset
 from moco_ray.evaluation.features import cache_path, cached_features, extract_features, normalizing
@@ -31,14 +32,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moco-ray" / "features")
 
 
-def _extract_task(state, arch: str, small_stem: bool, datasets: dict, batch_size: int, rows: dict, stats=None) -> dict:
+def _extract_task(state, backbone: BackboneSpec, datasets: dict, batch_size: int, rows: dict, stats=None) -> dict:
     """Ray task body: run the backbone over each eval dataset -> {split: (raw features, labels)}.
 
     ``rows``: each split's row count, for the progress lines (printed: a Ray task's stdout reaches the driver);
     ``stats``: ``(mean, std)`` the images are normalised with (None: ImageNet's).
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = load_torchvision_backbone_from_state(state, arch, small_stem).to(device)
+    net = load_torchvision_backbone_from_state(state, backbone).to(device)
 
     def clean(ds):  # drop rows whose image failed to decode (replaced by a neighbour in the stream)
         for b in ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=2):
@@ -97,5 +98,5 @@ def features(
         rows = {s: usable_rows(manifest, s, limit) for s in missing}
         task = ray.remote(_extract_task).options(num_cpus=1, num_gpus=1 if gpu else 0)
         state_ref = ray.put(encoder.state)
-        computed = ray.get(task.remote(state_ref, encoder.arch, encoder.small_stem, datasets, batch_size, rows, stats))
+        computed = ray.get(task.remote(state_ref, encoder.backbone, datasets, batch_size, rows, stats))
     return {s: cached_features(keys[s], cache_dir(), lambda s=s: computed[s]) for s in splits}

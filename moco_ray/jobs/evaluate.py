@@ -30,7 +30,7 @@ from moco_ray.evaluation.probe_sources import CachedFeatures
 from moco_ray.evaluation.progress import Progress
 from moco_ray.jobs.eval_features import features
 from moco_ray.tracking.datasets import EVALUATION, TRAINING
-from moco_ray.tracking.run_log import RunLog, open_run, version_tags
+from moco_ray.tracking.run_log import RunEncoder, RunLog, open_run, version_tags
 from moco_ray.tracking.store import open_store
 
 EVAL_TAG = "moco_ray.eval"
@@ -54,7 +54,18 @@ def _prepare(run_id: str, data: str | None, tracking_uri: str, image_size: int |
     manifest = validate_shards(shards)
     for s in splits:
         manifest.require_split(s)
-    return log, parent, shards, size, manifest, log.encoder()
+    enc = log.encoder()
+    return log, parent, shards, _vit_size(enc, size, image_size), manifest, enc
+
+
+def _vit_size(enc: RunEncoder, size: int, asked: int | None) -> int:
+    """A ViT's patch grid (and position embedding) is fixed: it sees images at its own size, and no other."""
+    vit = enc.backbone
+    if vit is None or not vit.is_vit:
+        return size
+    if asked and asked != vit.img_size:
+        raise ValueError(f"image_size {asked}: the run's {vit.arch} takes {vit.img_size} px images only")
+    return vit.img_size
 
 
 def _log_child(
@@ -197,11 +208,11 @@ def _evaluate_lincls(
     log, parent, shards, size, manifest, enc = _prepare(
         run_id, data, tracking_uri, image_size, [split_train, split_test]
     )
-    proto = with_epochs(LinclsProtocol(image_size=size), epochs)
+    proto = with_epochs(LinclsProtocol.for_arch(enc.arch, image_size=size), epochs)
     xtr, ytr, _ = original_images(shards, split_train, limit)
     xte, yte, _ = original_images(shards, split_test, limit)
     device = _device()
-    net = load_torchvision_backbone_from_state(enc.state, enc.arch, enc.small_stem).to(device)
+    net = load_torchvision_backbone_from_state(enc.state, enc.backbone).to(device)
     prep = Normalizer(enc.mean, enc.std, device=device)
     res = train_lincls(net, xtr, ytr, xte, yte, prep, len(manifest.classes) or None, proto, device=device, seed=seed)
     where = {"data": shards, "split_train": split_train, "split_test": split_test, "image_size": size,

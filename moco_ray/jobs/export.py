@@ -1,5 +1,5 @@
-"""Export a pretraining run's encoder to a file (torchvision, TorchScript, detectron2, the official MoCo layout) or
-the Model Registry."""
+"""Export a pretraining run's encoder as a directory that describes itself (torchvision, TorchScript, detectron2,
+the official MoCo checkpoint of the run's method, DeiT) and to the Model Registry."""
 
 from __future__ import annotations
 
@@ -8,27 +8,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
-from moco_ray.data.writable import check_writable_dir, write_error
-from moco_ray.evaluation.export import FORMATS, check_export_target, save_export
+from moco_ray.core.backbone_spec import as_spec
+from moco_ray.evaluation.export import FORMATS, INFO_FILE, WEIGHTS_FILE, ExportInfo, check_export_dir, save_export_dir
 from moco_ray.jobs.evaluate import DEFAULT_IMAGE_SIZE
 from moco_ray.tracking.run_log import ENCODER_MODEL_URI_TAG, RunEncoder, RunLog, open_run
 from moco_ray.tracking.store import open_store
 
+DEFAULT_METHOD = "moco_v2"  # a run that recorded no moco.method predates the other methods
+
 
 @dataclass
 class ExportResult:
-    """Where ``export_run`` wrote the file and, with ``register``, the Model Registry version it created."""
+    """The export directory ``export_run`` wrote, its weights file and, with ``register``, the Model Registry
+    version it created."""
 
-    path: Path
+    path: Path  # the directory: weights, encoder.json, README.md
     format: str
     registered_name: str | None = None
     version: str | None = None
 
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS_FILE[self.format]
+
+    @property
+    def info(self) -> Path:
+        return self.path / INFO_FILE
+
     def __fspath__(self) -> str:  # usable wherever a path is expected
         return str(self.path)
-
-
-_SUFFIX = {"torchvision": ".pt", "torchscript": ".pt", "detectron2": ".pkl", "moco": ".pth.tar"}
 
 
 def export_run(
@@ -40,40 +48,49 @@ def export_run(
     tracking_uri: str = "",
     image_size: int | None = None,
 ) -> ExportResult:
-    """Write the run's encoder to ``out`` as ``fmt`` (torchvision | torchscript | detectron2 | moco).
+    """Write the run's encoder as the export directory ``out`` in ``fmt`` (torchvision | torchscript | detectron2 |
+    moco | deit): the weights, ``encoder.json`` (arch, stem, mean/std, method, source run) and a README.md.
 
-    ``out`` may be a directory, existing or (with a trailing separator) made here; the file is then
-    ``<run id>-<fmt><suffix>`` in it. ``register=NAME``
-    also registers the encoder (the run's mlflow.pytorch model, logged now if the run has none) as a new version
-    of NAME in the MLflow Model Registry. ``image_size`` only sets TorchScript's example input (default: the
-    run's ``aug.image_size``; the traced module accepts any size). An unwritable ``out`` (read-only, a file in the
-    way) is refused before the encoder is downloaded; a failed write (disk full) leaves no partial file.
+    ``out`` is the directory: missing (made), empty, or an earlier export of the same run (replaced whole);
+    anything else is refused. It is written beside ``out`` and renamed onto it, so it is never half written; a
+    torchvision export is what ``moco_ray.load_encoder(out)`` loads. ``moco`` is the layout of the run's method
+    (v1/v2 ``module.encoder_q.*``, v3 ``module.base_encoder.*``); ``deit`` (ViTs only) is moco-v3
+    convert_to_deit.py's. ``register=NAME`` also registers the encoder (the run's mlflow.pytorch model, with a
+    signature) as a new version of NAME. ``image_size`` only sets TorchScript's example input (default: the run's
+    ``aug.image_size``). Refused in one line before the encoder is downloaded: an unwritable or foreign ``out``,
+    ``deit`` for a run whose ``model.arch`` is not a ViT.
     """
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}")
     if register is not None and not register.strip():
         raise ValueError("register: the registered model name must not be empty")
     path = Path(out)
-    is_dir = path.is_dir() or os.fspath(out).endswith(("/", os.sep))  # "OUT_DIR/" is a directory, made if missing
-    if is_dir:
-        check_writable_dir(path, "export")
-    else:
-        check_export_target(path)
+    check_export_dir(path, run_id)
     log, run = open_run(open_store(tracking_uri), run_id)
+    arch = run.data.params.get("model.arch")
+    if fmt == "deit" and arch and not as_spec(arch).is_vit:
+        raise ValueError(f"export format deit is for Vision Transformers; run {run_id} is a {arch}")
+    trained_size = run.data.params.get("aug.image_size")
+    if image_size and arch and as_spec(arch).is_vit and trained_size and image_size != int(trained_size):
+        raise ValueError(f"image size {image_size}: a ViT runs at its own image size ({trained_size} px for {run_id})")
     enc = log.encoder()
     cfg = log.config()
     size = image_size or (cfg.aug.image_size if cfg else DEFAULT_IMAGE_SIZE)
-    net = load_torchvision_backbone_from_state(enc.state, enc.arch, enc.small_stem)
-    if is_dir:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise write_error("export", path, e) from None
-        path = path / f"{run_id}-{fmt}{_SUFFIX[fmt]}"
-    written = save_export(net, enc.arch, enc.small_stem, fmt, path, image_size=size, epoch=_epochs_done(run))
+    method = cfg.moco.method if cfg else run.data.params.get("moco.method", DEFAULT_METHOD)
+    net = load_torchvision_backbone_from_state(enc.state, enc.backbone)
+    info = ExportInfo(
+        backbone=enc.backbone.to_info(),  # arch, small_stem, feature_dim (+ timm_kwargs for a ViT)
+        mean=tuple(enc.mean),
+        std=tuple(enc.std),
+        method=method,
+        epochs=_epochs_done(run),
+        image_size=cfg.aug.image_size if cfg else 0,
+        source={"run_id": run_id, "run_name": run.info.run_name or "", "experiment_id": run.info.experiment_id},
+    )
+    written = save_export_dir(net, info, fmt, path, image_size=size)
     res = ExportResult(written, fmt)
     if register:
-        res.registered_name, res.version = register, _register(log, run, net, enc, register)
+        res.registered_name, res.version = register, _register(log, run, net, enc, register, size)
     return res
 
 
@@ -83,11 +100,13 @@ def _epochs_done(run) -> int:
     return int(last) + 1 if last is not None else 0
 
 
-def _register(log: RunLog, run, net, enc: RunEncoder, name: str) -> str:
-    """A new version of ``name`` from the run's mlflow.pytorch model, through the run's own store (RunLog)."""
+def _register(log: RunLog, run, net, enc: RunEncoder, name: str, image_size: int) -> str:
+    """A new version of ``name`` from the run's mlflow.pytorch model, through the run's own store (RunLog). A run
+    whose model has no signature (logged before models carried one) or no model gets a new model logged with one,
+    so every registered version shows its input and output schema."""
     model_uri = run.data.tags.get(ENCODER_MODEL_URI_TAG)
-    if not model_uri:  # e.g. a run logged before the trainer logged mlflow.pytorch models
-        model_uri = log.log_pytorch_model(net)
+    if not model_uri or not log.model_has_signature(model_uri):
+        model_uri = log.log_pytorch_model(net, image_size)
         log.set_tags({ENCODER_MODEL_URI_TAG: model_uri})
     tags = {"moco_ray.run_id": run.info.run_id, "arch": enc.arch, "small_stem": str(enc.small_stem)}
     return log.register_model(model_uri, name, tags)

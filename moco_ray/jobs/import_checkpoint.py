@@ -20,6 +20,7 @@ import torch
 
 from moco_ray.config import TrackingConfig, check_experiment_name
 from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
+from moco_ray.core.backbone_spec import as_spec
 from moco_ray.core.defaults import ARCHS
 from moco_ray.core.official_io import OfficialBackbone, from_official
 from moco_ray.tracking.run_log import create_run, version_tags
@@ -105,7 +106,8 @@ def import_checkpoint(
 ) -> ImportResult:
     """Read, check and register the checkpoint at ``path`` as a FINISHED MLflow run; returns its id and facts.
 
-    ``arch``: the torchvision architecture (default: the file's ``arch`` field); ``name``: the run name (default:
+    ``arch``: the torchvision architecture or ``vit_small`` / ``vit_base`` (moco-v3's ViTs, 224 px; default: the
+    file's ``arch`` field); ``name``: the run name (default:
     the file name without ``.pth.tar``); ``experiment``: default ``tracking.experiment``'s default (moco-ray).
     """
     exp = experiment or TrackingConfig().experiment
@@ -129,10 +131,11 @@ def import_checkpoint(
     log = create_run(uri, exp, run_name, params, tags, None)
     status = "FAILED"
     try:
-        if epoch > 0:  # as a trained run's last "epoch" metric (step = epoch): 0-based index of the last finished epoch
-            log.log_step_metrics({"epoch": epoch - 1}, epoch - 1)
-        net = load_torchvision_backbone_from_state(backbone.state, arch, backbone.small_stem)
-        encoder_uri = log.log_trained_encoder(net, arch, backbone.small_stem)
+        if epoch > 0:  # as a trained run's last "epoch" metric: the 0-based index, at step = the epoch's number
+            log.log_step_metrics({"epoch": epoch - 1}, epoch)
+        spec = backbone.backbone or as_spec(arch, backbone.small_stem)
+        net = load_torchvision_backbone_from_state(backbone.state, spec)
+        encoder_uri = log.log_trained_encoder(net, spec)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

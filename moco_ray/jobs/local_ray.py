@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -48,7 +49,7 @@ TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
 # The driver's log deduplicator merges lines that differ only in numbers ("... [repeated 3x across cluster]"), and
 # two sweep trials' epoch lines differ only there: rank 0's progress lines (moco_ray.train.loop / .progress, with a
 # trial's "[name] " in front) always pass. Ray's knob for this is RAY_DEDUP_LOGS_ALLOW_REGEX, read once at import.
-PROGRESS_LINES = r"^(\[[^\]]*\] )?(epoch \d+/\d+  |moco-ray: warning: )"
+PROGRESS_LINES = r"^(\[[^\]]*\] )?(epoch \d+/\d+  |moco-ray: |features \w+: rows \d)"
 # The raylet's "N PYTHON worker processes have been started on node ... maximum expected startup concurrency": on a
 # local instance moco-ray starts them on purpose (a run's controller, workers and Ray Data actors; two at once in a
 # sweep); dropped on this driver's console (RAY_DEDUP_LOGS_SKIP_REGEX's knob), still in the raylet's log.
@@ -207,6 +208,102 @@ def steer_log_dedup(*, local: bool) -> None:
             dedup.allow_re = _either(dedup.allow_re, PROGRESS_LINES)
             if local:
                 dedup.skip_re = _either(dedup.skip_re, WORKER_POOL_NOTICE)
+
+
+# Ray-internal warnings whose traceback reached the driver's console between epoch lines on a loaded machine: Ray
+# Train's autoscaling client ("Failed to send resource request ... it's safe to ignore", GetTimeoutError) and the
+# PlacementGroupCleaner. They stay in the worker's log file (where the driver's copy is read from); the console gets
+# one moco-ray line, once.
+RAY_INTERNAL_NOISE = re.compile(r"Failed to send resource request|GetTimeoutError|[Pp]lacement_?[Gg]roup_?[Cc]leaner")
+RAY_NOISE_NOTE = (
+    "moco-ray: Ray reported an internal warning with a traceback (a slow or loaded machine; the run goes on); "
+    "it is in Ray's worker logs under the session's logs/ folder (e.g. /tmp/ray/session_latest/logs)"
+)
+_TRACEBACK = "Traceback (most recent call last):"
+_CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+
+
+def _traceback_end(lines: list[str], start: int) -> int:
+    """The index after the traceback starting at ``lines[start]`` (its exception line included; chained ones too)."""
+    i = start + 1
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith((" ", "\t", _TRACEBACK)) or not line.strip() or line.startswith(_CHAINED):
+            i += 1
+            continue
+        i += 1  # the exception line ("ray.exceptions.GetTimeoutError: ...")
+        if i < len(lines) and (not lines[i].strip() or lines[i].startswith(_CHAINED)):
+            continue  # a chained traceback follows
+        return i
+    return i
+
+
+def split_ray_noise(lines: list[str]) -> tuple[list[str], int]:
+    """``lines`` without Ray-internal warnings that carry a traceback (the warning line and its traceback), and how
+    many were taken out. A traceback through moco-ray's own code, or one that matches no known Ray-internal
+    message, is kept."""
+    kept: list[str] = []
+    dropped, i = 0, 0
+    while i < len(lines):
+        if lines[i].startswith(_TRACEBACK):
+            end = _traceback_end(lines, i)
+            block = lines[i:end]
+            head = kept[-1] if kept else ""
+            text = "\n".join([head, *block])
+            if RAY_INTERNAL_NOISE.search(text) and "moco_ray" not in text:
+                if head and RAY_INTERNAL_NOISE.search(head):
+                    kept.pop()
+                dropped += 1
+                i = end
+                continue
+        kept.append(lines[i])
+        i += 1
+    return kept, dropped
+
+
+class ConsoleLines:
+    """The driver's handler of the workers' output (in place of Ray's ``ray_print_logs``): moco-ray's own lines
+    (rank 0's epoch / progress / phase lines, feature extraction's progress: ``PROGRESS_LINES``) go to stdout
+    without Ray's "(RayTrainWorker pid=...)" prefix, Ray-internal warnings with a traceback become one note
+    (``split_ray_noise``), blank lines go, and everything else goes through Ray's own printer (prefix,
+    deduplication) as before."""
+
+    def __init__(self, ray_print: Callable[[dict[str, Any]], None], out: Any = None) -> None:
+        self.ray_print, self.out, self.noted = ray_print, out, False
+        self.own = re.compile(PROGRESS_LINES)
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        lines = list(data.get("lines") or [])
+        if data.get("pid") in ("autoscaler", "raylet") or not lines:
+            self.ray_print(data)
+            return
+        lines, dropped = split_ray_noise(lines)
+        own = [ln for ln in lines if self.own.match(ln)]
+        # blank lines a worker writes (feature extraction's stream, tqdm's clean-ups) printed as "(pid=...) " alone
+        rest = [ln for ln in lines if ln.strip() and not self.own.match(ln)]
+        out = self.out or sys.stdout
+        if dropped and not self.noted:
+            self.noted = True
+            own.insert(0, RAY_NOISE_NOTE)
+        if own:
+            print("\n".join(own), file=out, flush=True)
+        if rest:
+            self.ray_print({**data, "lines": rest})
+
+
+def own_console_lines() -> None:
+    """Put :class:`ConsoleLines` in place of Ray's handler of the workers' output on this driver (after
+    ``ray.init(log_to_driver=True)``). Ray 2.60 has no switch for the prefix of some lines only
+    (``RAY_DISABLE_WORKER_LOG_PREFIX`` drops it from every worker's lines, Ray's own included); this uses Ray's
+    private dispatcher, and on a Ray without it the console keeps Ray's format."""
+    with contextlib.suppress(Exception):
+        from ray._private import worker as ray_worker  # lazy: private Ray API, optional
+
+        ignore = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        printer = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=ignore)
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", ConsoleLines(printer))
 
 
 def quiet_driver_logs() -> None:
@@ -400,13 +497,24 @@ def init_ray() -> None:
     quiet_driver_logs()
     common = {"log_to_driver": True, "configure_logging": False}
     address = os.environ.get("RAY_ADDRESS") or None
+    t0 = time.monotonic()
     if address and address != "local":  # "local": a new local instance, as with no address at all
+        say(f"moco-ray: connecting to the Ray cluster at {address} ...")
         steer_log_dedup(local=False)
         ray.init(address=address, **common)
     else:
+        say("moco-ray: starting Ray on this machine ...")
         steer_log_dedup(local=True)
         _start_or_join_local(address, common)
-    _install_stop_handlers()  # the driver's core worker has just put its C++ SIGTERM handler in place of ours
+    own_console_lines()
+    _install_stop_handlers()
+    say(f"moco-ray: Ray up in {time.monotonic() - t0:.1f}s")
+
+
+def say(line: str) -> None:
+    """A driver phase line on stdout, flushed at once: a slow phase (Ray's start, the workers') is announced before
+    it runs, not found in a pipe's buffer after it."""
+    print(line, flush=True)  # the driver's core worker has just put its C++ SIGTERM handler in place of ours
 
 
 def _start_or_join_local(address: str | None, common: dict[str, Any]) -> None:

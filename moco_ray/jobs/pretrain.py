@@ -15,7 +15,7 @@ from moco_ray.core.backbone_io import backbone_of
 from moco_ray.data.decode import TooManyCorruptImages
 from moco_ray.data.manifest import steps_per_epoch
 from moco_ray.data.stream import pair_dataset, quiet_progress
-from moco_ray.jobs.local_ray import init_ray, interruption, mute_worker_logs
+from moco_ray.jobs.local_ray import init_ray, interruption, mute_worker_logs, say
 from moco_ray.jobs.resolve import (
     Prepared,
     check_local_gpus,
@@ -44,11 +44,13 @@ from moco_ray.tracking.run_log import RunLog, create_run, version_tags
 from moco_ray.tracking.store import resolve_tracking_uri
 from moco_ray.train.checkpoint import TrainState, load_state
 from moco_ray.train.hooks import FaultHooks
+from moco_ray.train.keep_best import Candidate
 from moco_ray.train.model import build_method
 from moco_ray.train.spec import RunSpec
 
 STORAGE_TAG = "moco_ray.storage_path"
 NAME_TAG = "moco_ray.ray_run_name"
+ENCODER_EPOCH_TAG = "moco_ray.encoder_epoch"  # the epoch (0-based) of the checkpoint the encoder artifact holds
 
 
 @dataclass
@@ -156,7 +158,9 @@ def _trainer(spec: RunSpec, callbacks: list | None, epoch_offset: int):
         run_config=RunConfig(
             name=Path(spec.run_dir).name,
             storage_path=spec.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            # train.keep_best: Ray keeps every checkpoint and moco-ray prunes (the latest N and the best, which
+            # Ray's CheckpointConfig cannot express: moco_ray.train.keep_best)
+            checkpoint_config=CheckpointConfig(num_to_keep=None if t.keep_best else t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks or [],
             # Ray Train's per-report INFO lines ("Reporting training result ...", "Checkpoint successfully
@@ -221,6 +225,9 @@ def _open(
         log = _new_run(cfg, prep, parent_run_id, extra_tags)
         with _ended_on_error(log):
             log.log_dataset_inputs(prep.manifest, _dataset_contexts(cfg, prep))
+        if parent_run_id is None:  # a sweep's trials are announced by the sweep's own lines
+            say(f"moco-ray: run {log.run_id} in experiment {cfg.tracking.experiment}; "
+                f"starting {cfg.train.num_workers} training worker(s) ...")  # fmt: skip
         return cfg, prep, log
     record_resume(target)  # every check passed: the run's record now says what runs (changes, config.yaml)
     target.log.reopen()
@@ -380,25 +387,43 @@ def _log_final(spec: RunSpec, log: RunLog, result) -> PretrainResult:
     with tempfile.TemporaryDirectory() as d:  # drawn from the checkpoint's history: the kept model's curves
         title = cfg.tracking.run_name or log.run_id
         log.log_artifact(plot_training_curves(history, Path(d) / "training_curves.png", title=title), "plots")
-    _prune(spec, ckpt_path)
+    best = _prune(spec, log, ckpt_path)
     if last_epoch + 1 < cfg.train.epochs:
         log.finish("KILLED")
         raise RunInterrupted(log.run_id, last_epoch, log.uri)
     model = build_method(cfg)
-    model.load_state_dict(state.model)
-    encoder_uri = log.log_trained_encoder(backbone_of(model).eval(), cfg.model.arch, cfg.model.small_stem)
+    model.load_state_dict(_encoder_state(log, ckpt_path, state, best).model)
+    encoder_uri = log.log_trained_encoder(backbone_of(model).eval(), cfg.backbone)
     log.finish("FINISHED")
     metrics = {k: float(v) for k, v in history[-1].as_dict().items()}
     return PretrainResult(log.run_id, spec.tracking_uri, metrics, history, encoder_uri, ckpt_path)
 
 
-def _prune(spec: RunSpec, final: str) -> None:
-    """The checkpoints of the fits before a resume beyond ``train.keep_checkpoints`` (Ray prunes only its fit's);
-    a storage that refuses the deletion costs disk, not the run."""
+def _prune(spec: RunSpec, log: RunLog, final: str) -> Candidate | None:
+    """The checkpoints of the fits before a resume beyond ``train.keep_checkpoints`` (Ray prunes only its fit's),
+    all of them with ``train.keep_best`` but the best by it, which is returned and tagged on the run; a storage that
+    refuses the deletion costs disk, not the run."""
+    t = spec.config.train
     try:
-        prune_checkpoints(spec.run_dir, spec.config.train.keep_checkpoints, final)
+        best = prune_checkpoints(spec.run_dir, t.keep_checkpoints, final, t.keep_best).best
     except OSError as e:
         print(f"moco-ray: warning: old checkpoints in {spec.run_dir} not removed ({e})", flush=True)
+        best = None
+    if best is not None:
+        log.set_tags(best.tags(t.keep_best))
+    elif t.keep_best:
+        print(f"moco-ray: warning: train.keep_best: no checkpoint has {t.keep_best}; the encoder is the last epoch's")
+    return best
+
+
+def _encoder_state(log: RunLog, final: str, state: TrainState, best: Candidate | None) -> TrainState:
+    """The state whose encoder becomes the run's ``encoder/`` artifact: the best checkpoint's with
+    ``train.keep_best`` (what a user asking for the best keeps, as load_best_model_at_end does elsewhere), else the
+    last one's; the tag ``moco_ray.encoder_epoch`` says which epoch it is."""
+    if best is not None and best.name != final.rstrip("/").rsplit("/", 1)[-1]:
+        state = load_state(best.path)
+    log.set_tags({ENCODER_EPOCH_TAG: state.epoch})
+    return state
 
 
 __all__ = ["PretrainResult", "RunInterrupted", "RunKilled", "run_pretraining"]

@@ -23,14 +23,13 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-import pyarrow.fs as pafs
-
 from moco_ray.config import Config, load_config
 from moco_ray.data.manifest import join, resolve_fs
 from moco_ray.jobs.resolve import latest_checkpoint, with_absolute_paths
 from moco_ray.tracking.run_log import CONFIG_FILE, RunLog, open_run
 from moco_ray.tracking.store import open_store
-from moco_ray.train.checkpoint import STATE_FILE, load_state
+from moco_ray.train.checkpoint import load_state
+from moco_ray.train.keep_best import Pruned, prune
 
 RUN_DIR_TAG = "moco_ray.run_dir"  # where the run's Ray Train checkpoints are (set when training starts)
 RESUME_CHANGES_TAG = "moco_ray.resume_changes"  # one line per resume that changed the config, oldest first
@@ -53,6 +52,8 @@ FIXED_ON_RESUME: dict[str, str] = {
     "train.storage_path": _RUN_DIR,
     "train.name": _RUN_DIR,
 }
+# Fixed for a Vision Transformer only: the fixed position embedding has one row per patch of the image
+FIXED_FOR_VIT: dict[str, str] = {"aug.image_size": "a ViT's position embedding has one row per patch of its image"}
 NOT_COMPARED = ("tracking.",)  # how the run is found (tracking_uri) and logged, not how it trains
 
 
@@ -102,7 +103,7 @@ def resume_target(run_id: str, overrides: list[str] | dict[str, Any] | None) -> 
         run_cfg = with_absolute_paths(load_config(cfg_path))
         cfg = with_absolute_paths(load_config(cfg_path, overrides))
     changes = config_changes(run_cfg, cfg)
-    refuse_fixed(run_id, changes)
+    refuse_fixed(run_id, changes, vit=run_cfg.backbone.is_vit)
     run_dir = run.data.tags.get(RUN_DIR_TAG, "")
     lock_run(run_dir, run_id, "resumed")  # a second driver of this run stops here, before anything is written
     try:
@@ -141,16 +142,16 @@ def config_changes(run_cfg: Config, cfg: Config) -> list[Change]:
     return [Change(k, old.get(k), v) for k, v in new.items() if not k.startswith(NOT_COMPARED) and old.get(k) != v]
 
 
-def fixed_reason(key: str) -> str | None:
-    """Why ``key`` cannot change on resume, or None when it may."""
+def fixed_reason(key: str, vit: bool = False) -> str | None:
+    """Why ``key`` cannot change on resume (of a ViT run with ``vit``), or None when it may."""
     section = key.split(".", 1)[0] + "."
-    return FIXED_ON_RESUME.get(key) or FIXED_ON_RESUME.get(section)
+    return FIXED_ON_RESUME.get(key) or FIXED_ON_RESUME.get(section) or (FIXED_FOR_VIT.get(key) if vit else None)
 
 
-def refuse_fixed(run_id: str, changes: list[Change]) -> None:
+def refuse_fixed(run_id: str, changes: list[Change], vit: bool = False) -> None:
     """One ValueError naming every change the saved state cannot take (the trainer would fail on it mid-start,
     after Ray started and the run was reopened, with a state-dict traceback)."""
-    fixed = [f"{c} ({fixed_reason(c.key)})" for c in changes if fixed_reason(c.key)]
+    fixed = [f"{c} ({fixed_reason(c.key, vit)})" for c in changes if fixed_reason(c.key, vit)]
     if fixed:
         raise ValueError(
             f"run {run_id}: cannot change on resume: {'; '.join(fixed)}. Drop these overrides to continue the run, "
@@ -261,21 +262,12 @@ def forget_ray_record(run_dir: str) -> None:
         pass
 
 
-def prune_checkpoints(run_dir: str, keep: int, final: str) -> list[str]:
-    """Delete the run dir's checkpoints but ``final`` and the ``keep - 1`` newest others (state file's mtime, then
-    name, as :func:`latest_checkpoint` orders them); returns the names deleted. Ray Train keeps
+def prune_checkpoints(run_dir: str, keep: int, final: str, best_metric: str = "") -> Pruned:
+    """Delete the run dir's checkpoints but ``final``, the ``keep - 1`` newest others (state file's mtime, then
+    name, as :func:`latest_checkpoint` orders them) and, with ``best_metric`` (``train.keep_best``), the best by it
+    (``moco_ray.train.keep_best``); returns the names deleted and the best. Ray Train keeps
     ``train.keep_checkpoints`` of the checkpoints its fit reported, not those of the fits before a resume."""
-    fs, base = resolve_fs(run_dir)
-    entries = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    dirs = [e for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")]
-    states = fs.get_file_info([join(d.path, STATE_FILE) for d in dirs])
-    newest = sorted(zip(dirs, states), key=lambda ds: (ds[1].mtime_ns or 0, ds[0].base_name), reverse=True)
-    final_name = final.rstrip("/").rsplit("/", 1)[-1]
-    others = [d for d, _ in newest if d.base_name != final_name]
-    gone = others[max(keep - 1, 0) :]
-    for d in gone:
-        fs.delete_dir(d.path)
-    return [d.base_name for d in gone]
+    return prune(run_dir, keep, final, best_metric)
 
 
 __all__ = [

@@ -21,7 +21,7 @@ def plot_training_curves(history: Sequence[EpochMetrics], out: str | Path, title
     """Loss (and contrastive top-1) and kNN top-1 against epoch, side by side."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    ep = [h.epoch for h in history]
+    ep = [h.epoch + 1 for h in history]  # epoch numbers as the console and MLflow's steps count them
     axes[0].plot(ep, [h.loss for h in history], marker="o", label="loss")
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("InfoNCE loss")
@@ -29,7 +29,7 @@ def plot_training_curves(history: Sequence[EpochMetrics], out: str | Path, title
         ax2 = axes[0].twinx()
         ax2.plot(ep, [h.acc1 for h in history], color="tab:orange", marker=".", label="top-1")
         ax2.set_ylabel("contrastive top-1")
-    knn = [(h.epoch, h.knn_top1) for h in history if h.knn_top1 is not None]
+    knn = [(h.epoch + 1, h.knn_top1) for h in history if h.knn_top1 is not None]
     if knn:
         axes[1].plot(*zip(*knn, strict=True), marker="o", color="tab:green")
     axes[1].set_xlabel("epoch")

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moco_ray.config import Config, load_config
-from moco_ray.core.defaults import IMAGENET_MEAN, IMAGENET_STD, feature_dim
+from moco_ray.core.backbone_spec import BackboneSpec, as_spec
+from moco_ray.core.defaults import IMAGENET_MEAN, IMAGENET_STD
 from moco_ray.data.writable import write_error
 from moco_ray.envvars import scoped_env
 from moco_ray.tracking.datasets import log_split_inputs
@@ -53,7 +54,7 @@ DISCARDED_EPOCHS_TAG = "moco_ray.discarded_epochs"
 
 @dataclass
 class RunEncoder:
-    """A run's encoder weights (torchvision layout) and how to build the module they load into."""
+    """A run's encoder weights (torchvision / timm layout) and how to build the module they load into."""
 
     state: dict[str, torch.Tensor]
     arch: str
@@ -62,6 +63,12 @@ class RunEncoder:
     # the channel statistics its inputs were normalised with in training (ImageNet's for runs that predate them)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    # the whole build description (a ViT's size too); None -> made from arch + small_stem (ResNets)
+    backbone: BackboneSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.backbone is None:
+            self.backbone = as_spec(self.arch, self.small_stem)
 
 
 def _git_commit() -> str | None:
@@ -88,6 +95,7 @@ def version_tags() -> dict[str, str]:
         "ray.version": _installed("ray"),
         "torch.version": _installed("torch"),
         "torchvision.version": _installed("torchvision"),
+        "timm.version": _installed("timm"),
         "python.version": platform.python_version(),
     }
     commit = _git_commit()
@@ -147,13 +155,18 @@ class RunLog:
                     f"run {self.run_id} has no encoder artifact ({ENCODER_DIR}/{ENCODER_FILE} + {ENCODER_INFO}); "
                     "did its pretraining finish?"
                 ) from None
-        arch = info["arch"]
-        dim = int(info.get("feature_dim") or feature_dim(arch))
+        spec = BackboneSpec.from_info(info)  # files written before ViTs: arch + small_stem
+        dim = int(info.get("feature_dim") or spec.feature_dim)
         mean, std = tuple(info.get("mean") or IMAGENET_MEAN), tuple(info.get("std") or IMAGENET_STD)
-        return RunEncoder(state, arch, bool(info["small_stem"]), dim, mean, std)
+        return RunEncoder(state, spec.arch, spec.small_stem, dim, mean, std, spec)
 
     def logged_steps(self, key: str = "loss") -> set[int]:
         return {step for step, _ in self.metric_history(key)}
+
+    def logged_epochs(self) -> set[int]:
+        """The 0-based epochs with metrics in the run: the values of its ``epoch`` metric, whatever their step
+        (runs logged before the MLflow step became the epoch number logged them at step = epoch)."""
+        return {int(v) for _, v in self.metric_history("epoch")}
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """Every ``(step, value)`` of metric ``key``, as MLflow returns them."""
@@ -196,8 +209,10 @@ class RunLog:
             raise write_error(f"run {self.run_id}", f"its artifacts at {self.get().info.artifact_uri}", e) from None
 
     def log_epochs(self, history: Sequence[EpochMetrics], after: int | None = None) -> int:
-        """Log each epoch's metrics (step = epoch, names as in ``EpochMetrics.as_dict``) not logged yet, and every
-        epoch past ``after`` even if logged; returns how many epochs were written.
+        """Log each epoch's metrics (MLflow step = the epoch's number as the console prints it, ``epoch + 1``;
+        names as in ``EpochMetrics.as_dict``, whose ``epoch`` stays the 0-based index that ``moco-ray runs``,
+        export and resume read) not logged yet, and every epoch past ``after`` even if logged; returns how many
+        epochs were written.
 
         Idempotent up to ``after``: after a worker restart the same epochs come again from the checkpoint's history
         and are skipped, so per-epoch metrics are neither lost nor duplicated. Past ``after`` (the restored
@@ -205,9 +220,9 @@ class RunLog:
         discarded (:meth:`mark_discarded`), and MLflow cannot delete it, so the new point goes at the same step with
         a later timestamp, which MLflow shows as the latest value.
         """
-        done = self.logged_steps("epoch")
+        done = self.logged_epochs()
         new = [h for h in history if h.epoch not in done or (after is not None and h.epoch > after)]
-        self.log_metric_points((k, v, h.epoch) for h in new for k, v in h.as_dict().items())
+        self.log_metric_points((k, v, epoch_step(h.epoch)) for h in new for k, v in h.as_dict().items())
         return len(new)
 
     def mark_discarded(self, after: int, why: str) -> list[int]:
@@ -215,7 +230,7 @@ class RunLog:
         checkpoint discards: one line appended to the ``DISCARDED_EPOCHS_TAG`` tag ("epochs 4-5 discarded by resume
         after epoch 3", 1-based as the console counts), so the run says which points are not its model's until they
         are logged again. Returns those epochs (0-based); nothing logged past ``after``: nothing written."""
-        stale = sorted(e for e in self.logged_steps("epoch") if e > after)
+        stale = sorted(e for e in self.logged_epochs() if e > after)
         if not stale:
             return []
         since = f"after epoch {after + 1}" if after >= 0 else "before the first checkpoint"
@@ -253,7 +268,12 @@ class RunLog:
         self.client.update_run(self.run_id, status="RUNNING")
 
     def log_encoder(
-        self, backbone, arch: str, small_stem: bool, mean: list[float] | None = None, std: list[float] | None = None
+        self,
+        backbone,
+        arch: str | BackboneSpec,
+        small_stem: bool = False,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
     ) -> str:
         """The backbone's torchvision state dict + how to build its module and normalise its inputs (``mean`` /
         ``std``, 0-1 scale; default: the run's ``data.mean`` / ``data.std``, else ImageNet's); returns the
@@ -266,9 +286,10 @@ class RunLog:
             cfg = self.config()
             mean = mean or (list(cfg.data.mean) if cfg else list(IMAGENET_MEAN))
             std = std or (list(cfg.data.std) if cfg else list(IMAGENET_STD))
-        info = {"arch": arch, "small_stem": small_stem, "feature_dim": feature_dim(arch)}
+        spec = as_spec(arch, small_stem)
+        info = spec.to_info()  # + timm_kwargs for a ViT: VisionTransformer(**timm_kwargs)
         info.update({"mean": [float(v) for v in mean], "std": [float(v) for v in std]})
-        info["format"] = "torchvision-state-dict"
+        info["format"] = "timm-state-dict" if spec.is_vit else "torchvision-state-dict"
         with tempfile.TemporaryDirectory() as d:
             torch.save(torchvision_state_dict(backbone), Path(d) / ENCODER_FILE)
             (Path(d) / ENCODER_INFO).write_text(json.dumps(info, indent=2))
@@ -276,18 +297,33 @@ class RunLog:
             self.log_artifact(Path(d) / ENCODER_INFO, ENCODER_DIR)
         return f"runs:/{self.run_id}/{ENCODER_DIR}"
 
-    def log_pytorch_model(self, module) -> str:
-        """The plain torchvision module through mlflow.pytorch (loads with ``mlflow.pytorch.load_model``)."""
+    def log_pytorch_model(self, module, image_size: int | None = None) -> str:
+        """The plain torchvision module through mlflow.pytorch (loads with ``mlflow.pytorch.load_model``); with
+        ``image_size`` (an image encoder) also its signature, float32 [-1, 3, H, W] -> [-1, feature width] (H, W
+        free for a ResNet, ``image_size`` for a ViT), so its registered versions show their schema."""
         import mlflow.pytorch  # lazy: Ray workers import this module on every rank; mlflow only if used
         import torch  # lazy: torch only where an encoder is read or written, not on every tracking path
         import torchvision  # lazy: as torch
 
         reqs = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"]
+        if type(module).__module__.startswith("timm."):  # a ViT: timm's VisionTransformer unpickles with timm
+            reqs.append(f"timm=={_installed('timm')}")
+        signature = _encoder_signature(module.cpu().eval(), image_size) if image_size else None
         with _fluent_run(self.uri, self.run_id), _quiet_model_logging():
             info = mlflow.pytorch.log_model(
-                module.cpu().eval(), name="encoder_model", pip_requirements=reqs, serialization_format="pickle"
+                module, name="encoder_model", pip_requirements=reqs, serialization_format="pickle", signature=signature
             )
         return info.model_uri
+
+    def model_has_signature(self, model_uri: str) -> bool:
+        """Whether the logged model at ``model_uri`` has a signature (models logged before they carried one do not)."""
+        import mlflow.artifacts  # lazy: Ray workers import this module on every rank; mlflow only if used
+        from mlflow.models import Model  # lazy: as mlflow
+
+        source, _, _ = self._model_source(model_uri)  # through this store, not the process-global tracking URI
+        with tempfile.TemporaryDirectory() as d, _no_artifact_bar():
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/MLmodel", dst_path=d)
+            return Model.load(path).signature is not None
 
     def register_model(self, model_uri: str, name: str, tags: dict[str, str]) -> str:
         """A new version of registered model ``name`` (created if missing) from this run's model at ``model_uri``
@@ -330,7 +366,12 @@ class RunLog:
         self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
 
     def log_trained_encoder(
-        self, backbone, arch: str, small_stem: bool, mean: list[float] | None = None, std: list[float] | None = None
+        self,
+        backbone,
+        arch: str | BackboneSpec,
+        small_stem: bool = False,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
     ) -> str:
         """Everything a finished run logs of its encoder: ``encoder/`` (state dict + info), the mlflow.pytorch
         model of the plain torchvision module, and the tag pointing at that model (what export --register uses).
@@ -344,8 +385,30 @@ class RunLog:
 
         encoder_uri = self.log_encoder(backbone, arch, small_stem, mean, std)
         plain = load_torchvision_backbone_from_state(torchvision_state_dict(backbone), arch, small_stem)
-        self.set_tags({ENCODER_MODEL_URI_TAG: self.log_pytorch_model(plain)})
+        size = as_spec(arch, small_stem).img_size or 32  # the signature's probe: a ViT's own size; a ResNet takes any
+        self.set_tags({ENCODER_MODEL_URI_TAG: self.log_pytorch_model(plain, size)})
         return encoder_uri
+
+
+def _encoder_signature(module, image_size: int):
+    """The model signature of an encoder: one real forward of a [1, 3, S, S] batch gives the output width; a ResNet
+    (global average pooling) takes any H, W, a ViT only its own size."""
+    import numpy as np  # lazy: as torch
+    import torch  # lazy: torch only where an encoder is read or written, not on every tracking path
+    from mlflow.models.signature import ModelSignature  # lazy: mlflow only if used
+    from mlflow.types.schema import Schema, TensorSpec  # lazy: as mlflow
+
+    with torch.no_grad():
+        width = module(torch.zeros(1, 3, image_size, image_size)).shape[-1]
+    hw = image_size if type(module).__module__.startswith("timm.") else -1
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, 3, hw, hw), "images")])
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width), "features")]))
+
+
+def epoch_step(epoch: int) -> int:
+    """The MLflow step of a 0-based epoch's metrics: its number as the console, plots and Tune count (1 for the
+    first epoch), so "epoch 2/4" on the console is step 2 in MLflow."""
+    return epoch + 1
 
 
 def _epoch_ranges(epochs: list[int]) -> str:

@@ -93,6 +93,35 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+# MLflow 3.17's UI keeps its GenAI / "Model training" switch in the browser (local storage key
+# "mlflow.workflowType", GenAI by default) and lets it win over the experiment's mlflow.experimentKind tag; the
+# URL's ``workflowType`` query parameter overrides both (read from the route's search params in its JS bundle,
+# mlflow/server/js/build/static/js/main.*.js). Routes are hash routes: /#/experiments/<id>/runs/<run id>.
+TRAINING_VIEW_QUERY = "workflowType=machine_learning"
+UI_PORT = 5000
+
+
+def run_page(base: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI at ``base``, opened on the training view (not the GenAI overview)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW_QUERY}"
+
+
+def where_to_look(uri: str, run_id: str) -> list[str]:
+    """Console lines that say where a finished run is: its experiment and the URL of its page; for a local store,
+    first the ``mlflow ui`` command that serves it (the URL is where that command serves it)."""
+    run = client(uri).get_run(run_id)
+    exp_id = run.info.experiment_id
+    name = client(uri).get_experiment(exp_id).name
+    if is_server(uri):
+        return [f"experiment: {name}", f"run page: {run_page(uri, exp_id, run_id)}"]
+    base = f"http://127.0.0.1:{UI_PORT}"
+    return [
+        f"experiment: {name}",
+        f"see it: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port {UI_PORT}",
+        f"  then open {run_page(base, exp_id, run_id)}",
+    ]
+
+
 def server_problem(uri: str, timeout: float = 5.0) -> str | None:
     """Why the MLflow server at an ``http(s)://`` ``uri`` does not answer its ``/health`` check; None when it does
     (and for any other kind of store). One cheap request with a short timeout, not MLflow's minutes-long retries."""

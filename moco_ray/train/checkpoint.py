@@ -1,7 +1,8 @@
 """The full training state (:class:`TrainState`) <-> a checkpoint directory, ``torch.load(weights_only=True)``.
 
 Everything needed to continue exactly: query/key encoders, queue and pointer (inside the model's state dict),
-optimizer, epoch and global step, the RNG states of torch, numpy and Python, the config and the metric history.
+optimizer, fp16's loss scaler, epoch and global step, the RNG states of torch, numpy and Python, the config and the
+metric history.
 On disk it is a plain dict of tensors and Python values; :meth:`TrainState.to_dict` / :meth:`TrainState.from_dict`
 are the one place that knows its keys.
 """
@@ -28,7 +29,8 @@ STATE_FILE = "state.pt"
 @dataclass
 class TrainState:
     """One checkpoint. ``epoch``: the last finished epoch (0-based); ``rng``: every rank's :func:`rng_state`, in
-    rank order; ``config``: ``Config.to_dict()`` of the run; ``model`` / ``optimizer``: their state dicts."""
+    rank order; ``config``: ``Config.to_dict()`` of the run; ``model`` / ``optimizer``: their state dicts;
+    ``scaler``: fp16's ``GradScaler`` state (its scale and growth tracker), None for fp32/bf16 and in older files."""
 
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
@@ -38,14 +40,16 @@ class TrainState:
     history: list[EpochMetrics]
     config: dict[str, Any]
     run_id: str
+    scaler: dict[str, Any] | None = None
 
     def rng_of(self, rank: int) -> dict[str, Any]:
         """``rank``'s RNG states; rank 0's for a rank the saving run did not have (resumed on more workers)."""
         return self.rng[rank] if rank < len(self.rng) else self.rng[0]
 
     def to_dict(self) -> dict[str, Any]:
-        """The on-disk layout (unchanged since the first checkpoints; history entries are plain dicts)."""
-        return {
+        """The on-disk layout (unchanged since the first checkpoints; history entries are plain dicts), plus
+        ``scaler`` when the run has one (fp16): fp32/bf16 checkpoints keep the old keys exactly."""
+        out: dict[str, Any] = {
             "model": self.model,
             "optimizer": self.optimizer,
             "epoch": self.epoch,
@@ -55,6 +59,9 @@ class TrainState:
             "config": self.config,
             "run_id": self.run_id,
         }
+        if self.scaler is not None:
+            out["scaler"] = self.scaler
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
@@ -67,6 +74,7 @@ class TrainState:
             history=[EpochMetrics.from_dict(h) for h in d["history"]],
             config=d["config"],
             run_id=d["run_id"],
+            scaler=d.get("scaler"),  # absent before fp16 existed, and in fp32/bf16 checkpoints
         )
 
 

@@ -32,11 +32,11 @@ from moco_ray.tracking.system_metrics import start_system_metrics, stop_system_m
 from moco_ray.train.checkpoint import TrainState, load_state, set_rng_state
 from moco_ray.train.knn_monitor import KnnMonitor
 from moco_ray.train.model import build_method, sync_batchnorm
-from moco_ray.train.progress import StepProgress, TimedIter
+from moco_ray.train.progress import StepProgress, TimedIter, log_every
 from moco_ray.train.reporting import Reporter
 from moco_ray.train.schedule import lr_at, momentum_at
 from moco_ray.train.spec import RunSpec
-from moco_ray.train.step import build_optimizer, set_lr, train_step
+from moco_ray.train.step import MixedPrecision, build_optimizer, set_lr, train_step
 from moco_ray.train.watchdog import StallWatchdog
 
 _log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class Worker:
         if on_gpu:  # input shapes are fixed for the whole run: let cuDNN pick its fastest kernels once
             torch.backends.cudnn.benchmark = True
         self.channels_last = cfg.train.channels_last and on_gpu
-        self.autocast = torch.bfloat16 if (cfg.train.precision == "bf16" and on_gpu) else None
+        self.precision = MixedPrecision.of(cfg.train.precision, self.device)  # fp32 on CPU workers
+        self.autocast = self.precision.autocast
         seed_everything(cfg.train.seed, self.rank)
         model = sync_batchnorm(build_method(cfg).to(self.device), cfg, self.device.type, self.world)
         if self.channels_last:
@@ -151,6 +152,7 @@ class Worker:
         # RNG states must stay CPU ByteTensors for torch.set_rng_state.
         self.model.load_state_dict(state.model)
         self.opt.load_state_dict(state.optimizer)
+        self.precision.load_state_dict(state.scaler)  # fp16's loss scale continues where it was
         self.start_epoch, self.global_step = state.epoch + 1, state.global_step
         self.history = list(state.history)
         set_rng_state(state.rng_of(self.rank))
@@ -159,7 +161,7 @@ class Worker:
         if self.cfg.aug.device != "gpu":
             return None
         a = self.cfg.aug
-        return GpuViewAugment(a.preset, a.image_size, a.strength)
+        return GpuViewAugment(a.preset, a.image_size, a.strength, crop_min=a.crop_min)
 
     def _knn_monitor(self) -> KnnMonitor | None:
         if self.rank != 0 or not self.spec.knn or not self.cfg.eval.knn_every:
@@ -167,14 +169,16 @@ class Worker:
         return KnnMonitor.load(self.cfg)
 
     def _step_progress(self) -> StepProgress | None:
-        """Rank 0's step-level metrics and progress lines (``tracking.log_every_steps``; 0 = off)."""
-        every = self.cfg.tracking.log_every_steps
-        if self.rank != 0 or not every or self.reporter.run is None:
+        """Rank 0's step-level metrics (``tracking.log_every_steps``) and progress lines (``progress_every_s``)."""
+        tr = self.cfg.tracking
+        every = log_every(tr.log_every_steps, self.spec.steps_per_epoch)
+        if self.rank != 0 or self.reporter.run is None or not (every or tr.progress_every_s):
             return None
         t = self.cfg.train
         run = self.reporter.run
         return StepProgress(every, t.epochs, self.spec.steps_per_epoch, t.batch_size, self.device,
-                            run.log_step_metrics, lambda line: _log.info(self.spec.console(line)))  # fmt: skip
+                            run.log_step_metrics, lambda line: _log.info(self.spec.console(line)),
+                            line_seconds=tr.progress_every_s, first_step_line=not self.spec.label)  # fmt: skip
 
     def views(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The two normalised views of a batch, on the device.
@@ -231,7 +235,8 @@ class Worker:
             set_lr(self.opt, lr)
             if self.model.momentum is not None:  # a method without a momentum encoder (SimCLR) has none to schedule
                 self.model.momentum = momentum_at(cfg.moco, epoch, n, steps, cfg.train.epochs)
-            out = train_step(self.model, self.opt, *self.views(batch), autocast=self.autocast)
+            q, k = self.views(batch)
+            out = train_step(self.model, self.opt, q, k, autocast=self.autocast, scaler=self.precision.scaler)
             sums[0] += out["loss"]
             sums[1] += out["acc1"]
             if "corrupt" in batch:
@@ -270,6 +275,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _quiet_report_lines()
     w = Worker(spec)
     w.reporter.record_worker_nodes()
+    if w.rank == 0 and not spec.label:  # a phase line (a sweep's trials have the sweep's lines instead)
+        _log.info(spec.console(f"moco-ray: {w.world} training worker(s) up, model built; waiting for the first batch"))
     monitor = None
     if w.rank == 0:  # MLflow's system/* metrics (CPU, memory, GPU) of rank 0's node while it trains
         monitor = start_system_metrics(spec.tracking_uri, spec.run_id, spec.config.tracking.system_metrics_interval)
@@ -284,7 +291,7 @@ def _train_epochs(w: Worker, spec: RunSpec) -> None:
         metrics = w.run_epoch(epoch)
         w.history.append(metrics)
         last = epoch == spec.epochs - 1
-        w.reporter.report(w.model, w.opt, epoch, w.global_step, w.history, last)
+        w.reporter.report(w.model, w.opt, epoch, w.global_step, w.history, last, precision=w.precision)
         if w.rank == 0:
             # logged, not printed: Ray Train's patched print() on a worker both tees to stdout and logs, so a
             # printed line reached the driver twice; the root logger's console handler forwards it once.

@@ -1,4 +1,6 @@
-"""Build the self-supervised method named in the config around a torchvision encoder (config -> core modules).
+"""Build the self-supervised method named in the config around its backbone (config -> core modules).
+
+The backbone (torchvision ResNet or moco-v3 ViT) comes from ``cfg.backbone``, the one typed description of it.
 
 ``METHODS`` maps ``moco.method`` to a builder; core's methods take plain arguments (core does not know the config),
 so this is where a config's fields become a method's constructor arguments. A new method is one builder here and
@@ -25,7 +27,7 @@ def _moco(cfg: Config) -> MoCo:
     norm = split_bn_factory(mo.bn_splits) if cfg.bn_mode == "split" and mo.bn_splits > 1 else None
     head = "linear" if m.head == "linear" else "mlp"
     enc = build_encoder(
-        m.arch,
+        cfg.backbone,
         m.small_stem,
         head,
         m.dim,
@@ -55,7 +57,7 @@ def _moco_v3(cfg: Config) -> MoCoV3:
     if m.head != "mlp":
         raise ValueError(f"model.head: {m.head!r} is not supported by moco_v3; use mlp")
     enc = build_query_encoder(
-        m.arch,
+        cfg.backbone,
         m.small_stem,
         m.dim,
         m.hidden_dim,
@@ -68,7 +70,9 @@ def _moco_v3(cfg: Config) -> MoCoV3:
 
 def _simclr(cfg: Config) -> SimCLR:
     m = cfg.model
-    enc = build_encoder(m.arch, m.small_stem, m.head, m.dim, m.hidden_dim, zero_init_residual=m.zero_init_residual)
+    enc = build_encoder(
+        cfg.backbone, m.small_stem, m.head, m.dim, m.hidden_dim, zero_init_residual=m.zero_init_residual
+    )
     return SimCLR(enc, temperature=cfg.moco.temperature)
 
 

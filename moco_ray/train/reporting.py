@@ -6,6 +6,7 @@ Imported only where Ray Train runs (``train.loop`` on the workers), so Ray is im
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
 from typing import Any
 
@@ -19,7 +20,9 @@ from moco_ray.core.method import ContrastiveMethod
 from moco_ray.tracking.history import EpochMetrics
 from moco_ray.tracking.run_log import RunLog
 from moco_ray.train.checkpoint import TrainState, rng_state, save_state
+from moco_ray.train.keep_best import prune, write_metrics
 from moco_ray.train.spec import RunSpec
+from moco_ray.train.step import MixedPrecision
 
 
 class Reporter:
@@ -89,28 +92,62 @@ class Reporter:
         global_step: int,
         history: list[EpochMetrics],
         last: bool,
+        precision: MixedPrecision | None = None,
     ) -> None:
         """``ray.train.report`` of the last epoch's metrics on every worker (a dict, the names MLflow and Tune see);
-        rank 0 attaches a checkpoint every ``train.checkpoint_every``."""
+        rank 0 attaches a checkpoint every ``train.checkpoint_every`` (``precision``: fp16's scaler state goes in
+        it), then, with ``train.keep_best``, prunes the run dir itself (Ray keeps every checkpoint then)."""
         cfg = self.spec.config
         do_ckpt = last or (epoch + 1) % cfg.train.checkpoint_every == 0
         rngs = self._rng_states()
         if not (do_ckpt and self.rank == 0):
             ray.train.report(history[-1].as_dict())
             return
-        state = TrainState(
+        state = self.checkpoint_state(model, opt, epoch, global_step, history, rngs, precision)
+        with tempfile.TemporaryDirectory() as d:
+            save_state(d, state)
+            write_metrics(d, history[-1], global_step)  # what train.keep_best chooses by, without reading states
+            ray.train.report(history[-1].as_dict(), checkpoint=ray.train.Checkpoint.from_directory(d))
+        assert self.run is not None
+        self.run.log_epochs(history, after=self.logged_through)
+        self.logged_through = epoch
+        self._keep_best()
+
+    def checkpoint_state(
+        self,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        epoch: int,
+        global_step: int,
+        history: list[EpochMetrics],
+        rngs: list[dict[str, Any]],
+        precision: MixedPrecision | None,
+    ) -> TrainState:
+        """Rank 0's checkpoint of this epoch; fp16's scaler state is read here only (a host read of its scale)."""
+        return TrainState(
             model=plain_state_dict(model),
             optimizer=opt.state_dict(),
             epoch=epoch,
             global_step=global_step,
             rng=rngs,
             history=history,
-            config=cfg.to_dict(),
+            config=self.spec.config.to_dict(),
             run_id=self.spec.run_id,
+            scaler=precision.state_dict() if precision is not None else None,
         )
-        with tempfile.TemporaryDirectory() as d:
-            save_state(d, state)
-            ray.train.report(history[-1].as_dict(), checkpoint=ray.train.Checkpoint.from_directory(d))
-        assert self.run is not None
-        self.run.log_epochs(history, after=self.logged_through)
-        self.logged_through = epoch
+
+    def _keep_best(self) -> None:
+        """Rank 0, after a checkpoint is persisted (``ray.train.report`` uploads it before returning): the run dir
+        keeps the latest ``train.keep_checkpoints`` and the best by ``train.keep_best``, and the run's tags name
+        the best so far. A storage that refuses the deletion costs disk, not the run."""
+        t = self.spec.config.train
+        if not t.keep_best or self.run is None:
+            return
+        try:
+            best = prune(self.spec.run_dir, t.keep_checkpoints, metric=t.keep_best).best
+        except OSError as e:
+            why = f"moco-ray: warning: old checkpoints in {self.spec.run_dir} not removed ({e})"
+            logging.getLogger(__name__).warning(self.spec.console(why))  # not print(): that reaches the driver twice
+            return
+        if best is not None:
+            self.run.set_tags(best.tags(t.keep_best))

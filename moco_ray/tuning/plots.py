@@ -87,7 +87,8 @@ def plot_heatmap(table: pd.DataFrame, rows: str, cols: str, metric: str, out: Pa
 
 
 def plot_learning_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], metric: str, out: Path) -> Path | None:
-    """Per-trial curves ``{label: {"loss": [(epoch, v)], metric: [...]}}``: loss and `metric` against epoch."""
+    """Per-trial curves ``{label: {"loss": [(epoch, v)], metric: [...]}}``: loss and `metric` against epoch (the
+    child runs' MLflow steps: epoch numbers, 1 for the first, as the console counts)."""
     if not any(c.get("loss") or c.get(metric) for c in curves.values()):
         return None
     plt = _plt()
@@ -97,7 +98,7 @@ def plot_learning_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], 
         for label, c in curves.items():
             pts = sorted(c.get(key, []))
             if pts:
-                ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker=".", label=label)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

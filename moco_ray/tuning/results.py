@@ -35,6 +35,7 @@ class SweepResult:
     experiment_path: str = ""
     complete: bool = True  # False when trials were left unfinished (continue with resume=True)
     counts: dict[str, int] = field(default_factory=dict)
+    tracking_uri: str = ""  # the store of the parent run (the CLI prints its page)
 
 
 def finalize(sw: OpenSweep) -> SweepResult:
@@ -56,7 +57,7 @@ def finalize(sw: OpenSweep) -> SweepResult:
         + (f"; best {s.metric} {best['value']:.4g} (trial {best['trial_id']})" if best else ""),
         flush=True,
     )
-    return SweepResult(table, best, sw.parent.run_id, sw.exp_dir, complete, counts)
+    return SweepResult(table, best, sw.parent.run_id, sw.exp_dir, complete, counts, sw.parent.uri)
 
 
 def results_table(rows: list[TrialRow], keys: list[str], metric: str, mode: str) -> pd.DataFrame:

@@ -28,6 +28,7 @@ LAYERS = {
     "envvars": 0,
     "core": 0,
     "config": 1,
+    "config_files": 1,
     "data": 2,
     "tracking": 3,
     "evaluation": 4,
@@ -42,6 +43,7 @@ LAYERS = {
 FORBIDDEN = {
     "core": {"ray", "mlflow", "yaml"},
     "config": {"ray", "mlflow", "torch", "torchvision"},
+    "config_files": {"ray", "mlflow", "torch", "torchvision", "yaml"},
     "data": {"mlflow"},
     "tracking": {"ray"},
     "evaluation": {"ray", "mlflow"},

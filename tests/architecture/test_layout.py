@@ -18,7 +18,7 @@ PKG = TESTS.parent / "moco_ray"
 README = TESTS / "README.md"
 
 # folders of package layers -> the modules (dotted, under moco_ray) they test
-TOP_LEVEL = {"core": ["version", "envvars"], "config": ["config"], "cli": ["api"]}
+TOP_LEVEL = {"core": ["version", "envvars"], "config": ["config", "config_files"], "cli": ["api"]}
 PACKAGE_FOLDERS = {"core", "config", "data", "tracking", "evaluation", "train", "jobs", "tuning", "cli"}
 OTHER_FOLDERS = {"architecture", "benchmarks", "deploy"}
 

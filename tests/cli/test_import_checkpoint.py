@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from official_layouts import main_lincls_load, official_checkpoint, query_backbone
+import torchvision
+from official_layouts import official_checkpoint, query_backbone
+from official_scripts import moco_main_lincls, mocov3_main_lincls
 
 from moco_ray.cli.main import main
 
@@ -51,15 +53,22 @@ def _import_in_process(path, uri: str, capsys, *extra: str) -> str:
 
 
 def _assert_exported_exactly(out_file, ckpt: dict) -> None:
+    """The export is the imported file's query backbone, bit for bit, in the file's own layout (v3: base_encoder),
+    and loads as that method's main_lincls.py loads it (tests/official_scripts.py)."""
     got = torch.load(out_file, map_location="cpu", weights_only=True)
-    want = {f"module.encoder_q.{k}": v for k, v in query_backbone(ckpt).items()}
-    assert set(got) == {"state_dict", "arch", "epoch"}
-    assert got["arch"] == ckpt["arch"] and got["epoch"] == ckpt["epoch"]
+    v3 = any(k.startswith("module.base_encoder.") for k in ckpt["state_dict"])
+    prefix = "module.base_encoder." if v3 else "module.encoder_q."
+    want = {f"{prefix}{k}": v for k, v in query_backbone(ckpt).items()}
+    assert set(got) == {"state_dict", "arch", "epoch", "method", "small_stem"}
+    assert got["arch"] == ckpt["arch"] and got["epoch"] == ckpt["epoch"] and got["small_stem"] is False
     assert list(got["state_dict"]) == list(want)
     for k, v in want.items():  # bit for bit: same dtype, shape and bytes
         assert got["state_dict"][k].dtype == v.dtype and torch.equal(got["state_dict"][k], v), k
-    _, missing = main_lincls_load(got, ckpt["arch"])
-    assert missing == {"fc.weight", "fc.bias"}
+    model = getattr(torchvision.models, ckpt["arch"])()
+    if v3:
+        mocov3_main_lincls(got, model, "fc")
+    else:
+        moco_main_lincls(got, model)
 
 
 def test_import_then_export_moco_round_trips_through_the_console_script(tmp_path, mlflow_uri):
@@ -77,6 +86,11 @@ def test_import_then_export_moco_round_trips_through_the_console_script(tmp_path
     p = run.data.params
     assert p["moco.method"] == "moco_v2" and p["model.arch"] == "resnet18" and p["import.epoch"] == "800"
     assert p["import.source"] == str(src.resolve()) and len(p["import.sha256"]) == 64
+    # where to look: the experiment and the run's page on the UI's training view (a local store: `mlflow ui` first)
+    page = f"/#/experiments/{run.info.experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    assert "experiment: moco-ray" in r.stdout.splitlines() and page in r.stdout, r.stdout
+    # the "epoch" metric (0-based index 799) at step 800, the epoch's number as for a trained run
+    assert [(m.step, m.value) for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "epoch")] == [(800, 799)]
 
     out = tmp_path / "exported"
     out.mkdir()
@@ -93,9 +107,9 @@ def test_other_layouts_round_trip(tmp_path, mlflow_uri, capsys, method):
     torch.save(ckpt, src)
     run_id = _import_in_process(src, mlflow_uri, capsys)  # --arch from the file's "arch" field
     assert _runs(mlflow_uri)[0].data.params["moco.method"] == f"moco_{method}"
-    out = tmp_path / "out.pth.tar"
+    out = tmp_path / "out"
     assert main(["export", "--run", run_id, "--format", "moco", str(out), "--tracking-uri", mlflow_uri]) == 0
-    _assert_exported_exactly(out, ckpt)
+    _assert_exported_exactly(out / "encoder.moco.pth.tar", ckpt)
 
 
 def test_bad_files_are_one_line_errors_and_log_nothing(tmp_path, mlflow_uri, capsys):

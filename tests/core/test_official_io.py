@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from official_layouts import main_lincls_load, official_checkpoint, query_backbone
+from official_layouts import (
+    main_lincls_load,
+    official_checkpoint,
+    official_vit_checkpoint,
+    query_backbone,
+    v3_main_lincls_load_vit,
+)
+from timm.models.vision_transformer import VisionTransformer
 
+from moco_ray.core.backbone_spec import BackboneSpec
 from moco_ray.core.official_io import from_official, to_official
 
 
@@ -55,3 +63,30 @@ def test_to_official_loads_in_main_lincls_and_round_trips():
     assert torch.equal(model.layer4[1].bn2.running_var, want["layer4.1.bn2.running_var"])
     back = from_official(out, "resnet18").state
     assert list(back) == list(want) and all(torch.equal(back[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("arch", ["vit_small"])  # vit_base: the same code at width 768 (its shapes: test_vits.py)
+def test_moco_v3_vit_checkpoints_are_read_bit_for_bit(arch):
+    """moco-v3 ViT files (module.base_encoder.<timm key>, projector in head.*) -> the tensors main_lincls.py keeps,
+    themselves, loading strictly into a plain timm ViT of the arch.
+    Mutation checked: dropping ``fc.*`` instead of ``head.*`` for a ViT fails here (head.* left in the state)."""
+    ckpt = official_vit_checkpoint(arch)
+    got = from_official(ckpt, arch)
+    want = query_backbone(ckpt)
+    lincls, missing = v3_main_lincls_load_vit(ckpt, arch)
+    assert missing == {"head.weight", "head.bias"}  # main_lincls.py's own assertion
+    assert got.method == "moco_v3" and got.prefix == "module.base_encoder." and not got.small_stem
+    assert list(got.state) == list(want) and all(got.state[k] is want[k] for k in want)
+    assert got.head_keys and all(k.startswith("module.base_encoder.head.") for k in got.head_keys)
+    assert got.backbone == BackboneSpec.resolve(arch) and got.backbone.img_size == 224
+    plain = VisionTransformer(**got.backbone.timm_kwargs(), weight_init="skip")
+    plain.load_state_dict(got.state, strict=True)
+    assert all(torch.equal(plain.state_dict()[k], lincls.state_dict()[k]) for k in want)
+
+
+def test_vit_arch_mismatch_names_the_first_key_and_the_fitting_arch():
+    with pytest.raises(ValueError) as e:
+        from_official(official_vit_checkpoint("vit_small"), "vit_base")
+    msg = str(e.value)
+    assert "\n" not in msg and "first mismatching key module.base_encoder.cls_token" in msg
+    assert "[1, 1, 384]" in msg and "fit vit_small" in msg

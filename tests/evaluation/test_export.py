@@ -1,6 +1,7 @@
 """Export formats: torchvision state dict, TorchScript, detectron2 pickle (resnet18 small stem, 16-24 px); a target
 that cannot be written (#33: a regular file in the way, a real read-only or full tmpfs) is one ValueError naming the
-path and the errno, leaving no temp file and the old file as it was."""
+path and the errno, leaving no temp file and the old file as it was; the export directory of a tiny ViT loads as its
+README says."""
 
 from __future__ import annotations
 
@@ -217,3 +218,42 @@ def test_export_to_a_read_only_mount_is_refused_before_serialising(split_bn_back
         save_export(split_bn_backbone, "resnet18", True, "torchvision", small_disk / "enc.pt")
     assert str(e.value) == f"export: cannot write {small_disk}/enc.pt (Read-only file system, errno EROFS)"
     assert built == [] and (small_disk / "enc.pt").read_bytes() == b"the old export"
+
+
+# ---- the export directory of a ViT (a tiny timm VisionTransformer) ----
+
+
+def test_vit_export_directory_loads_as_its_readme_says(tmp_path, monkeypatch):
+    """A torchvision-format export of a ViT: the README's plain-timm code, run as written, and
+    ``load_encoder(dir)`` give the module's features exactly; the torchscript export too. Mutation: the README
+    building the module without ``encoder.json``'s timm_kwargs (``VisionTransformer()``, 224 px ViT-B) -> the
+    strict load fails on every shape."""
+    import re
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    from moco_ray.api import load_encoder
+    from moco_ray.core.backbone_spec import BackboneSpec
+    from moco_ray.evaluation.export import ExportInfo, save_export_dir
+
+    spec = BackboneSpec.resolve("vit_small", image_size=32, patch_size=4, width=64, depth=2, heads=4)
+    torch.manual_seed(0)
+    net = VisionTransformer(**spec.timm_kwargs()).eval()
+    info = ExportInfo(spec.to_info(), (0.5,) * 3, (0.25,) * 3, "moco_v3", 3, 32, {"run_id": "a" * 32})
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = net(x)
+    out = save_export_dir(net, info, "torchvision", tmp_path / "vit", image_size=32)
+    readme = (out / "README.md").read_text()
+    monkeypatch.chdir(out)
+    scope: dict = {}
+    exec(re.search(r"Plain timm:\s*```python\n(.*?)```", readme, re.S).group(1), scope)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["net"](x), want, rtol=0, atol=0)
+        torch.testing.assert_close(load_encoder(str(out))(x), want, rtol=0, atol=0)
+    ts = save_export_dir(net, info, "torchscript", tmp_path / "vit-ts", image_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(ts / "encoder.torchscript.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), want)

@@ -130,14 +130,14 @@ def test_export_torchvision_and_torchscript_match_load_encoder(runs, tmp_path):
     x = torch.randn(5, 3, SIZE, SIZE)
     with torch.no_grad():
         ref = ref_net(x)
-    tv = export_run(rid, "torchvision", tmp_path / "enc.pt", tracking_uri=uri)
-    assert tv.path == tmp_path / "enc.pt" and tv.version is None
-    net = load_torchvision_backbone(tv.path, "resnet18", small_stem=True)
+    tv = export_run(rid, "torchvision", tmp_path / "tv", tracking_uri=uri)
+    assert tv.path == tmp_path / "tv" and tv.weights == tmp_path / "tv" / "encoder.pt" and tv.version is None
+    net = load_torchvision_backbone(tv.weights, "resnet18", small_stem=True)
     with torch.no_grad():
         torch.testing.assert_close(net(x), ref, rtol=0, atol=0)
-    ts = export_run(rid, "torchscript", tmp_path, tracking_uri=uri)  # a directory: file named after the run
-    assert ts.path.parent == tmp_path and rid in ts.path.name
-    scripted = torch.jit.load(str(ts.path))
+    ts = export_run(rid, "torchscript", tmp_path / "ts", tracking_uri=uri)
+    assert ts.weights == tmp_path / "ts" / "encoder.torchscript.pt"
+    scripted = torch.jit.load(str(ts.weights))
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), ref)
         assert scripted(torch.randn(2, 3, 16, 16)).shape == (2, 512)  # any image size
@@ -148,7 +148,7 @@ def test_export_detectron2_layout(runs, tmp_path):
     from moco_ray.jobs.export import export_run
 
     uri, rid = runs["uri"], runs["trained"]
-    out = export_run(rid, "detectron2", tmp_path / "enc.pkl", tracking_uri=uri).path
+    out = export_run(rid, "detectron2", tmp_path / "d2", tracking_uri=uri).weights
     with open(out, "rb") as f:
         d2 = pickle.load(f)
     assert d2["__author__"] == "MOCO" and d2["matching_heuristics"] is True
@@ -175,8 +175,8 @@ def test_register_creates_versions(runs, tmp_path):
     from moco_ray.jobs.export import export_run
 
     uri = runs["uri"]
-    v1 = export_run(runs["trained"], "torchvision", tmp_path / "a.pt", register="moco-enc", tracking_uri=uri)
-    v2 = export_run(runs["random"], "torchvision", tmp_path / "b.pt", register="moco-enc", tracking_uri=uri)
+    v1 = export_run(runs["trained"], "torchvision", tmp_path / "a", register="moco-enc", tracking_uri=uri)
+    v2 = export_run(runs["random"], "torchvision", tmp_path / "b", register="moco-enc", tracking_uri=uri)
     assert (v1.registered_name, v1.version, v2.version) == ("moco-enc", "1", "2")
     versions = MlflowClient(uri).search_model_versions("name='moco-enc'")
     assert {(str(v.version), v.run_id) for v in versions} == {("1", runs["trained"]), ("2", runs["random"])}
@@ -191,7 +191,7 @@ def test_clear_errors(runs, tmp_path):
     with pytest.raises(ValueError, match="'0123456789abcdef' not found"):
         evaluate_knn("0123456789abcdef", tracking_uri=uri)
     with pytest.raises(ValueError, match="no encoder artifact"):
-        export_run(runs["no_encoder"], "torchvision", tmp_path / "x.pt", tracking_uri=uri)
+        export_run(runs["no_encoder"], "torchvision", tmp_path / "x", tracking_uri=uri)
     with pytest.raises(ValueError, match="no encoder artifact"):
         evaluate_knn(runs["no_encoder"], tracking_uri=uri)
     with pytest.raises(ValueError, match="no manifest.json"):
@@ -199,8 +199,8 @@ def test_clear_errors(runs, tmp_path):
     with pytest.raises(ValueError, match="split 'val' is not in the shards"):
         evaluate_knn(runs["trained"], tracking_uri=uri, split_test="val")
     with pytest.raises(ValueError, match="export format 'onnx'"):
-        export_run(runs["trained"], "onnx", tmp_path / "x.onnx", tracking_uri=uri)
-    assert not (tmp_path / "x.pt").exists()
+        export_run(runs["trained"], "onnx", tmp_path / "y", tracking_uri=uri)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_cli_eval_and_export(ray_local, runs, tmp_path, capsys):
@@ -211,6 +211,6 @@ def test_cli_eval_and_export(ray_local, runs, tmp_path, capsys):
     assert main(["eval", "knn", "--run", runs["random"], "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "kNN top-1 0." in out and f"child of {runs['random']}" in out
-    assert main(["export", "--run", "BAD", "--tracking-uri", uri, str(tmp_path / "x.pt")]) == 2
+    assert main(["export", "--run", "BAD", "--tracking-uri", uri, str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moco-ray: error: MLflow run 'BAD' not found"), err

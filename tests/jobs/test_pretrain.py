@@ -1,7 +1,7 @@
 """End to end through the console script: ingest -> Ray Data -> TorchTrainer (2 CPU workers, gloo) -> MLflow
 sqlite, read back.
 
-Console: the epoch lines and none of Ray's notices that used to surround them. Store: per-epoch and step/*
+Console: the epoch lines and none of Ray's notices that used to surround them. Store: per-epoch and step_*
 metrics at comparable steps, the shard splits as dataset inputs with the manifest's fingerprint, MLflow's
 system/* metrics, the model-training experiment kind, and an encoder that loads strictly into torchvision.
 """
@@ -111,18 +111,19 @@ def test_pretrain_end_to_end(small_shards, tmp_path, mlflow_uri):
     assert run.data.tags["world_size"] == "2" and "ray.version" in run.data.tags
     for key in ("loss", "acc1", "lr", "images_per_s", "epoch_seconds", "data_wait_frac"):
         hist = c.get_metric_history(run_id, key)
-        assert sorted(m.step for m in hist) == list(range(EPOCHS)), key  # one point per epoch, step = epoch
+        # one point per epoch, at step = the epoch number the console prints ("epoch 1/8" is step 1)
+        assert sorted(m.step for m in hist) == list(range(1, EPOCHS + 1)), key
     assert all(0 <= m.value <= 1 for m in c.get_metric_history(run_id, "data_wait_frac"))
     steps_per_epoch = 320 // 32  # train.batch_size is the global batch
-    # step/* metrics at global steps, every tracking.log_every_steps, across the epochs
-    steps = sorted(m.step for m in c.get_metric_history(run_id, "step/loss"))
+    # step_* metrics at global steps, every tracking.log_every_steps, across the epochs
+    steps = sorted(m.step for m in c.get_metric_history(run_id, "step_loss"))
     assert steps == list(range(2, EPOCHS * steps_per_epoch + 1, 2)), steps
     assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
     inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
     fp = read_manifest(str(small_shards)).fingerprint
     assert {d.digest for d in inputs.values()} == {fp[:DIGEST_CHARS]}
     assert sorted(n.rsplit("/", 1)[-1] for n in inputs) == ["test", "train"]  # kNN's queries come from test
-    assert sorted(m.step for m in c.get_metric_history(run_id, "knn_top1")) == [3, 7]  # every 4 epochs
+    assert sorted(m.step for m in c.get_metric_history(run_id, "knn_top1")) == [4, 8]  # every 4 epochs
     losses = [m.value for m in sorted(c.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
     assert all(0 < v < 20 for v in losses), losses  # finite, and on the InfoNCE scale (log(K+1) = 5.5)
     knn = [m.value for m in c.get_metric_history(run_id, "knn_top1")]

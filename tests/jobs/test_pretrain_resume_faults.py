@@ -46,12 +46,14 @@ def test_restart_then_interrupt_then_resume_loses_nothing(ray_local, small_shard
     """One run through both recoveries (one run instead of two: each costs ~60 s on 2 CPUs).
 
     Rank 0 fails mid-way through epoch 2; with train.max_failures=1 Ray Train restarts the workers from epoch 1's
-    checkpoint; the run then stops after epoch 2 as an interrupted run would (KILLED). ``--resume`` finishes it:
-    each epoch logged exactly once, and the queue the resumed workers start from is the saved one, bit for bit.
+    checkpoint; the run then stops after epoch 2 as an interrupted run would (KILLED). ``--resume last`` finds it
+    (the experiment's newest unfinished run) and finishes it: each epoch logged exactly once, and the queue the
+    resumed workers start from is the saved one, bit for bit.
     """
     from mlflow.tracking import MlflowClient
 
     from moco_ray.jobs.pretrain import RunInterrupted, run_pretraining
+    from moco_ray.jobs.runs import resolve_resume
     from moco_ray.train.checkpoint import load_state
     from moco_ray.train.hooks import FaultHooks
 
@@ -66,15 +68,19 @@ def test_restart_then_interrupt_then_resume_loses_nothing(ray_local, small_shard
     assert run.info.status == "KILLED"
     assert (tmp_path / "runs" / f"injected-failure-{run_id}").exists()  # the failure did happen
     assert run.data.tags["moco_ray.restored_from_epoch"] == "0"  # and the restart came from epoch 1's checkpoint
-    assert _metric_steps(mlflow_uri, run_id) == [0, 1]  # the restarted epoch logged once
+    assert _metric_steps(mlflow_uri, run_id) == [1, 2]  # the restarted epoch logged once (steps: epoch numbers)
     saved = load_state(run.data.tags["moco_ray.checkpoint"])
     assert saved.epoch == 1 and saved.global_step == 2 * steps_per_epoch
 
-    res = run_pretraining(None, {"tracking.tracking_uri": mlflow_uri}, resume=run_id)
+    last, resume_over = resolve_resume(
+        "last", {"tracking": {"experiment": "test-faults"}}, [f"tracking.tracking_uri={mlflow_uri}"]
+    )
+    assert last == run_id
+    res = run_pretraining(None, resume_over, resume=last)
     assert res.run_id == run_id
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert _metric_steps(mlflow_uri, run_id) == list(range(EPOCHS))  # no epoch lost or logged twice
+    assert _metric_steps(mlflow_uri, run_id) == list(range(1, EPOCHS + 1))  # no epoch lost or logged twice
     assert run.data.tags["moco_ray.restored_from_epoch"] == "1"
     assert run.data.tags["moco_ray.restored_queue_sha256"] == _queue_sha(saved)
     assert int(run.data.tags["moco_ray.restored_queue_ptr"]) == int(saved.model["queue.ptr"])

@@ -63,7 +63,8 @@ def _resume_in_process(monkeypatch, argv: list[str]) -> int:
 
 def _check_record_is_the_kept_models(uri: str, run_id: str, keep: int) -> dict[int, int]:
     """MLflow's latest point of each epoch is the final checkpoint's, the run dir holds ``keep`` checkpoints, and
-    the plot was drawn; returns {epoch: points MLflow holds for it} (more than one: a discarded branch's too)."""
+    the plot was drawn; returns {epoch number (MLflow step): points MLflow holds for it} (more than one: a
+    discarded branch's too)."""
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(uri)
@@ -75,7 +76,7 @@ def _check_record_is_the_kept_models(uri: str, run_id: str, keep: int) -> dict[i
     for m in c.get_metric_history(run_id, "loss"):
         points[m.step] = points.get(m.step, 0) + 1
         latest[m.step] = max(latest.get(m.step, (-1, 0.0)), (m.timestamp, m.value))
-    assert {e: v for e, (_, v) in sorted(latest.items())} == {h.epoch: h.loss for h in final.history}
+    assert {e: v for e, (_, v) in sorted(latest.items())} == {h.epoch + 1: h.loss for h in final.history}
     run_dir = Path(run.data.tags[RUN_DIR_TAG])
     assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == keep
     assert [a.path for a in c.list_artifacts(run_id, "plots")] == ["plots/training_curves.png"]
@@ -112,7 +113,7 @@ def test_a_cut_latest_checkpoint_whose_epoch_was_logged_is_skipped_and_the_epoch
     assert tags["moco_ray.restored_from_epoch"] == "1"  # 0-based: epoch 2's checkpoint, on every rank
     assert tags[DISCARDED_EPOCHS_TAG] == "epoch 3 discarded by resume after epoch 2"
     points = _check_record_is_the_kept_models(mlflow_uri, run_id, keep=2)
-    assert points == {0: 1, 1: 1, 2: 2, 3: 1}  # MLflow keeps the discarded point; the kept one is the latest
+    assert points == {1: 1, 2: 1, 3: 2, 4: 1}  # MLflow keeps the discarded point; the kept one is the latest
 
 
 def _config_file(shards: Path, tmp_path: Path, uri: str) -> Path:

@@ -77,6 +77,25 @@ def test_a_shape_key_is_refused_naming_it_and_the_run_stays_killed(mlflow_uri, t
     assert _artifacts(mlflow_uri, run_id) == [CONFIG_FILE]
 
 
+VIT = {"model.arch": "vit_small", "model.small_stem": False, "model.patch_size": 4, "model.vit_width": 64,
+       "model.vit_depth": 2, "model.vit_heads": 4, "aug.image_size": 32}  # fmt: skip
+
+
+def test_a_vit_run_keeps_its_image_size_a_resnet_run_does_not(mlflow_uri, tmp_path):
+    """A ViT's fixed position embedding has one row per patch, so ``aug.image_size`` is fixed on its resume (the
+    trainer failed with a ``pos_embed`` size mismatch after Ray started); a ResNet's weights do not depend on it.
+    Mutations (each failed here): the ViT-only rule dropped; ``resume_target`` not telling ``refuse_fixed`` the run
+    is a ViT."""
+    vit_run, _ = _stopped_run(mlflow_uri, tmp_path / "vit", **VIT)
+    over = {"tracking.tracking_uri": mlflow_uri, "aug.image_size": 64}
+    with pytest.raises(ValueError, match=r"aug.image_size: 32 -> 64 \(a ViT's position embedding"):
+        resume_target(vit_run, over)
+    assert MlflowClient(mlflow_uri).get_run(vit_run).info.status == "KILLED"
+    resnet_run, _ = _stopped_run(mlflow_uri, tmp_path / "resnet")
+    target = resume_target(resnet_run, over)
+    assert target.config.aug.image_size == 64
+
+
 def test_the_cli_refuses_a_shape_change_in_one_line_before_ray(mlflow_uri, tmp_path, small_shards):
     """Through moco-ray's main: exit 2, one ``moco-ray: error:`` line naming the key, Ray never started, the run
     still KILLED (a refused resume reopened nothing). Real shards, so nothing else stops the resume first.

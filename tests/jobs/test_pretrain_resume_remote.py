@@ -72,4 +72,4 @@ def test_resume_from_remote_storage_finishes_the_run(ray_local, small_shards, st
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["moco_ray.restored_from_epoch"] == "1"  # the newer of the two checkpoints
-    assert sorted(m.step for m in c.get_metric_history(run_id, "loss")) == list(range(EPOCHS))
+    assert sorted(m.step for m in c.get_metric_history(run_id, "loss")) == list(range(1, EPOCHS + 1))

@@ -65,6 +65,7 @@ def test_a_checkpoint_in_the_dict_layout_of_earlier_versions_loads(tmp_path):
     state = load_state(tmp_path)
     assert (state.epoch, state.global_step, state.run_id, state.config) == (1, 8, "0123abcd", cfg.to_dict())
     assert state.history[0].data_wait_seconds is None and state.history[0].knn_top1 is None
+    assert state.scaler is None  # before fp16's GradScaler: an fp16 resume starts at the initial scale
     assert state.history[1].knn_top1 == 0.5 and state.history[1].data_wait_frac == 0.25
     assert [h.as_dict() for h in state.history] == history  # nothing added, nothing lost
     restored = torch.nn.Linear(3, 2)

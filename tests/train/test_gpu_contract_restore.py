@@ -19,7 +19,7 @@ from moco_ray.tracking.history import EpochMetrics
 from moco_ray.train.checkpoint import TrainState, load_state, rng_state, save_state, set_rng_state
 from moco_ray.train.loop import Worker
 from moco_ray.train.model import build_method
-from moco_ray.train.step import build_optimizer
+from moco_ray.train.step import MixedPrecision, build_optimizer
 
 
 def _checkpoint(tmp_path) -> tuple[torch.Tensor, dict]:
@@ -61,7 +61,8 @@ def test_worker_restores_from_a_saved_checkpoint_onto_a_non_cpu_model(tmp_path):
     """The Worker's own ``_load`` with its default loader, into a model that is not on the host (meta)."""
     nexts, saved = _checkpoint(tmp_path)
     model = build_method(saved["cfg"]).to("meta")
-    w = types.SimpleNamespace(model=model, opt=build_optimizer(saved["cfg"], model), rank=1, reporter=None)
+    opt = build_optimizer(saved["cfg"], model)
+    w = types.SimpleNamespace(model=model, opt=opt, precision=MixedPrecision(), rank=1, reporter=None)
     Worker._load(w, load_state(tmp_path))
     assert (w.start_epoch, w.global_step, w.history) == (4, 12, saved["state"].history)
     assert torch.equal(torch.rand(4), nexts[1])  # rank 1 continues its own stream

@@ -10,9 +10,16 @@ masks, ``unique``), and on a blocking host-to-device copy (``.to(cuda)`` without
   value read or data-dependent shape counts;
 - the GPU augmentation and the Normalizer run on ``meta`` tensors (a device that is not the host): host reads of
   CPU tensors are allowed there (parameters are drawn on the CPU), copies to the device must be non-blocking.
+
+fp16 is the one exception, and a counted one: its ``GradScaler`` decides whether to skip the optimizer step by
+reading ``found_inf`` on the host (``torch.amp.GradScaler._maybe_opt_step``), one sync per step, as in moco-v3's
+own loop; fp32 and bf16 have no scaler and stay at zero. Mutation checked by hand: a second host read added to the
+fp16 path (``float(out["loss"])`` in the scaled branch of ``train_step``) failed the fp16 count.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -24,7 +31,7 @@ from moco_ray.config import load_config
 from moco_ray.core.normalize import Normalizer
 from moco_ray.data.gpu_augment import GpuViewAugment
 from moco_ray.train.model import build_method
-from moco_ray.train.step import build_optimizer, train_step
+from moco_ray.train.step import MixedPrecision, build_optimizer, train_step
 
 READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"}
 DATA_DEPENDENT = {"aten.nonzero", "aten.masked_select", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive"}
@@ -112,6 +119,28 @@ def test_a_training_step_reads_no_tensor_value(channels_last):
     assert int(model.queue.ptr) == (int(ptr) + 16) % 32  # the enqueue ran inside the recorded step
 
 
+# what one fp16 step may read on the host: the scaler's found_inf, once (Python's .item(), then ATen's scalar read)
+FP16_SCALER_SYNC = [("item", "cpu"), ("aten._local_scalar_dense", "cpu")]
+
+
+def test_an_fp16_step_reads_only_the_scalers_found_inf():
+    """The fp16 path of the same step (autocast + GradScaler, as ``MixedPrecision.of("fp16", cuda)`` builds it, on
+    the CPU here): one host read per step, the scaler's, and the scaler still stepping (its scale unchanged after
+    a clean step, the optimizer's state made)."""
+    model, opt, norm, (q, k) = _step_setup(channels_last=False)
+    precision = MixedPrecision(torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    sums = torch.zeros(3, dtype=torch.float64)
+
+    def step():
+        out = train_step(model, opt, norm(q), norm(k), autocast=precision.autocast, scaler=precision.scaler)
+        sums[0] += out["loss"]
+        sums[1] += out["acc1"]
+
+    step()  # the first step allocates optimizer state and the scaler's scale tensor
+    assert _record(step) == FP16_SCALER_SYNC
+    assert opt.state_dict()["state"] and precision.scaler.get_scale() == 2.0**8
+
+
 def test_the_recorders_see_what_would_sync():
     """Negative controls: the reads the old code did are recorded."""
     ptr = torch.zeros((), dtype=torch.long)
@@ -137,27 +166,34 @@ def test_gpu_augmentation_and_normalisation_never_block_on_the_device():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_a_step_with_gpu_views_never_syncs():
-    """The real check on a GPU: torch's sync debug mode raises on any synchronising call in the step."""
+@pytest.mark.parametrize("precision,syncs", [("bf16", 0), ("fp16", 1)])
+def test_on_cuda_a_step_with_gpu_views_never_syncs(precision, syncs):
+    """The real check on a GPU: torch's sync debug mode warns on every synchronising call in the step; bf16 makes
+    none, fp16 exactly its GradScaler's one (``found_inf``)."""
     model, opt, _, _ = _step_setup(channels_last=True)
     dev = torch.device("cuda")
     model = model.to(dev)
     opt = build_optimizer(load_config(None, {**TINY_MODEL, "moco.queue_size": 32, "train.batch_size": 16}), model)
+    mp = MixedPrecision.of(precision, dev)
     aug, norm = GpuViewAugment("v2", 16), Normalizer(device=dev, channels_last=True)
     imgs = torch.randint(0, 256, (16, 3, 20, 20), dtype=torch.uint8).pin_memory()
     sums = torch.zeros(3, dtype=torch.float64, device=dev)
 
     def step():
         q, k = aug.pair(imgs.to(dev, non_blocking=True))
-        out = train_step(model, opt, norm(q), norm(k), autocast=torch.bfloat16)
+        out = train_step(model, opt, norm(q), norm(k), autocast=mp.autocast, scaler=mp.scaler)
         sums[0] += out["loss"]
         sums[1] += out["acc1"]
 
     step()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("warn")
     try:
-        step()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    synced = [w for w in seen if "synchronizing" in str(w.message)]
+    assert len(synced) == syncs, [str(w.message) for w in synced]
     assert torch.isfinite(sums).all()

@@ -14,7 +14,7 @@ from moco_ray.train.hooks import FaultHooks
 from moco_ray.train.loop import Worker
 from moco_ray.train.model import build_method
 from moco_ray.train.schedule import momentum_at
-from moco_ray.train.step import build_optimizer
+from moco_ray.train.step import MixedPrecision, build_optimizer
 
 STEPS = 2
 
@@ -29,6 +29,7 @@ def _steps(method: str):
     w = types.SimpleNamespace(
         cfg=cfg, spec=types.SimpleNamespace(steps_per_epoch=STEPS, hooks=FaultHooks(), run_id="r"),
         device=torch.device("cpu"), progress=None, model=model, opt=build_optimizer(cfg, model), autocast=None,
+        precision=MixedPrecision(),
         views=lambda b: (b["q"], b["k"]), global_step=0, rank=0,
     )  # fmt: skip
     size = cfg.aug.image_size

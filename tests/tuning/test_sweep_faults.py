@@ -78,10 +78,10 @@ def test_trial_worker_killed_by_the_os(ray_local, small_shards, tmp_path, mlflow
     assert rows[1]["state"] == "finished" and rows[1]["epochs_done"] == 2
     assert survived.info.status == "FINISHED" and survived.data.tags["moco_ray.trial_state"] == "finished"
     steps = [m.step for m in c.get_metric_history(survived.info.run_id, "loss")]
-    if steps == [0, 1]:  # restarted from epoch 1's checkpoint: each epoch logged once
+    if steps == [1, 2]:  # restarted from epoch 1's checkpoint: each epoch logged once (steps: epoch numbers)
         assert "moco_ray.discarded_epochs" not in survived.data.tags
     else:  # killed before Ray recorded that checkpoint: the restart retrained epoch 1, relogged and marked
-        assert steps == [0, 0, 1], steps
+        assert steps == [1, 1, 2], steps
         assert "epoch 1 discarded by a worker restart" in survived.data.tags["moco_ray.discarded_epochs"]
 
     died = c.get_run(rows[0]["run_id"])
@@ -89,4 +89,4 @@ def test_trial_worker_killed_by_the_os(ray_local, small_shards, tmp_path, mlflow
     assert died.data.tags["moco_ray.trial_state"] == "failed"
     error = died.data.tags["moco_ray.error"]
     assert error == rows[0]["error"] and error != "unknown error", error
-    assert [m.step for m in c.get_metric_history(died.info.run_id, "loss")] == [0]  # epoch 1 was logged, kept
+    assert [m.step for m in c.get_metric_history(died.info.run_id, "loss")] == [1]  # epoch 1 was logged, kept
