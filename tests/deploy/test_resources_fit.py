@@ -21,8 +21,20 @@ ROW = re.compile(
 )
 
 
-def _cluster() -> tuple[dict, ClusterView]:
-    conf = yaml.safe_load((REPO / "cluster.yaml").read_text())
+OPTIONAL = re.compile(r"^  # (?P<name>\w+):\n(?P<body>(?:  #   .*\n)+)", re.M)
+OPTIONAL_CAP = re.compile(r"raise max_workers above to (\d+)")
+
+
+def _cluster(optional: bool = False) -> tuple[dict, ClusterView]:
+    """cluster.yaml as shipped; with ``optional``, with its commented-out node types (p4d) uncommented and the
+    global cap raised as their comment says (what a user with p4d quota does for the ViT files)."""
+    text = (REPO / "cluster.yaml").read_text()
+    conf = yaml.safe_load(text)
+    if optional:
+        for m in OPTIONAL.finditer(text):
+            body = re.sub(r"\*\w+", "alias", "\n".join(ln[5:] for ln in m["body"].splitlines()))
+            conf["available_node_types"][m["name"]] = yaml.safe_load(body)
+        conf["max_workers"] = int(OPTIONAL_CAP.search(text)[1])
     types, cap = types_from_launcher_yaml(conf)
     return conf, ClusterView(({"CPU": 0.0, "GPU": 0.0},), types, cap, 1, "cluster.yaml")  # the head: CPU 0
 
@@ -41,16 +53,27 @@ def _claims() -> dict[str, tuple[str, str, str]]:
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_every_experiment_fits_the_shipped_cluster(path):
-    _, view = _cluster()
+    """The ViT files (32 and 64 GPUs, as moco-v3's CONFIG.md) fit once the commented p4d type is uncommented, and
+    not before: on the shipped cluster the check before a run refuses them in one line. Mutation (failed here): the
+    docs table claiming a ViT file lands on a g5 type."""
     needs, _ = _needs(path)
+    if _claims().get(path.name, ("",))[0] in _optional_types():
+        assert not fits(needs, _cluster()[1]), f"{path.name} fits without the optional node type"
+        view = _cluster(optional=True)[1]
+    else:
+        view = _cluster()[1]
     assert fits(needs, view), f"{path.name}: {needs.describe()} fits none of cluster.yaml's node types"
+
+
+def _optional_types() -> set[str]:
+    return {m["name"] for m in OPTIONAL.finditer((REPO / "cluster.yaml").read_text())}
 
 
 def test_cluster_doc_says_where_each_experiment_goes():
     claims = _claims()
     assert set(claims) == {p.name for p in EXPERIMENTS}, "docs/cluster.md table and experiments/ differ"
-    conf, view = _cluster()
     for name, (node_type, instance, rest) in claims.items():
+        conf, view = _cluster(optional=node_type in _optional_types())
         t = next((t for t in view.types if t.name == node_type), None)
         assert t is not None, f"{name}: docs/cluster.md names node type {node_type}, not in cluster.yaml"
         assert conf["available_node_types"][node_type]["node_config"]["InstanceType"] == instance, name
