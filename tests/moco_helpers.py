@@ -14,9 +14,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +129,84 @@ def tiny_sweep(shards: Path, tmp_path: Path, uri: str, experiment: str, search: 
     for name, values in sections.items():
         spec.setdefault(name, {}).update(values)
     return spec
+
+
+def tiny_run(shards: Path, tmp_path: Path, uri: str, experiment: str, epochs: int, **extra: Any) -> dict[str, Any]:
+    """Overrides of the tiny CPU run the CLI signal and resume tests cut: the tiny model on 64 images, one step of
+    batch 32 per epoch, no kNN, checkpoints under ``tmp_path/runs``; plus ``extra`` (dotted keys)."""
+    return {
+        "data.shards": str(shards),
+        "data.limit": 64,
+        "data.map_batch_size": 32,
+        **TINY_MODEL,
+        "moco.queue_size": 64,
+        "train.epochs": epochs,
+        "train.batch_size": 32,
+        "train.max_steps_per_epoch": 1,
+        "train.storage_path": str(tmp_path / "runs"),
+        "eval.knn_every": 0,
+        "tracking.tracking_uri": uri,
+        "tracking.experiment": experiment,
+        **extra,
+    }
+
+
+def config_file(overrides: dict[str, Any], tmp_path: Path) -> Path:
+    """Dotted overrides written as the YAML file ``moco-ray pretrain -c`` reads (``tmp_path/tiny.yaml``)."""
+    import yaml
+
+    doc: dict = {}
+    for k, v in overrides.items():
+        section, key = k.split(".")
+        doc.setdefault(section, {})[key] = v
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """pid -> command line of the live processes of session ``sid`` (zombies waiting for their reaper are gone):
+    a CLI started with ``start_new_session`` and every Ray process it started (Ray puts each worker in a process
+    group of its own, so a group kill or a group listing misses them; the session does not)."""
+    found = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            zombie = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            if os.getsid(int(name)) == sid and not zombie:
+                found[int(name)] = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    return found
+
+
+def left_in_session(sid: int, wait_s: float = 30.0) -> dict[int, str]:
+    """The processes of session ``sid`` still alive once they had ``wait_s`` to go (Ray's workers exit when they
+    see their raylet gone, a moment after the CLI)."""
+    deadline = time.monotonic() + wait_s
+    while (left := session_processes(sid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@contextmanager
+def tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
+    """A real tmpfs of `size` mounted at `path`: a disk that fills up for real (ENOSPC), or, after
+    `remount_read_only`, a read-only one (EROFS) that even root cannot write. Skips the test where mounting is not
+    allowed (it needs root with CAP_SYS_ADMIN: chmod would not stop root, so there is no honest stand-in)."""
+    path.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip() or p.returncode}); needs root with CAP_SYS_ADMIN")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def remount_read_only(path: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
 
 
 def sweep_file(spec: dict, tmp_path: Path) -> Path:

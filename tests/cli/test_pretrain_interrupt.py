@@ -22,37 +22,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from moco_helpers import TINY_MODEL, cli_env, wait_for_run
+from moco_helpers import cli_env, config_file, left_in_session, tiny_run, wait_for_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "test-ctrl-c"
-
-
-def _config(small_shards: Path, tmp_path: Path, uri: str, epochs: int) -> Path:
-    over = {
-        "data.shards": str(small_shards),
-        "data.limit": 64,
-        "data.map_batch_size": 32,
-        **TINY_MODEL,
-        "moco.queue_size": 64,
-        "train.epochs": epochs,
-        "train.batch_size": 32,
-        "train.max_steps_per_epoch": 1,
-        "train.storage_path": str(tmp_path / "runs"),
-        "eval.knn_every": 0,
-        "tracking.tracking_uri": uri,
-        "tracking.experiment": EXPERIMENT,
-    }
-    doc: dict = {}
-    for k, v in over.items():
-        section, key = k.split(".")
-        doc.setdefault(section, {})[key] = v
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 # Runs the CLI with the terminal on fd 0 as its controlling terminal (it is the session's leader: Popen's
@@ -92,18 +67,6 @@ class _Terminal:
         self.reader.join()
         os.close(self.master)
         os.killpg(self.proc.pid, signal.SIGHUP)
-
-
-def _left_in_session(sid: int, wait_s: float = 30.0) -> list[str]:
-    """Processes of session ``sid`` (the CLI's, its Ray's) still alive once they had ``wait_s`` to go: Ray's workers
-    exit when they see their raylet gone, a moment after the CLI (zombies waiting for their reaper count as gone)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        ps = subprocess.run(["ps", "-eo", "sid=,stat=,args="], capture_output=True, text=True, check=True).stdout
-        left = [ln for ln in ps.splitlines() if ln.split()[0] == str(sid) and not ln.split()[1].startswith("Z")]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.5)
 
 
 def _wait_for_epochs(c, run_id: str, more_than: int, term: _Terminal) -> int:
@@ -158,7 +121,7 @@ def test_ctrl_c_sigterm_and_a_closed_terminal_kill_the_run_and_resume_finishes_i
 
     from moco_ray.cli.main import main
 
-    cfg = _config(small_shards, tmp_path, mlflow_uri, epochs=40)
+    cfg = config_file(tiny_run(small_shards, tmp_path, mlflow_uri, EXPERIMENT, epochs=40), tmp_path)
     cli = [sys.executable, "-m", "moco_ray.cli.main"]
     run_id, rc, err = _cut([*cli, "pretrain", "-c", str(cfg)], mlflow_uri, signal.SIGINT, group=True)
     assert rc == 130, err[-3000:]
@@ -195,7 +158,7 @@ def test_ctrl_c_sigterm_and_a_closed_terminal_kill_the_run_and_resume_finishes_i
     assert rc == 129, shown[-3000:]
     _no_noise(shown)
     assert c.get_run(run_id).info.status == "KILLED"
-    assert _left_in_session(term.proc.pid) == []
+    assert left_in_session(term.proc.pid) == {}
 
     # the last resume (one more epoch: the count is an override) through the CLI's entry point in this process, on
     # the session's Ray: a cut needs a process of its own, a resume does not (a CLI process would pay its imports, a

@@ -20,7 +20,16 @@ import time
 from pathlib import Path
 
 import pytest
-from moco_helpers import TINY_MODEL, cli_env, sweep_file, tiny_sweep, wait_for_run
+from moco_helpers import (
+    cli_env,
+    config_file,
+    left_in_session,
+    session_processes,
+    sweep_file,
+    tiny_run,
+    tiny_sweep,
+    wait_for_run,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -29,35 +38,17 @@ EXPERIMENT = "stop-every-process"
 DRIVER_LAST_S = 5.0
 
 
-def _session(sid: int) -> list[tuple[int, str]]:
-    """(pid, args) of the live processes of session ``sid`` (zombies waiting for their reaper are gone)."""
-    ps = subprocess.run(["ps", "-eo", "sid=,pid=,stat=,args="], capture_output=True, text=True, check=True).stdout
-    out = []
-    for ln in ps.splitlines():
-        s, pid, stat, *args = ln.split(None, 3)
-        if s == str(sid) and not stat.startswith("Z"):
-            out.append((int(pid), args[0] if args else ""))
-    return out
-
-
 def _sigterm_everything(driver: int) -> int:
     """SIGTERM to every process of the driver's session, one ``kill`` each (Slurm signals a job's processes, not a
     group, in no order of the driver's choosing): the others first, the driver ``DRIVER_LAST_S`` later, the worst
     order (in which only the driver may decide what ends)."""
-    procs = [pid for pid, _ in _session(driver) if pid != driver]
+    procs = [pid for pid in session_processes(driver) if pid != driver]
     for pid in procs:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     time.sleep(DRIVER_LAST_S)
     os.kill(driver, signal.SIGTERM)
     return len(procs)
-
-
-def _left(sid: int, wait_s: float = 30.0) -> list[tuple[int, str]]:
-    deadline = time.monotonic() + wait_s
-    while (left := _session(sid)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
 
 
 def _end(proc: subprocess.Popen) -> tuple[int, str, float]:
@@ -74,32 +65,6 @@ def _end(proc: subprocess.Popen) -> tuple[int, str, float]:
     return proc.returncode, err, time.monotonic() - t0
 
 
-def _config(small_shards: Path, tmp_path: Path, uri: str) -> Path:
-    import yaml
-
-    over = {
-        "data.shards": str(small_shards),
-        "data.limit": 64,
-        "data.map_batch_size": 32,
-        **TINY_MODEL,
-        "moco.queue_size": 64,
-        "train.epochs": 50,
-        "train.batch_size": 32,
-        "train.max_steps_per_epoch": 1,
-        "train.storage_path": str(tmp_path / "runs"),
-        "eval.knn_every": 0,
-        "tracking.tracking_uri": uri,
-        "tracking.experiment": EXPERIMENT,
-    }
-    doc: dict = {}
-    for k, v in over.items():
-        section, key = k.split(".")
-        doc.setdefault(section, {})[key] = v
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
 def _start(cmd: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -113,7 +78,7 @@ def test_pretrain_stopped_with_every_process_of_its_job(small_shards, tmp_path, 
     the one that fails every time."""
     from mlflow.tracking import MlflowClient
 
-    cfg = _config(small_shards, tmp_path, mlflow_uri)
+    cfg = config_file(tiny_run(small_shards, tmp_path, mlflow_uri, EXPERIMENT, epochs=50), tmp_path)
     proc = _start([sys.executable, "-m", "moco_ray.cli.main", "pretrain", "-c", str(cfg)])
     trained = "attributes.status = 'RUNNING' and metrics.loss > 0"
     run_id = wait_for_run(mlflow_uri, EXPERIMENT, proc, trained).info.run_id
@@ -125,7 +90,7 @@ def test_pretrain_stopped_with_every_process_of_its_job(small_shards, tmp_path, 
     resume = f"moco-ray: run {run_id} stopped by SIGTERM (KILLED); continue with: moco-ray pretrain --resume {run_id}"
     assert len(hint) == 1 and hint[0].startswith(resume), err[-3000:]
     assert "Traceback" not in err, err[-3000:]
-    assert _left(proc.pid) == []
+    assert left_in_session(proc.pid) == {}
 
 
 def test_sweep_stopped_with_every_process_of_its_job(small_shards, tmp_path, mlflow_uri):
@@ -152,4 +117,4 @@ def test_sweep_stopped_with_every_process_of_its_job(small_shards, tmp_path, mlf
     hint = [ln for ln in err.splitlines() if "--resume" in ln]
     assert hint == [f"moco-ray: sweep stopped by SIGTERM; continue with: moco-ray sweep -c {path} --resume"], err
     assert "Traceback" not in err, err[-3000:]
-    assert _left(proc.pid) == []
+    assert left_in_session(proc.pid) == {}

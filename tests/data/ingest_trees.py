@@ -1,5 +1,5 @@
-"""Small real image trees, the real ``moco-ray ingest`` CLI in a subprocess, and real tmpfs mounts (a read-only or a
-full file system), for the tests in tests/data/."""
+"""Small real image trees and the real ``moco-ray ingest`` CLI in a subprocess, for the tests in tests/data/ (real
+tmpfs mounts, a read-only or a full file system, are moco_helpers.tmpfs)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,24 +64,3 @@ def one_error_line(p: subprocess.CompletedProcess) -> str:
 def files_state(root: Path) -> dict[str, tuple[int, int]]:
     """relative path -> (size, mtime_ns) of every file under root."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
-
-
-@contextmanager
-def tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
-    """A real tmpfs of `size` mounted at `path`: a disk that fills up for real (ENOSPC), or, after
-    `remount_read_only`, a read-only one (EROFS) that even root cannot write. Skips the test where mounting is not
-    allowed (it needs root with CAP_SYS_ADMIN: chmod would not stop root, so there is no honest stand-in)."""
-    path.mkdir(parents=True, exist_ok=True)
-    p = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
-    )
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip() or p.returncode}); needs root with CAP_SYS_ADMIN")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def remount_read_only(path: Path) -> None:
-    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)

@@ -14,7 +14,8 @@ from urllib.parse import quote
 
 import pyarrow.parquet as pq
 import pytest
-from ingest_trees import cli_ingest, files_state, image_tree, one_error_line, remount_read_only, tmpfs
+from ingest_trees import cli_ingest, files_state, image_tree, one_error_line
+from moco_helpers import remount_read_only, tmpfs
 
 from moco_ray.data import ingest as ingest_module
 from moco_ray.data.ingest import ingest

@@ -6,7 +6,6 @@ README says."""
 from __future__ import annotations
 
 import pickle
-import subprocess
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -17,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from moco_helpers import remount_read_only, tmpfs
 
 from moco_ray.core.backbone_io import load_torchvision_backbone, torchvision_state_dict
 from moco_ray.core.encoders import build_backbone
@@ -173,15 +173,9 @@ def test_mismatched_state_dict_and_bad_input_give_clear_errors(split_bn_backbone
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
     """A real 1 MB tmpfs holding an old ``enc.pt`` (a resnet18 export is ~45 MB: it cannot fit)."""
-    path = tmp_path / "disk"
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here; needs root with CAP_SYS_ADMIN (chmod does not stop root)")
-    (path / "enc.pt").write_bytes(b"the old export")
-    try:
+    with tmpfs(tmp_path / "disk", "1m") as path:
+        (path / "enc.pt").write_bytes(b"the old export")
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_export_under_a_regular_file_names_it(split_bn_backbone, tmp_path):
@@ -211,7 +205,7 @@ def test_export_to_a_read_only_mount_is_refused_before_serialising(split_bn_back
     failure comes from mkstemp after serialising: the same line, but `torchvision_state_dict` ran)."""
     import moco_ray.evaluation.export as export_module
 
-    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    remount_read_only(small_disk)
     built = []
     monkeypatch.setattr(export_module, "torchvision_state_dict", lambda *a: built.append(a) or {})
     with pytest.raises(ValueError) as e:

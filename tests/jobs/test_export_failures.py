@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from moco_helpers import TINY_MODEL, log_like_trainer
+from moco_helpers import TINY_MODEL, log_like_trainer, remount_read_only, tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +47,8 @@ def downloads(monkeypatch) -> list[str]:
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
     """A real 1 MB tmpfs (a resnet18 export is ~45 MB: it cannot fit)."""
-    path = tmp_path / "disk"
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here; needs root with CAP_SYS_ADMIN (chmod does not stop root)")
-    try:
+    with tmpfs(tmp_path / "disk", "1m") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _earlier_export(out: Path, run_id: str) -> dict[str, bytes]:
@@ -119,7 +112,7 @@ def test_read_only_mount_is_refused_before_download(run, small_disk, downloads):
 
     out = small_disk / "enc"
     before = _earlier_export(out, run["id"])
-    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    remount_read_only(small_disk)
     with pytest.raises(ValueError) as e:
         export_run(run["id"], "torchvision", out, tracking_uri=run["uri"])
     assert str(e.value) == f"export: cannot write {out} (Read-only file system, errno EROFS)"

@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from moco_helpers import REPO, TINY_MODEL, cli_env, run_cli_cases, wait_for_run
+from moco_helpers import REPO, cli_env, config_file, run_cli_cases, session_processes, tiny_run, wait_for_run
 
 from moco_ray.jobs.resolve import latest_checkpoint
 from moco_ray.jobs.resume import LOCK_FILE, RAY_RECORD, RUN_DIR_TAG
@@ -33,22 +32,7 @@ EXPERIMENT = "test-resume-integrity"
 
 
 def _overrides(shards: Path, tmp_path: Path, uri: str, epochs: int) -> dict:
-    return {
-        "data.shards": str(shards),
-        "data.limit": 64,
-        "data.map_batch_size": 32,
-        **TINY_MODEL,
-        "moco.queue_size": 64,
-        "train.epochs": epochs,
-        "train.batch_size": 32,
-        "train.max_steps_per_epoch": 1,
-        "train.num_workers": 1,
-        "train.keep_checkpoints": 2,
-        "train.storage_path": str(tmp_path / "runs"),
-        "eval.knn_every": 0,
-        "tracking.tracking_uri": uri,
-        "tracking.experiment": EXPERIMENT,
-    }
+    return tiny_run(shards, tmp_path, uri, EXPERIMENT, epochs, **{"train.num_workers": 1, "train.keep_checkpoints": 2})
 
 
 def _resume_in_process(monkeypatch, argv: list[str]) -> int:
@@ -116,16 +100,6 @@ def test_a_cut_latest_checkpoint_whose_epoch_was_logged_is_skipped_and_the_epoch
     assert points == {1: 1, 2: 1, 3: 2, 4: 1}  # MLflow keeps the discarded point; the kept one is the latest
 
 
-def _config_file(shards: Path, tmp_path: Path, uri: str) -> Path:
-    doc: dict = {}
-    for k, v in _overrides(shards, tmp_path, uri, 40).items():
-        section, key = k.split(".")
-        doc.setdefault(section, {})[key] = v
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
 def _cli(args: list[str], tmp_path: Path, name: str, **env: str) -> subprocess.Popen:
     out = (tmp_path / f"{name}.log").open("w")
     return subprocess.Popen(
@@ -134,25 +108,11 @@ def _cli(args: list[str], tmp_path: Path, name: str, **env: str) -> subprocess.P
     )  # fmt: skip
 
 
-def _session(sid: int) -> list[int]:
-    """The live processes of session ``sid``: the driver started with ``start_new_session`` and every Ray process
-    it started (Ray puts each worker in a process group of its own, so a group kill leaves them running)."""
-    pids = []
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            zombie = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-            if os.getsid(int(name)) == sid and not zombie:
-                pids.append(int(name))
-        except (ProcessLookupError, FileNotFoundError):
-            pass
-    return pids
-
-
 def _kill_9(proc: subprocess.Popen) -> None:
     """``kill -9`` of the driver and all it started, at once, waited for until none is left: its workers, which
     would otherwise go on for a few seconds, write nothing after the moment of the kill."""
     for _ in range(300):
-        alive = _session(proc.pid)
+        alive = session_processes(proc.pid)
         for pid in alive:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -162,7 +122,7 @@ def _kill_9(proc: subprocess.Popen) -> None:
         if not alive:
             return
         time.sleep(0.1)
-    raise AssertionError(f"processes of session {proc.pid} survive SIGKILL: {_session(proc.pid)}")
+    raise AssertionError(f"processes of session {proc.pid} survive SIGKILL: {session_processes(proc.pid)}")
 
 
 def _ray_latest(run_dir: Path) -> str:
@@ -185,8 +145,8 @@ def test_kill_9_of_the_driver_then_two_resumes_at_once(
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(mlflow_uri)
-    first = _cli(["-c", str(_config_file(small_shards, tmp_path, mlflow_uri))], tmp_path, "first",
-                 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="5")  # fmt: skip
+    cfg = config_file(_overrides(small_shards, tmp_path, mlflow_uri, 40), tmp_path)
+    first = _cli(["-c", str(cfg)], tmp_path, "first", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="5")
     try:
         run_id = wait_for_run(mlflow_uri, EXPERIMENT, first, "metrics.epoch >= 2").info.run_id
         run_dir = Path(c.get_run(run_id).data.tags[RUN_DIR_TAG])

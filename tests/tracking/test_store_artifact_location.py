@@ -10,11 +10,11 @@ not-yet-created store of `test_a_missing_store_is_not_created` appears (mutation
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from moco_helpers import remount_read_only, tmpfs
 
 from moco_ray.tracking.store import artifact_location, check_artifact_location
 
@@ -22,15 +22,9 @@ from moco_ray.tracking.store import artifact_location, check_artifact_location
 @pytest.fixture
 def read_only_dir(tmp_path) -> Iterator[Path]:
     """A real read-only tmpfs (root cannot write it either)."""
-    path = tmp_path / "ro"
-    path.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(path)], capture_output=True)
-    if p.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here; needs root with CAP_SYS_ADMIN")
-    try:
+    with tmpfs(tmp_path / "ro", "64k") as path:
+        remount_read_only(path)
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _experiment(uri: str, name: str, location: str) -> None:
