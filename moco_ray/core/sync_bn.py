@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from moco_ray.core.distributed import all_reduce_grad
+
 
 class GlobalBatchNorm(_BatchNorm):
     """BatchNorm over the global batch of a process group, for any device (gloo on CPU included).
@@ -41,13 +43,11 @@ class GlobalBatchNorm(_BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self._group_size() <= 1:
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce  # lazy: torch.distributed.nn only where it runs
-
         c = input.size(1)
         x = input.float()  # statistics in fp32 under autocast, as torch's SyncBatchNorm computes them
         dims = [0, *range(2, x.dim())]
         count = x.new_full((1,), x.numel() // c)
-        stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]), group=self.process_group)
+        stats = all_reduce_grad(torch.cat([x.sum(dims), (x * x).sum(dims), count]), group=self.process_group)
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0.0)
