@@ -33,7 +33,7 @@ def run(a: argparse.Namespace) -> int:
             limit=limit,
         )
         print(
-            f"linear top-1 {r['top1']:.4f} (best {r['best_top1']:.4f} at epoch {r['best_epoch'] + 1})  "
+            f"linear top-1 {r['top1']:.4f} (best {r['best_top1']:.4f} at epoch {r['best_epoch']})  "
             f"top-5 {r['top5']:.4f}  train top-1 {r['train_top1']:.4f}  "
             f"(protocol {r['protocol']}, {r['settings']['epochs']} epochs; {r['train_rows']} train / "
             f"{r['test_rows']} test rows at {r['image_size']} px of {r['data']})"

@@ -88,10 +88,10 @@ class LinearProbeResult:
     top1: float  # final-epoch test accuracy in [0, 1]
     top5: float  # top-min(5, classes)
     train_top1: float
-    history: list[dict[str, float]]  # per epoch: epoch, lr, loss, train_top1, test_top1
+    history: list[dict[str, float]]  # per epoch: epoch (its number, 1 = first), lr, loss, train_top1, test_top1
     classifier: nn.Module | None = field(default=None, repr=False)  # (standardiser +) Linear, in eval mode
     best_top1: float = 0.0  # the best epoch's test top-1 (main_lincls's best_acc1; selected on the test split)
-    best_epoch: int = 0
+    best_epoch: int = 0  # its number (1 = first), as the console prints epochs; history[best_epoch - 1]
 
 
 def _standardizer(train_feats: torch.Tensor) -> nn.BatchNorm1d:
@@ -224,7 +224,8 @@ def train_probe(
         loss, running_top1 = _epoch(model, data, sgd, epoch, n, g)
         train_top1 = _evaluate(model, *fixed)[0] if fixed is not None else running_top1
         test_top1, _ = _evaluate(model, xte, yte)
-        history.append({"epoch": epoch, "lr": sgd.lr, "loss": loss, "train_top1": train_top1, "test_top1": test_top1})
+        number = epoch + 1  # as the console prints it
+        history.append({"epoch": number, "lr": sgd.lr, "loss": loss, "train_top1": train_top1, "test_top1": test_top1})
         if on_epoch is not None:
             on_epoch(history[-1])
     top1, top5 = _evaluate(model, xte, yte)

@@ -11,7 +11,7 @@ from moco_ray.core.backbone_io import load_torchvision_backbone_from_state
 from moco_ray.core.backbone_spec import as_spec
 from moco_ray.evaluation.export import FORMATS, INFO_FILE, WEIGHTS_FILE, ExportInfo, check_export_dir, save_export_dir
 from moco_ray.jobs.evaluate import DEFAULT_IMAGE_SIZE
-from moco_ray.tracking.run_log import ENCODER_MODEL_URI_TAG, RunEncoder, RunLog, open_run
+from moco_ray.tracking.run_log import ENCODER_MODEL_URI_TAG, RunEncoder, RunLog, epochs_done, open_run
 from moco_ray.tracking.store import open_store
 
 DEFAULT_METHOD = "moco_v2"  # a run that recorded no moco.method predates the other methods
@@ -83,7 +83,7 @@ def export_run(
         mean=tuple(enc.mean),
         std=tuple(enc.std),
         method=method,
-        epochs=_epochs_done(run),
+        epochs=epochs_done(run),  # the official checkpoints' ``epoch``: epochs finished
         image_size=cfg.aug.image_size if cfg else 0,
         source={"run_id": run_id, "run_name": run.info.run_name or "", "experiment_id": run.info.experiment_id},
     )
@@ -92,12 +92,6 @@ def export_run(
     if register:
         res.registered_name, res.version = register, _register(log, run, net, enc, register, size)
     return res
-
-
-def _epochs_done(run) -> int:
-    """Epochs the run finished (its last 0-based ``epoch`` metric + 1; 0 without one): the official ``epoch``."""
-    last = run.data.metrics.get("epoch")
-    return int(last) + 1 if last is not None else 0
 
 
 def _register(log: RunLog, run, net, enc: RunEncoder, name: str, image_size: int) -> str:

@@ -131,8 +131,7 @@ def import_checkpoint(
     log = create_run(uri, exp, run_name, params, tags, None)
     status = "FAILED"
     try:
-        if epoch > 0:  # as a trained run's last "epoch" metric: the 0-based index, at step = the epoch's number
-            log.log_step_metrics({"epoch": epoch - 1}, epoch)
+        log.log_epochs_done(epoch)
         spec = backbone.backbone or as_spec(arch, backbone.small_stem)
         net = load_torchvision_backbone_from_state(backbone.state, spec)
         encoder_uri = log.log_trained_encoder(net, spec)

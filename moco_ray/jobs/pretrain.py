@@ -50,7 +50,7 @@ from moco_ray.train.spec import RunSpec
 
 STORAGE_TAG = "moco_ray.storage_path"
 NAME_TAG = "moco_ray.ray_run_name"
-ENCODER_EPOCH_TAG = "moco_ray.encoder_epoch"  # the epoch (0-based) of the checkpoint the encoder artifact holds
+ENCODER_EPOCH_TAG = "moco_ray.encoder_epoch"  # the epoch (its number, 1 = first) of the encoder artifact's checkpoint
 
 
 @dataclass
@@ -383,7 +383,7 @@ def _log_final(spec: RunSpec, log: RunLog, result) -> PretrainResult:
     history = state.history
     log.log_epochs(history)  # idempotent: fills anything the workers could not write
     last_epoch = state.epoch
-    log.set_tags({"moco_ray.checkpoint": ckpt_path, "moco_ray.last_epoch": last_epoch})
+    log.set_tags({"moco_ray.checkpoint": ckpt_path, "moco_ray.last_epoch": last_epoch + 1})  # as the console counts
     with tempfile.TemporaryDirectory() as d:  # drawn from the checkpoint's history: the kept model's curves
         title = cfg.tracking.run_name or log.run_id
         log.log_artifact(plot_training_curves(history, Path(d) / "training_curves.png", title=title), "plots")
@@ -422,7 +422,7 @@ def _encoder_state(log: RunLog, final: str, state: TrainState, best: Candidate |
     last one's; the tag ``moco_ray.encoder_epoch`` says which epoch it is."""
     if best is not None and best.name != final.rstrip("/").rsplit("/", 1)[-1]:
         state = load_state(best.path)
-    log.set_tags({ENCODER_EPOCH_TAG: state.epoch})
+    log.set_tags({ENCODER_EPOCH_TAG: state.epoch + 1})
     return state
 
 

@@ -21,6 +21,7 @@ from moco_ray.config_files import experiment_file
 from moco_ray.jobs.evaluate import EVAL_TAG
 from moco_ray.jobs.resolve import latest_checkpoint
 from moco_ray.jobs.resume import RUN_DIR_TAG
+from moco_ray.tracking.run_log import epochs_done
 from moco_ray.tracking.store import client, open_store
 
 # Column -> (where it comes from, its name there). The params are the config's dotted keys, the metrics the run's.
@@ -162,9 +163,9 @@ def last_unfinished(experiment: str, tracking_uri: str = "") -> LastRun:
         if latest_checkpoint(run_dir) is None:
             no_checkpoint.add(r.info.run_id)
             continue
-        epoch = r.data.metrics.get("epoch")
+        done = epochs_done(r)
         name = r.info.run_name or r.info.run_id
-        return LastRun(r.info.run_id, name, r.info.status, None if epoch is None else int(epoch),
+        return LastRun(r.info.run_id, name, r.info.status, done - 1 if done else None,
                        r.data.params.get("train.epochs"), experiment)  # fmt: skip
     listed = [f"{r.info.run_name or '-'} {r.info.run_id} {r.info.status}" for r in top[:8]]
     listed = [f"{s} (no checkpoint)" if r.info.run_id in no_checkpoint else s for s, r in zip(listed, top)]

@@ -50,6 +50,22 @@ TRAINING_EXPERIMENT_KIND = "custom_model_development"
 URI_ENV = "MLFLOW_TRACKING_URI"
 # run tag: one line per restore that discarded logged epochs (their points stay in MLflow's history)
 DISCARDED_EPOCHS_TAG = "moco_ray.discarded_epochs"
+# run tag set when a run is created: "1" = its `epoch` metric's value and its per-epoch MLflow steps are the epoch's
+# number as the console prints it (1 for the first). Runs made before it have none: there both are the 0-based index
+EPOCH_BASE_TAG = "moco_ray.epoch_base"
+EPOCH_BASE = 1
+
+
+def epoch_base(tags: dict[str, str]) -> int:
+    """The run's epoch numbering from its tags: 1 (every run made now), 0 for runs logged before the tag existed."""
+    return int(tags.get(EPOCH_BASE_TAG, "0"))
+
+
+def epochs_done(run: Any) -> int:
+    """Epochs an MLflow run (entity) finished, read from its last ``epoch`` metric in the run's own numbering; 0
+    without one."""
+    last = run.data.metrics.get("epoch")
+    return 0 if last is None else int(last) + 1 - epoch_base(run.data.tags)
 
 
 @dataclass
@@ -110,6 +126,7 @@ class RunLog:
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri, self.run_id = uri, run_id
         self.client = client(uri)
+        self._epoch_base: int | None = None
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -163,10 +180,17 @@ class RunLog:
     def logged_steps(self, key: str = "loss") -> set[int]:
         return {step for step, _ in self.metric_history(key)}
 
+    def epoch_base(self) -> int:
+        """1 when the run's ``epoch`` values and steps are epoch numbers, 0 when they are 0-based indices (runs
+        logged before `EPOCH_BASE_TAG`; a resume keeps writing them so, and their curves stay one numbering)."""
+        if self._epoch_base is None:
+            self._epoch_base = epoch_base(self.get().data.tags)
+        return self._epoch_base
+
     def logged_epochs(self) -> set[int]:
-        """The 0-based epochs with metrics in the run: the values of its ``epoch`` metric, whatever their step
-        (runs logged before the MLflow step became the epoch number logged them at step = epoch)."""
-        return {int(v) for _, v in self.metric_history("epoch")}
+        """The 0-based epochs with metrics in the run, read from the values of its ``epoch`` metric."""
+        base = self.epoch_base()
+        return {int(v) - base for _, v in self.metric_history("epoch")}
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """Every ``(step, value)`` of metric ``key``, as MLflow returns them."""
@@ -209,10 +233,10 @@ class RunLog:
             raise write_error(f"run {self.run_id}", f"its artifacts at {self.get().info.artifact_uri}", e) from None
 
     def log_epochs(self, history: Sequence[EpochMetrics], after: int | None = None) -> int:
-        """Log each epoch's metrics (MLflow step = the epoch's number as the console prints it, ``epoch + 1``;
-        names as in ``EpochMetrics.as_dict``, whose ``epoch`` stays the 0-based index that ``moco-ray runs``,
-        export and resume read) not logged yet, and every epoch past ``after`` even if logged; returns how many
-        epochs were written.
+        """Log each epoch's metrics (names as in ``EpochMetrics.as_dict``; the ``epoch`` metric and the MLflow step
+        are the epoch's number as the console prints it, ``epoch + 1``: one numbering everywhere) not logged yet,
+        and every epoch past ``after`` (0-based, as ``history``) even if logged; returns how many epochs were
+        written.
 
         Idempotent up to ``after``: after a worker restart the same epochs come again from the checkpoint's history
         and are skipped, so per-epoch metrics are neither lost nor duplicated. Past ``after`` (the restored
@@ -220,10 +244,19 @@ class RunLog:
         discarded (:meth:`mark_discarded`), and MLflow cannot delete it, so the new point goes at the same step with
         a later timestamp, which MLflow shows as the latest value.
         """
-        done = self.logged_epochs()
+        done, base = self.logged_epochs(), self.epoch_base()
         new = [h for h in history if h.epoch not in done or (after is not None and h.epoch > after)]
-        self.log_metric_points((k, v, epoch_step(h.epoch)) for h in new for k, v in h.as_dict().items())
+        self.log_metric_points(
+            (k, v + base if k == "epoch" else v, h.epoch + base) for h in new for k, v in h.as_dict().items()
+        )
         return len(new)
+
+    def log_epochs_done(self, epochs: int) -> None:
+        """The ``epoch`` metric of a run whose ``epochs`` epochs were trained elsewhere (an imported checkpoint),
+        as a run trained here would have it after its last epoch."""
+        if epochs > 0:
+            last = epochs - 1 + self.epoch_base()
+            self.log_metric_points([("epoch", last, last)])
 
     def mark_discarded(self, after: int, why: str) -> list[int]:
         """The logged epochs past ``after`` (0-based; -1: none kept), which a restore from epoch ``after``'s
@@ -405,12 +438,6 @@ def _encoder_signature(module, image_size: int):
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width), "features")]))
 
 
-def epoch_step(epoch: int) -> int:
-    """The MLflow step of a 0-based epoch's metrics: its number as the console, plots and Tune count (1 for the
-    first epoch), so "epoch 2/4" on the console is step 2 in MLflow."""
-    return epoch + 1
-
-
 def _epoch_ranges(epochs: list[int]) -> str:
     """0-based sorted epochs as 1-based ranges: [3] -> "epoch 4"; [3, 4, 6] -> "epochs 4-5, 7"."""
     runs: list[list[int]] = []
@@ -513,7 +540,7 @@ def _new_run(
     config_yaml: str | None,
     parent_run_id: str | None,
 ) -> RunLog:
-    all_tags = dict(tags)
+    all_tags = {EPOCH_BASE_TAG: str(EPOCH_BASE), **tags}
     if run_name:
         all_tags["mlflow.runName"] = run_name
     if parent_run_id:

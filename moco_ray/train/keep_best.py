@@ -29,7 +29,7 @@ from moco_ray.tracking.history import EpochMetrics
 from moco_ray.train.checkpoint import STATE_FILE
 
 METRICS_FILE = "metrics.json"
-BEST_CHECKPOINT_TAG = "moco_ray.best_checkpoint"  # its path or URI; with best_epoch (0-based), _metric, _value
+BEST_CHECKPOINT_TAG = "moco_ray.best_checkpoint"  # its path or URI; with best_epoch (1 = first), _metric, _value
 BEST_EPOCH_TAG = "moco_ray.best_epoch"
 BEST_METRIC_TAG = "moco_ray.best_metric"
 BEST_VALUE_TAG = "moco_ray.best_value"
@@ -61,7 +61,7 @@ class Candidate:
         """The run's record of its best checkpoint."""
         return {
             BEST_CHECKPOINT_TAG: self.path,
-            BEST_EPOCH_TAG: str(self.epoch),
+            BEST_EPOCH_TAG: str(self.epoch + 1) if self.epoch is not None else "",  # as the console numbers it
             BEST_METRIC_TAG: metric,
             BEST_VALUE_TAG: f"{self.value(metric):.6g}",
         }

@@ -89,8 +89,8 @@ def test_import_then_export_moco_round_trips_through_the_console_script(tmp_path
     # where to look: the experiment and the run's page on the UI's training view (a local store: `mlflow ui` first)
     page = f"/#/experiments/{run.info.experiment_id}/runs/{run_id}?workflowType=machine_learning"
     assert "experiment: moco-ray" in r.stdout.splitlines() and page in r.stdout, r.stdout
-    # the "epoch" metric (0-based index 799) at step 800, the epoch's number as for a trained run
-    assert [(m.step, m.value) for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "epoch")] == [(800, 799)]
+    # the "epoch" metric as a trained run's after its last epoch: 800 (its number, as the console counts) at step 800
+    assert [(m.step, m.value) for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "epoch")] == [(800, 800)]
 
     out = tmp_path / "exported"
     out.mkdir()

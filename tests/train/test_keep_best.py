@@ -60,7 +60,7 @@ def test_the_latest_and_the_best_by_knn_stay_and_epochs_without_knn_do_not_compe
     assert pruned.best is not None and (pruned.best.epoch, pruned.best.value("knn_top1")) == (3, 0.8)
     assert pruned.best.tags("knn_top1") == {
         BEST_CHECKPOINT_TAG: str(tmp_path / pruned.best.name),
-        BEST_EPOCH_TAG: "3",
+        BEST_EPOCH_TAG: "4",  # 0-based epoch 3 is "epoch 4" on the console
         BEST_METRIC_TAG: "knn_top1",
         BEST_VALUE_TAG: "0.8",
     }
