@@ -378,3 +378,19 @@ def test_version_through_the_console_script():
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "moco_ray.cli.main"]
     p = subprocess.run([*cmd, "--version"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert (p.returncode, p.stdout, p.stderr) == (0, f"moco-ray {__version__}\n", "")
+
+
+def test_a_refused_pretrain_config_loads_no_torch():
+    """A bad value is refused by the config layer before the job module (torch, Ray, mlflow) loads: a fraction of
+    a second instead of seconds on a busy machine. Mutation caught: ``cmd_pretrain`` without its early
+    ``load_config`` (the refusal then came from ``run_pretraining``, after torch loaded)."""
+    code = (
+        "import sys\nfrom moco_ray.cli.main import main\n"
+        "rc = main(['pretrain', 'moco.queue_size=-1'])\n"
+        "print(rc, sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=120
+    )
+    assert p.stdout.split("\n")[-2] == "2 []", p.stdout + p.stderr
+    assert p.stderr.strip() == "moco-ray: error: moco.queue_size: -1 is out of range; allowed: > 0"
