@@ -20,11 +20,13 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -88,6 +90,8 @@ def decode_image(data: bytes) -> torch.Tensor:
     raises CorruptImageError when neither can decode the bytes. A photo stored sideways with an EXIF orientation
     tag comes out upright, as ``PIL.ImageOps.exif_transpose`` turns it.
     """
+    import torch  # lazy: ingest validates with PIL alone and loads no torch (1.2 s of every ingest command)
+
     if not data:
         raise CorruptImageError("empty image bytes")
     from torchvision.io import ImageReadMode  # lazy: torchvision only to decode; the driver imports this module
@@ -129,6 +133,8 @@ def _wide_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
 
 
 def _pil_decode(data: bytes) -> torch.Tensor:
+    import torch  # lazy: ingest validates with PIL alone and loads no torch (1.2 s of every ingest command)
+
     try:
         im, _ = load_upright_rgb(open_image(data))
         arr = np.asarray(im)
@@ -214,6 +220,8 @@ def decode_batch(images: Sequence[bytes | None]) -> tuple[list[torch.Tensor], np
     Returns (images uint8 [3,H,W] each, corrupt flags int64 [B]). A batch with no valid image at all yields
     mid-gray stand-ins (all flagged), so the row count, and hence every worker's step count, is unchanged.
     """
+    import torch  # lazy: ingest validates with PIL alone and loads no torch (1.2 s of every ingest command)
+
     out: list[torch.Tensor | None] = []
     for data in images:
         try:
@@ -289,6 +297,8 @@ def decode_batch_on(
     (`decode_image`) and copied over. Corrupt rows are replaced and flagged by `replacement_rows`, as in
     `decode_batch`. Returns (uint8 [3, H, W] each, on `device`; corrupt flags int64 [B], CPU).
     """
+    import torch  # lazy: ingest validates with PIL alone and loads no torch (1.2 s of every ingest command)
+
     device = torch.device(device)
     out: list[torch.Tensor | None] = [None] * len(images)
     fast = [i for i, d in enumerate(images) if _jpeg_on_device_ok(d)]

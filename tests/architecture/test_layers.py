@@ -114,6 +114,28 @@ def test_the_api_and_the_cli_import_without_ray():
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr[-2000:]
 
 
+def test_an_ingest_runs_without_torch(tmp_path):
+    """`moco-ray ingest` validates and re-encodes with PIL and writes Parquet: torch (1.2 s of import, more on a busy
+    machine, in every ingest command) never loads. A real ingest of two PNGs in a fresh interpreter.
+    Mutation caught: `data/decode.py` importing torch at its top again."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (40, 90, 200)).save(tmp_path / "imgs" / c / "0.png")
+    code = (
+        "import sys\nfrom moco_ray.cli.main import main\n"
+        f"rc = main(['ingest', {str(tmp_path / 'imgs')!r}, {str(tmp_path / 'shards')!r}, '--workers', '1'])\n"
+        "print(rc, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "0 False", out.stdout + out.stderr[-2000:]
+    assert (tmp_path / "shards" / "manifest.json").exists()
+
+
 def test_no_import_cycles():
     assert GRAPH.cycles() == []
 
