@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n{'epoch':>6}{'seconds':>10}{'knn_top1':>10}")
     for r in rows:
         if "knn_top1" in r:
-            print(f"{int(r['epoch']) + 1:>6}{r['elapsed_s']:>10.1f}{r['knn_top1']:>10.4f}")
+            print(f"{int(r['epoch']):>6}{r['elapsed_s']:>10.1f}{r['knn_top1']:>10.4f}")
     reached = time_to_targets(rows, targets)
     final = res.history[-1].knn_top1
     summary = {

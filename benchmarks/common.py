@@ -252,7 +252,7 @@ def report_logger(path: str | os.PathLike, t0: float, text_path: str | os.PathLi
                 f.write(json.dumps(row, default=float) + "\n")
             if text:
                 knn = f"{m['knn_top1']:.4f}" if "knn_top1" in m else "-"
-                line = f"epoch {int(m.get('epoch', -1)) + 1}  seconds {now - start:.1f}  train_s {self.train_s:.1f}"
+                line = f"epoch {int(m.get('epoch', 0))}  seconds {now - start:.1f}  train_s {self.train_s:.1f}"
                 with open(text, "a") as f:
                     f.write(f"{line}  knn_top1 {knn}\n")
 

@@ -36,6 +36,11 @@ class EpochMetrics:
         """The metrics by name, in field order; a metric that was not measured (None) is left out."""
         return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
 
+    def report(self) -> dict[str, float]:
+        """What Ray Train / Tune receive each epoch: :meth:`as_dict` with ``epoch`` as its number (1 for the first),
+        as the console, MLflow and Tune's own status table show it."""
+        return {**self.as_dict(), "epoch": self.epoch + 1}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EpochMetrics:
         """The inverse of :meth:`as_dict`: a missing optional metric is None; an unknown name or a missing required

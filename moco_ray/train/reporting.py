@@ -101,13 +101,13 @@ class Reporter:
         do_ckpt = last or (epoch + 1) % cfg.train.checkpoint_every == 0
         rngs = self._rng_states()
         if not (do_ckpt and self.rank == 0):
-            ray.train.report(history[-1].as_dict())
+            ray.train.report(history[-1].report())
             return
         state = self.checkpoint_state(model, opt, epoch, global_step, history, rngs, precision)
         with tempfile.TemporaryDirectory() as d:
             save_state(d, state)
             write_metrics(d, history[-1], global_step)  # what train.keep_best chooses by, without reading states
-            ray.train.report(history[-1].as_dict(), checkpoint=ray.train.Checkpoint.from_directory(d))
+            ray.train.report(history[-1].report(), checkpoint=ray.train.Checkpoint.from_directory(d))
         assert self.run is not None
         self.run.log_epochs(history, after=self.logged_through)
         self.logged_through = epoch

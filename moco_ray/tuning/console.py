@@ -88,7 +88,7 @@ def sweep_callback(metric: str, total: int, watch: TrackingWatch) -> Any:
             res = trial.last_result or {}
             value = res.get(self.metric)
             shown = f"  {self.metric} {value:.4g}" if isinstance(value, int | float) else ""
-            epochs = f" after {int(res['epoch']) + 1} epoch(s)" if "epoch" in res else ""
+            epochs = f" after {int(res['epoch'])} epoch(s)" if "epoch" in res else ""
             print(
                 f"[sweep {self.ended}/{self.total}] trial {trial.trial_id} ({run_name(trial.config)}) "
                 f"{what}{epochs}{shown}{why}",

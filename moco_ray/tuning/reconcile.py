@@ -40,7 +40,7 @@ class TrialRow:
 
     @property
     def epochs_done(self) -> int:
-        return int(self.last_result["epoch"]) + 1 if "epoch" in self.last_result else 0
+        return int(self.last_result.get("epoch", 0))  # Tune's last report: the epoch's number (1 = first)
 
     def final(self, metric: str) -> float | None:
         """The metric's last reported value; None when the trial never reported it."""

@@ -37,7 +37,7 @@ def _scheduler(s: SweepSettings, epochs: int):
     from ray.tune.schedulers import ASHAScheduler  # lazy: ray.tune takes seconds; a bad sweep file is refused first
 
     max_t, stop_last = asha_horizon(s, epochs)
-    # One report per epoch, so training_iteration counts epochs (epoch itself is 0-based).
+    # One report per epoch, so training_iteration counts epochs (as the reported epoch, its number).
     return ASHAScheduler(
         time_attr="training_iteration",
         max_t=max_t,

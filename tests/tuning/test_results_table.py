@@ -11,12 +11,12 @@ from moco_ray.tuning.results import pick_best, results_table
 def _rows() -> list[TrialRow]:
     return [
         TrialRow(
-            "t1", {"moco.queue_size": 128}, "r1", "finished", last_result={"epoch": 1, "loss": 5.0, "knn_top1": 0.4},
+            "t1", {"moco.queue_size": 128}, "r1", "finished", last_result={"epoch": 2, "loss": 5.0, "knn_top1": 0.4},
             curves={"loss": [(0, 6.0), (1, 5.0)], "knn_top1": [(0, 0.5), (1, 0.4)]},
         ),
         TrialRow(
             "t2", {"moco.queue_size": 256}, "r2", "stopped_early",
-            last_result={"epoch": 0, "loss": 4.0, "knn_top1": 0.9},
+            last_result={"epoch": 1, "loss": 4.0, "knn_top1": 0.9},
             curves={"loss": [(0, 4.0)], "knn_top1": [(0, 0.9)]},
         ),
         TrialRow("t3", {"moco.queue_size": 512}, "r3", "failed", "RuntimeError: boom"),
