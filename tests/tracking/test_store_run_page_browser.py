@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from moco_helpers import free_port
 
 from moco_ray.tracking.run_log import create_run
 from moco_ray.tracking.store import UI_PORT, where_to_look
@@ -67,12 +67,6 @@ class _Page(HTMLParser):
             self.words.append(data.strip())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ui(chromium, _empty_store, tmp_path_factory):
     """(chromium, tmp dir, the printed run-page URL on the served port, experiment id, run id): a run logged
@@ -89,7 +83,7 @@ def ui(chromium, _empty_store, tmp_path_factory):
     _, see_it, then_open = where_to_look(uri, log.run_id)
     cmd = see_it.removeprefix("see it: ").split()
     assert cmd[0] == "mlflow" and cmd[cmd.index("--port") + 1] == str(UI_PORT)
-    port = _free_port()
+    port = free_port()
     cmd[cmd.index("--port") + 1] = str(port)
     url = then_open.removeprefix("  then open ")
     assert url.startswith(f"http://127.0.0.1:{UI_PORT}/#/")
