@@ -306,7 +306,7 @@ def _probe(root: str, key: str, write: bool, timeout_s: float) -> None:
             f.write(b"moco-ray write check\n")
         fs.delete_file(probe)
     except OSError as e:
-        raise ValueError(f"{key}: cannot write to {root} ({first_line(e)})") from None
+        raise ValueError(f"{key}: cannot write {root} ({first_line(e)})") from None
 
 
 def join(base: str, rel: str) -> str:

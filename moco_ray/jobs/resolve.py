@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from moco_ray.data.manifest import (
     within_deadline,
 )
 from moco_ray.data.schema import validate_shards
+from moco_ray.data.writable import check_writable_dir
 from moco_ray.jobs.resources import Needs, check_fits, current_view
 from moco_ray.tracking.store import check_artifact_location, check_tracking_uri, ensure_store, resolve_tracking_uri
 from moco_ray.train.checkpoint import STATE_FILE, is_complete
@@ -79,15 +79,7 @@ def check_writable(path: str) -> None:
     if "://" in path and not path.startswith("file:"):
         probe_remote(path, "train.storage_path", write=True)
         return
-    p = Path(resolve_fs(path)[1] if "://" in path else path)  # file:///x -> /x
-    probe = p if p.exists() else next((q for q in p.parents if q.exists()), Path("/"))
-    if not probe.is_dir():
-        raise ValueError(f"train.storage_path: cannot write to {path} ({probe} is not a directory)")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise ValueError(f"train.storage_path: cannot write to {path} ({e.strerror or e})") from None
+    check_writable_dir(resolve_fs(path)[1] if "://" in path else path, "train.storage_path", path)  # file:///x -> /x
 
 
 def check_targets(cfg: Config) -> tuple[str, str]:

@@ -257,7 +257,7 @@ def cases(image_root, shards, tmp_path_factory, _empty_store) -> dict[str, Case]
         "storage_under_a_file": pretrain(
             "storage_under_a_file",
             f"train.storage_path={afile}/sub",
-            expect=rf"train\.storage_path: cannot write to {re.escape(str(afile))}/sub \(.* is not a directory\)",
+            expect=rf"train\.storage_path: cannot write {re.escape(str(afile))}/sub \(.* is not a directory\)",
         ),
         # #33: the experiment's artifact location checked before Ray (tracking.store.check_artifact_location, called
         # from jobs.resolve.check_targets; mutation: without that call the run is created after Ray started, fails
