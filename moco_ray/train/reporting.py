@@ -69,7 +69,7 @@ class Reporter:
         digest = hashlib.sha256(queue.keys.cpu().numpy().tobytes()).hexdigest()
         self.run.set_tags(
             {
-                "moco_ray.restored_from_epoch": state.epoch,
+                "moco_ray.restored_from_epoch": state.epoch + 1,  # its number, as the console counts
                 "moco_ray.restored_queue_sha256": digest,
                 "moco_ray.restored_queue_ptr": int(queue.ptr),
             }

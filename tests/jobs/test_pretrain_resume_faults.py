@@ -67,7 +67,7 @@ def test_restart_then_interrupt_then_resume_loses_nothing(ray_local, small_shard
     run = c.get_run(run_id)
     assert run.info.status == "KILLED"
     assert (tmp_path / "runs" / f"injected-failure-{run_id}").exists()  # the failure did happen
-    assert run.data.tags["moco_ray.restored_from_epoch"] == "0"  # and the restart came from epoch 1's checkpoint
+    assert run.data.tags["moco_ray.restored_from_epoch"] == "1"  # and the restart came from epoch 1's checkpoint
     assert _metric_steps(mlflow_uri, run_id) == [1, 2]  # the restarted epoch logged once (steps: epoch numbers)
     saved = load_state(run.data.tags["moco_ray.checkpoint"])
     assert saved.epoch == 1 and saved.global_step == 2 * steps_per_epoch
@@ -81,7 +81,7 @@ def test_restart_then_interrupt_then_resume_loses_nothing(ray_local, small_shard
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert _metric_steps(mlflow_uri, run_id) == list(range(1, EPOCHS + 1))  # no epoch lost or logged twice
-    assert run.data.tags["moco_ray.restored_from_epoch"] == "1"
+    assert run.data.tags["moco_ray.restored_from_epoch"] == "2"
     assert run.data.tags["moco_ray.restored_queue_sha256"] == _queue_sha(saved)
     assert int(run.data.tags["moco_ray.restored_queue_ptr"]) == int(saved.model["queue.ptr"])
     final = load_state(res.checkpoint_path)

@@ -94,7 +94,7 @@ def test_a_cut_latest_checkpoint_whose_epoch_was_logged_is_skipped_and_the_epoch
     assert _resume_in_process(monkeypatch, [run_id, f"tracking.tracking_uri={mlflow_uri}"]) == 0
     assert f"skipping {Path(newest).name}: its {STATE_FILE} is incomplete" in capsys.readouterr().out
     tags = MlflowClient(mlflow_uri).get_run(run_id).data.tags
-    assert tags["moco_ray.restored_from_epoch"] == "1"  # 0-based: epoch 2's checkpoint, on every rank
+    assert tags["moco_ray.restored_from_epoch"] == "2"  # epoch 2's checkpoint, on every rank
     assert tags[DISCARDED_EPOCHS_TAG] == "epoch 3 discarded by resume after epoch 2"
     points = _check_record_is_the_kept_models(mlflow_uri, run_id, keep=2)
     assert points == {1: 1, 2: 1, 3: 2, 4: 1}  # MLflow keeps the discarded point; the kept one is the latest
@@ -139,7 +139,7 @@ def test_kill_9_of_the_driver_then_two_resumes_at_once(
     first is killed too, and a last resume finishes the run with the kept model's curve.
 
     Mutations checked by hand: ``forget_ray_record`` dropped (the workers restored epoch 2's checkpoint, Ray's
-    record, while the driver said epoch 3: ``restored_from_epoch`` 1, and epoch 3's point in MLflow was the
+    record, while the driver said epoch 3: ``restored_from_epoch`` 2, and epoch 3's point in MLflow was the
     discarded branch's); ``lock_run`` dropped from ``resume_target`` (the second resume started Ray and trained).
     """
     from mlflow.tracking import MlflowClient
@@ -148,7 +148,7 @@ def test_kill_9_of_the_driver_then_two_resumes_at_once(
     cfg = config_file(_overrides(small_shards, tmp_path, mlflow_uri, 40), tmp_path)
     first = _cli(["-c", str(cfg)], tmp_path, "first", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="5")
     try:
-        run_id = wait_for_run(mlflow_uri, EXPERIMENT, first, "metrics.epoch >= 2").info.run_id
+        run_id = wait_for_run(mlflow_uri, EXPERIMENT, first, "metrics.epoch >= 3").info.run_id  # epoch 3 logged
         run_dir = Path(c.get_run(run_id).data.tags[RUN_DIR_TAG])
         assert (run_dir / LOCK_FILE).read_text().split() == [str(first.pid), socket.gethostname(), "trained", run_id]
     finally:
@@ -161,7 +161,7 @@ def test_kill_9_of_the_driver_then_two_resumes_at_once(
     resumed = _cli(["--resume", run_id, store], tmp_path, "resumed")
     try:
         restored = wait_for_run(mlflow_uri, EXPERIMENT, resumed, "tags.`moco_ray.restored_from_epoch` != ''")
-        assert restored.data.tags["moco_ray.restored_from_epoch"] == str(load_state(newest).epoch)
+        assert restored.data.tags["moco_ray.restored_from_epoch"] == str(load_state(newest).epoch + 1)
         res = run_cli_cases({"second": {"argv": ["pretrain", "--resume", run_id, store]}}, tmp_path)["second"]
     finally:
         _kill_9(resumed)

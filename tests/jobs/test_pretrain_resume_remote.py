@@ -71,5 +71,5 @@ def test_resume_from_remote_storage_finishes_the_run(ray_local, small_shards, st
     assert main(["pretrain", "--resume", run_id, f"tracking.tracking_uri={mlflow_uri}"]) == 0, capsys.readouterr().err
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["moco_ray.restored_from_epoch"] == "1"  # the newer of the two checkpoints
+    assert run.data.tags["moco_ray.restored_from_epoch"] == "2"  # the newer of the two checkpoints (epoch 2)
     assert sorted(m.step for m in c.get_metric_history(run_id, "loss")) == list(range(1, EPOCHS + 1))
