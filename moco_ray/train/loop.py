@@ -247,7 +247,7 @@ class Worker:
                 self.progress.after_step(out["loss"], lr, self.global_step)
             self.spec.hooks.after_step(self.spec.run_id, self.global_step, self.rank)
         if n != steps:
-            raise RuntimeError(f"worker {self.rank} took {n} steps in epoch {epoch}, expected {steps}")
+            raise RuntimeError(f"worker {self.rank} took {n} steps in epoch {epoch + 1}, expected {steps}")
         return sums, lr
 
     def _check_corrupt(self, epoch: int, corrupt: float, images: int) -> None:
