@@ -15,7 +15,7 @@ import shlex
 import sys
 
 from moco_ray.cli import evaluate
-from moco_ray.config import TrackingConfig, load_config
+from moco_ray.config import Config, TrackingConfig, load_config
 from moco_ray.config_files import KINDS, QUICKSTART, experiment_file, kind_of, shipped_dir, shipped_files
 from moco_ray.jobs.local_ray import interruption, stop_signal, stop_signals_as_ctrl_c
 from moco_ray.version import __version__
@@ -27,9 +27,12 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
     config = None if a.resume else experiment_file(a.config or QUICKSTART)  # a resume continues the run's config
-    _announce(config, a.overrides, a.resume)  # before torch/Ray/mlflow load: seconds on a busy machine
-    if not a.resume:  # a bad value or key refused before torch/Ray/mlflow load: ~0.3 s, not ~4 s
-        load_config(config, a.overrides)
+    # the first line, before torch/Ray/mlflow load (seconds on a busy machine)
+    if a.resume:
+        which = "the latest unfinished run" if a.resume == "last" else f"run {a.resume}"
+        print(f"moco-ray: resuming {which}: loading, then checks and Ray ...", flush=True)
+    else:  # a bad value or key is refused here, in one line, in a fraction of a second
+        _announce(config, load_config(config, a.overrides))
     from moco_ray.jobs.pretrain import (  # lazy: --help stays fast (torch/Ray/mlflow)
         RunInterrupted,
         RunKilled,
@@ -59,20 +62,9 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
     return 0
 
 
-def _announce(config: str | None, overrides: list[str], resume: str | None) -> None:
-    """The command's first line, printed within a second of its start: what runs, and what comes next (the
-    imports, checks and Ray's start take tens of seconds on 2 CPUs). A bad config prints nothing here: the run's
-    own loading says what is wrong, in one line."""
-    from moco_ray.config import load_config  # lazy: yaml + dataclasses only, well under a second
-
-    if resume:
-        which = "the latest unfinished run" if resume == "last" else f"run {resume}"
-        print(f"moco-ray: resuming {which}: loading, then checks and Ray ...", flush=True)
-        return
-    try:
-        cfg = load_config(config, overrides)
-    except Exception:
-        return
+def _announce(config: os.PathLike, cfg: Config) -> None:
+    """A new run's first line, printed within a second of its start: what runs, and what comes next (the
+    imports, checks and Ray's start take tens of seconds on 2 CPUs)."""
     print(
         f"moco-ray: pretraining {config} ({cfg.moco.method}, {cfg.train.epochs} epochs) into experiment "
         f"{cfg.tracking.experiment}: loading, then checks and Ray ...",
