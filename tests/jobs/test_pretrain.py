@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-import yaml
+from moco_helpers import config_file
 
 from moco_ray.config import load_config
 from moco_ray.data.manifest import read_manifest
@@ -74,15 +74,6 @@ def _overrides(small_shards, tmp_path, uri, **extra):
     return o
 
 
-def _as_yaml(overrides: dict, path) -> str:
-    doc: dict = {}
-    for k, v in overrides.items():
-        section, key = k.split(".")
-        doc.setdefault(section, {})[key] = v
-    path.write_text(yaml.safe_dump(doc))
-    return str(path)
-
-
 def test_pretrain_end_to_end(small_shards, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
@@ -91,9 +82,9 @@ def test_pretrain_end_to_end(small_shards, tmp_path, mlflow_uri):
     from moco_ray.train.checkpoint import load_state
     from moco_ray.train.model import build_method
 
-    cfg_file = _as_yaml(_overrides(small_shards, tmp_path, mlflow_uri), tmp_path / "run.yaml")
+    cfg_file = config_file(_overrides(small_shards, tmp_path, mlflow_uri), tmp_path)
     p = subprocess.run(
-        [sys.executable, "-m", "moco_ray.cli.main", "pretrain", "-c", cfg_file],
+        [sys.executable, "-m", "moco_ray.cli.main", "pretrain", "-c", str(cfg_file)],
         capture_output=True, text=True, cwd=_repo(), timeout=900,
     )  # fmt: skip
     console = p.stdout + p.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from moco_helpers import TINY_MODEL
+from moco_helpers import TINY_MODEL, config_file
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -27,20 +27,22 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _tiny_yaml(tmp_path: Path, shards: Path, uri: str) -> Path:
-    cfg: dict = {}
-    for key, value in TINY_MODEL.items():
-        section, name = key.split(".")
-        cfg.setdefault(section, {})[name] = value
-    cfg |= {
-        "moco": {"queue_size": 128},
-        "data": {"shards": str(shards), "limit": 64, "map_batch_size": 32},
-        "train": {"epochs": 1, "batch_size": 32, "num_workers": 1, "storage_path": str(tmp_path / "runs")},
-        "eval": {"knn_every": 0},
-        "tracking": {"tracking_uri": uri},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return config_file(
+        {
+            **TINY_MODEL,
+            "moco.queue_size": 128,
+            "data.shards": str(shards),
+            "data.limit": 64,
+            "data.map_batch_size": 32,
+            "train.epochs": 1,
+            "train.batch_size": 32,
+            "train.num_workers": 1,
+            "train.storage_path": str(tmp_path / "runs"),
+            "eval.knn_every": 0,
+            "tracking.tracking_uri": uri,
+        },
+        tmp_path,
+    )
 
 
 def _run(argv: list[str]) -> tuple[subprocess.CompletedProcess, float]:
